@@ -1,0 +1,80 @@
+"""``refrag`` command line: fetch models, run the library demo."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from refrag.models import DEFAULT_CACHE_DIR, DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
+
+DEMO_TEXT = (
+    "Answer from the document.\n"
+    "<doc id='ada'>Ada Lovelace was an English mathematician and writer, chiefly known for her "
+    "work on Charles Babbage's proposed mechanical general-purpose computer, the Analytical "
+    "Engine. She was the first to recognise that the machine had applications beyond pure "
+    "calculation.</doc>\n"
+    "Question: Whose machine did Ada Lovelace write about?\nAnswer:"
+)
+
+
+def fetch_models(args: argparse.Namespace) -> None:
+    for spec in args.specs or [DEFAULT_DECODER, DEFAULT_ENCODER]:
+        print(f"{spec} -> {resolve_model(spec, args.cache_dir)}", flush=True)
+
+
+def demo(args: argparse.Namespace) -> None:
+    """Tokenize a text with a <doc>, align the tokenizers, run forward and generate."""
+    import torch
+
+    from refrag.alignment import align
+    from refrag.modeling import RefragModel
+    from refrag.tokenization import RefragTokenizer
+    from refrag.utils import quiet_transformers
+
+    quiet_transformers()
+    torch.manual_seed(0)
+    enc_dir, dec_dir = resolve_model(args.encoder, args.cache_dir), resolve_model(args.decoder, args.cache_dir)
+    model = RefragModel.from_encoder_decoder_pretrained(str(enc_dir), str(dec_dir), compression=args.k)
+    from transformers import AutoTokenizer
+
+    tok = RefragTokenizer(AutoTokenizer.from_pretrained(enc_dir), AutoTokenizer.from_pretrained(dec_dir), compression=args.k)
+    segments = tok.parse_and_tokenize(DEMO_TEXT)
+    print(f"decoder {dec_dir.name}, encoder {enc_dir.name}, k={args.k}")
+    for seg in segments:
+        what = f"doc {seg['meta']['id']}: {len(seg.tokens)} encoder tokens -> {seg.num_chunks} chunks" if seg.type == "encoder" else f"{len(seg.tokens)} decoder tokens"
+        print(f"  {seg.type:<7} {what}")
+    doc = next(s for s in segments if s.type == "encoder").raw_text
+    pairs = align(doc, tok.decoder_tokenizer, tok.encoder_tokenizer).pairs
+    print(f"token alignment of the document: {len(pairs)} aligned prefix pairs, first {pairs[:4]}")
+    batch = tok(DEMO_TEXT, padding_side="left")
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(**batch)
+        fwd = time.perf_counter() - t0
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        new = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(f"forward: {batch['input_ids'].shape[1]} decoder positions instead of "
+          f"{batch['input_ids'].shape[1] - int(batch['chunk_mask'].sum()) + sum(len(s.tokens) for s in segments if s.type == 'encoder')}, "
+          f"loss {out.loss.item():.3f}, {fwd * 1000:.0f} ms")
+    print(f"generated (untrained projector, so expect noise): {tok.decode(new[0], skip_special_tokens=True)!r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="refrag", description=__doc__)
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="where resolved models are kept")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fetch-models", help="resolve model specs to local folders (default: the embedded models)")
+    p.add_argument("specs", nargs="*", help="hf:<repo>, embedded:<name> or a folder")
+    p.set_defaults(func=fetch_models)
+    p = sub.add_parser("demo", help="tokenize, align, run forward and generate on the default models")
+    p.add_argument("--decoder", default=DEFAULT_DECODER)
+    p.add_argument("--encoder", default=DEFAULT_ENCODER)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.set_defaults(func=demo)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

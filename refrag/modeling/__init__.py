@@ -1,0 +1,11 @@
+"""The REFRAG model, registered with the ``Auto`` classes under ``model_type="refrag"``."""
+
+from transformers import AutoConfig, AutoModel
+
+from refrag.modeling.configuration_refrag import RefragConfig
+from refrag.modeling.modeling_refrag import RefragModel, RefragProjector
+
+AutoConfig.register("refrag", RefragConfig, exist_ok=True)
+AutoModel.register(RefragConfig, RefragModel, exist_ok=True)
+
+__all__ = ["RefragConfig", "RefragModel", "RefragProjector"]

@@ -1,0 +1,47 @@
+"""Configuration of a REFRAG model: encoder, projector and decoder."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+class RefragConfig(PreTrainedConfig):
+    """Hyperparameters of :class:`~refrag.modeling.RefragModel`.
+
+    Args:
+        encoder: config of the chunk encoder (any ``AutoModel``; paper: RoBERTa-large).
+        decoder: config of the causal decoder (any ``AutoModelForCausalLM``; paper: LLaMA-2-7B).
+        compression: k, the number of context tokens each chunk embedding stands for.
+        projector_hidden_size: hidden width of the 2-layer MLP projector; ``None`` means the
+            decoder's hidden size (as in the paper).
+        projector_activation: activation between the projector's two layers.
+        train_encoder, train_projector, train_decoder: which parts receive gradients.
+    """
+
+    model_type = "refrag"
+    sub_configs_defaults = {
+        "encoder": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+        "decoder": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    encoder: PreTrainedConfig | dict | None = None
+    decoder: PreTrainedConfig | dict | None = None
+    compression: int = 16
+    projector_hidden_size: int | None = None
+    projector_activation: str = "gelu"
+    train_encoder: bool = True
+    train_projector: bool = True
+    train_decoder: bool = False
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.compression < 1:
+            raise ValueError(f"compression must be >= 1, got {self.compression}")
+        if self.projector_hidden_size is None:
+            self.projector_hidden_size = self.decoder.hidden_size
+
+    def get_text_config(self, *args, **kwargs) -> PreTrainedConfig:
+        """Generation reads vocabulary and cache settings from the decoder."""
+        return self.decoder

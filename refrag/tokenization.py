@@ -1,0 +1,323 @@
+"""The document-tag tokenizer.
+
+Text outside ``<doc id="…">…</doc>`` tags is tokenized by the decoder tokenizer; text inside
+by the encoder tokenizer, packed into rows of ``compression`` (k) tokens, each of which the
+model compresses into one chunk embedding::
+
+    tok = RefragTokenizer(encoder_tokenizer, decoder_tokenizer, compression=16)
+    segments = tok.parse_and_tokenize("Q: who? <doc id='1'>Ada Lovelace was …</doc> A:")
+    batch = tok(["…", "…"])          # padded tensors for the model
+
+Special tokens, chosen explicitly:
+
+- the decoder sequence starts with the decoder's BOS token when ``add_bos`` (default) and the
+  decoder tokenizer has one; segments themselves never carry special tokens;
+- every chunk row the encoder reads is ``[CLS] t_1 … t_m [SEP]`` (``m ≤ k``), padded to
+  ``k + 2``, when ``encoder_special_tokens`` (default) and the encoder tokenizer has them; the
+  model takes the first position's state as the chunk's embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+_TAG_START = re.compile(r"</?doc\b")
+_OPEN_TAG = re.compile(r"<doc((?:\s+[^\s=>]+\s*=\s*(?:\"[^\"]*\"|'[^']*'))*)\s*>")
+_CLOSE_TAG = re.compile(r"</doc\s*>")
+_ATTRIBUTE = re.compile(r"([^\s=>]+)\s*=\s*(?:\"([^\"]*)\"|'([^']*)')")
+
+
+class DocMarkupError(ValueError):
+    """Bad ``<doc>`` markup; ``position`` is the character offset of the offending tag."""
+
+    def __init__(self, message: str, position: int):
+        super().__init__(f"{message} at position {position}")
+        self.position = position
+
+
+class UnclosedDocError(DocMarkupError):
+    """A ``<doc>`` that is never closed."""
+
+
+class NestedDocError(DocMarkupError):
+    """A ``<doc>`` opened inside another one."""
+
+
+class StrayCloseTagError(DocMarkupError):
+    """A ``</doc>`` with no open ``<doc>``."""
+
+
+class MissingDocIdError(DocMarkupError):
+    """A ``<doc>`` without a non-empty ``id`` attribute."""
+
+
+class DuplicateDocIdError(DocMarkupError):
+    """Two documents with the same ``id``."""
+
+
+class MalformedDocTagError(DocMarkupError):
+    """Text that starts like a doc tag but does not parse as one."""
+
+
+@dataclass
+class Segment(Mapping):
+    """One run of text: decoder text, or one document for the encoder.
+
+    Readable as a mapping too (``seg["type"]``, ``seg["meta"]["id"]``), as in the seed.
+    ``start`` is the character offset of ``raw_text`` in the input.
+    """
+
+    type: Literal["decoder", "encoder"]
+    raw_text: str
+    start: int
+    meta: dict[str, str] = field(default_factory=dict)
+    tokens: list[int] = field(default_factory=list)
+    packed_tokens: list[list[int]] = field(default_factory=list)
+    attention_mask: list[list[int]] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def _keys(self) -> list[str]:
+        names = [f.name for f in fields(self)]
+        if self.type == "decoder":
+            names = [n for n in names if n not in ("meta", "packed_tokens", "attention_mask")]
+        return names
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.packed_tokens)
+
+
+def parse_segments(text: str) -> list[Segment]:
+    """Split ``text`` into decoder and document segments (no tokenization).
+
+    Raises a :class:`DocMarkupError` subclass, naming the tag's character position, for an
+    unclosed or nested ``<doc>``, a stray ``</doc>``, a missing or duplicate id, or a tag
+    that does not parse. Joining the segments' ``raw_text`` gives ``text`` without its tags.
+    """
+    segments: list[Segment] = []
+    seen_ids: set[str] = set()
+    open_doc: tuple[int, int, dict[str, str]] | None = None  # (tag position, body start, attrs)
+    cursor = 0
+    for match in _TAG_START.finditer(text):
+        pos = match.start()
+        if match.group().startswith("</"):
+            tag = _CLOSE_TAG.match(text, pos)
+            if tag is None:
+                raise MalformedDocTagError("malformed </doc> tag", pos)
+            if open_doc is None:
+                raise StrayCloseTagError("</doc> without an open <doc>", pos)
+            _, body_start, attrs = open_doc
+            segments.append(Segment("encoder", text[body_start:pos], body_start, meta=attrs))
+            open_doc, cursor = None, tag.end()
+            continue
+        tag = _OPEN_TAG.match(text, pos)
+        if tag is None:
+            raise MalformedDocTagError("malformed <doc> tag (attributes must be quoted)", pos)
+        if open_doc is not None:
+            raise NestedDocError(f"<doc> nested inside the <doc> opened at {open_doc[0]}", pos)
+        attrs = {m[1]: m[2] if m[2] is not None else m[3] for m in _ATTRIBUTE.finditer(tag[1])}
+        if not attrs.get("id"):
+            raise MissingDocIdError("<doc> without an id", pos)
+        if attrs["id"] in seen_ids:
+            raise DuplicateDocIdError(f"duplicate document id {attrs['id']!r}", pos)
+        seen_ids.add(attrs["id"])
+        if pos > cursor:
+            segments.append(Segment("decoder", text[cursor:pos], cursor))
+        open_doc, cursor = (pos, tag.end(), attrs), tag.end()
+    if open_doc is not None:
+        raise UnclosedDocError("<doc> is never closed", open_doc[0])
+    if cursor < len(text):
+        segments.append(Segment("decoder", text[cursor:], cursor))
+    return segments
+
+
+class RefragTokenizer:
+    """Pairs an encoder tokenizer (documents) with a decoder tokenizer (everything else)."""
+
+    def __init__(
+        self,
+        encoder_tokenizer: PreTrainedTokenizerBase,
+        decoder_tokenizer: PreTrainedTokenizerBase,
+        compression: int = 16,
+        *,
+        add_bos: bool = True,
+        encoder_special_tokens: bool = True,
+    ):
+        if compression < 1:
+            raise ValueError(f"compression must be >= 1, got {compression}")
+        self.encoder_tokenizer = encoder_tokenizer
+        self.decoder_tokenizer = decoder_tokenizer
+        self.compression = compression
+        self.add_bos = add_bos
+        self.encoder_special_tokens = encoder_special_tokens
+
+    # -- special tokens -------------------------------------------------------------------
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.decoder_tokenizer.bos_token_id if self.add_bos else None
+
+    @property
+    def decoder_pad_token_id(self) -> int:
+        tok = self.decoder_tokenizer
+        return next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
+
+    @property
+    def encoder_pad_token_id(self) -> int:
+        pad = self.encoder_tokenizer.pad_token_id
+        return 0 if pad is None else pad
+
+    @property
+    def chunk_width(self) -> int:
+        """Width of the rows the encoder reads: ``k``, plus CLS and SEP where used."""
+        return self.compression + 2 * self._wrap_chunks
+
+    @property
+    def _wrap_chunks(self) -> bool:
+        tok = self.encoder_tokenizer
+        return self.encoder_special_tokens and tok.cls_token_id is not None and tok.sep_token_id is not None
+
+    # -- seed surface ---------------------------------------------------------------------
+    def parse_segments(self, text: str) -> list[Segment]:
+        return parse_segments(text)
+
+    def parse_and_tokenize(self, text: str) -> list[Segment]:
+        """Parse ``text`` and tokenize each segment; documents are packed into rows of k."""
+        segments = parse_segments(text)
+        for seg in segments:
+            if seg.type == "decoder":
+                seg.tokens = self._ids(self.decoder_tokenizer, seg.raw_text)
+            else:
+                seg.tokens = self._ids(self.encoder_tokenizer, seg.raw_text)
+                seg.packed_tokens, seg.attention_mask = self.pack(seg.tokens)
+        return segments
+
+    def pack(self, ids: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+        """Cut ``ids`` into rows of width k; the last row is padded and masked."""
+        k, pad = self.compression, self.encoder_pad_token_id
+        rows, masks = [], []
+        for i in range(0, len(ids), k):
+            row = ids[i : i + k]
+            rows.append(row + [pad] * (k - len(row)))
+            masks.append([1] * len(row) + [0] * (k - len(row)))
+        return rows, masks
+
+    # -- batches for the model ------------------------------------------------------------
+    def encode(self, text: str) -> dict[str, list]:
+        """One text → decoder ids with a placeholder per chunk, the chunk mask and chunk rows."""
+        ids: list[int] = [] if self.bos_token_id is None else [self.bos_token_id]
+        chunk_mask = [False] * len(ids)
+        label_mask = [False] * len(ids)
+        rows: list[list[int]] = []
+        for seg in self.parse_and_tokenize(text):
+            if seg.type == "decoder":
+                ids += seg.tokens
+                chunk_mask += [False] * len(seg.tokens)
+                label_mask += [True] * len(seg.tokens)
+            else:
+                rows += [self._chunk_row(row, mask) for row, mask in zip(seg.packed_tokens, seg.attention_mask)]
+                ids += [self.decoder_pad_token_id] * seg.num_chunks
+                chunk_mask += [True] * seg.num_chunks
+                label_mask += [False] * seg.num_chunks
+        return {"input_ids": ids, "chunk_mask": chunk_mask, "label_mask": label_mask, "chunk_rows": rows}
+
+    def __call__(
+        self,
+        texts: str | list[str],
+        *,
+        padding_side: Literal["left", "right"] = "right",
+    ) -> BatchEncoding:
+        """Texts → padded tensors.
+
+        Returns ``input_ids``, ``attention_mask``, ``labels`` (decoder text only; chunk and pad
+        positions are ``-100``), ``chunk_mask`` (True where a chunk embedding goes), and the
+        chunk rows of the whole batch in the order of ``chunk_mask``'s True entries
+        (row-major): ``chunk_input_ids`` and ``chunk_attention_mask``, each ``(N, chunk_width)``.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        encoded = [self.encode(t) for t in texts]
+        length = max(len(e["input_ids"]) for e in encoded)
+        cols: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "labels", "chunk_mask")}
+        for e in encoded:
+            n = len(e["input_ids"])
+            labels = [i if keep else IGNORE_INDEX for i, keep in zip(e["input_ids"], e["label_mask"])]
+            values = {"input_ids": e["input_ids"], "attention_mask": [1] * n, "labels": labels, "chunk_mask": e["chunk_mask"]}
+            fill = {"input_ids": self.decoder_pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "chunk_mask": False}
+            for key, seq in values.items():
+                padding = [fill[key]] * (length - n)
+                cols[key].append(padding + seq if padding_side == "left" else seq + padding)
+        rows = [r for e in encoded for r in e["chunk_rows"]]
+        width = self.chunk_width
+        data = {k: torch.tensor(v, dtype=torch.bool if k == "chunk_mask" else torch.long) for k, v in cols.items()}
+        data["chunk_input_ids"] = torch.tensor([r[0] for r in rows], dtype=torch.long).reshape(-1, width)
+        data["chunk_attention_mask"] = torch.tensor([r[1] for r in rows], dtype=torch.long).reshape(-1, width)
+        return BatchEncoding(data)
+
+    def decode(self, ids, **kwargs) -> str:
+        return self.decoder_tokenizer.decode(ids, **kwargs)
+
+    def _chunk_row(self, row: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+        if not self._wrap_chunks:
+            return row, mask
+        m = sum(mask)
+        tok = self.encoder_tokenizer
+        ids = [tok.cls_token_id, *row[:m], tok.sep_token_id]
+        pad = self.chunk_width - len(ids)
+        return ids + [self.encoder_pad_token_id] * pad, [1] * len(ids) + [0] * pad
+
+    @staticmethod
+    def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    # -- persistence ----------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.encoder_tokenizer.save_pretrained(path / "encoder_tokenizer")
+        self.decoder_tokenizer.save_pretrained(path / "decoder_tokenizer")
+        settings = {
+            "compression": self.compression,
+            "add_bos": self.add_bos,
+            "encoder_special_tokens": self.encoder_special_tokens,
+        }
+        (path / "refrag_tokenizer.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides: Any) -> RefragTokenizer:
+        path = Path(path)
+        settings = json.loads((path / "refrag_tokenizer.json").read_text()) | overrides
+        return cls(
+            AutoTokenizer.from_pretrained(path / "encoder_tokenizer"),
+            AutoTokenizer.from_pretrained(path / "decoder_tokenizer"),
+            **settings,
+        )
+
+
+def from_pretrained(encoder_name: str, decoder_name: str, compression: int = 16, **kwargs: Any) -> RefragTokenizer:
+    """Build a :class:`RefragTokenizer` from two model specs (see :mod:`refrag.models`) or names."""
+    from refrag.models import resolve_tokenizer_source
+
+    return RefragTokenizer(
+        AutoTokenizer.from_pretrained(resolve_tokenizer_source(encoder_name)),
+        AutoTokenizer.from_pretrained(resolve_tokenizer_source(decoder_name)),
+        compression=compression,
+        **kwargs,
+    )
