@@ -75,12 +75,16 @@ class Alignment:
         return arr[:, 0], arr[:, 1]
 
 
-def token_boundaries(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int | None]]:
+def token_boundaries(
+    tokenizer: PreTrainedTokenizerBase, text: str
+) -> tuple[list[int], list[int | None]]:
     """Token ids of ``text`` and, for each prefix length ``n >= 1``, the character offset where
     the first ``n`` tokens end, or ``None`` where the ``n``-th token ends inside a character
     that the next token finishes (byte-level BPE splitting an emoji)."""
     if not getattr(tokenizer, "is_fast", False):
-        raise TypeError(f"align() needs a fast tokenizer (character offsets); got {type(tokenizer).__name__}")
+        raise TypeError(
+            f"align() needs a fast tokenizer (character offsets); got {type(tokenizer).__name__}"
+        )
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     ends: list[int | None] = []
@@ -94,7 +98,11 @@ def token_boundaries(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[lis
     return ids, ends
 
 
-def align(text: str, decoder_tokenizer: PreTrainedTokenizerBase, encoder_tokenizer: PreTrainedTokenizerBase) -> Alignment:
+def align(
+    text: str,
+    decoder_tokenizer: PreTrainedTokenizerBase,
+    encoder_tokenizer: PreTrainedTokenizerBase,
+) -> Alignment:
     """Linear-time alignment of the two tokenizations of ``text`` (no special tokens)."""
     dec_ids, dec_ends = token_boundaries(decoder_tokenizer, text)
     enc_ids, enc_ends = token_boundaries(encoder_tokenizer, text)
@@ -102,5 +110,10 @@ def align(text: str, decoder_tokenizer: PreTrainedTokenizerBase, encoder_tokeniz
     for r, end in enumerate(enc_ends, start=1):
         if end is not None:
             enc_by_end[end].append(r)
-    pairs = [(c, r) for c, end in enumerate(dec_ends, start=1) if end is not None for r in enc_by_end.get(end, ())]
+    pairs = [
+        (c, r)
+        for c, end in enumerate(dec_ends, start=1)
+        if end is not None
+        for r in enc_by_end.get(end, ())
+    ]
     return Alignment(dec_ids, enc_ids, pairs)

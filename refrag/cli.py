@@ -33,15 +33,28 @@ def demo(args: argparse.Namespace) -> None:
 
     quiet_transformers()
     torch.manual_seed(0)
-    enc_dir, dec_dir = resolve_model(args.encoder, args.cache_dir), resolve_model(args.decoder, args.cache_dir)
-    model = RefragModel.from_encoder_decoder_pretrained(str(enc_dir), str(dec_dir), compression=args.k)
+    enc_dir, dec_dir = (
+        resolve_model(args.encoder, args.cache_dir),
+        resolve_model(args.decoder, args.cache_dir),
+    )
+    model = RefragModel.from_encoder_decoder_pretrained(
+        str(enc_dir), str(dec_dir), compression=args.k
+    )
     from transformers import AutoTokenizer
 
-    tok = RefragTokenizer(AutoTokenizer.from_pretrained(enc_dir), AutoTokenizer.from_pretrained(dec_dir), compression=args.k)
+    tok = RefragTokenizer(
+        AutoTokenizer.from_pretrained(enc_dir),
+        AutoTokenizer.from_pretrained(dec_dir),
+        compression=args.k,
+    )
     segments = tok.parse_and_tokenize(DEMO_TEXT)
     print(f"decoder {dec_dir.name}, encoder {enc_dir.name}, k={args.k}")
     for seg in segments:
-        what = f"doc {seg['meta']['id']}: {len(seg.tokens)} encoder tokens -> {seg.num_chunks} chunks" if seg.type == "encoder" else f"{len(seg.tokens)} decoder tokens"
+        what = (
+            f"doc {seg['meta']['id']}: {len(seg.tokens)} encoder tokens -> {seg.num_chunks} chunks"
+            if seg.type == "encoder"
+            else f"{len(seg.tokens)} decoder tokens"
+        )
         print(f"  {seg.type:<7} {what}")
     doc = next(s for s in segments if s.type == "encoder").raw_text
     pairs = align(doc, tok.decoder_tokenizer, tok.encoder_tokenizer).pairs
@@ -53,27 +66,86 @@ def demo(args: argparse.Namespace) -> None:
         fwd = time.perf_counter() - t0
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         new = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(f"forward: {batch['input_ids'].shape[1]} decoder positions instead of "
-          f"{batch['input_ids'].shape[1] - int(batch['chunk_mask'].sum()) + sum(len(s.tokens) for s in segments if s.type == 'encoder')}, "
-          f"loss {out.loss.item():.3f}, {fwd * 1000:.0f} ms")
-    print(f"generated (untrained projector, so expect noise): {tok.decode(new[0], skip_special_tokens=True)!r}")
+    print(
+        f"forward: {batch['input_ids'].shape[1]} decoder positions instead of "
+        f"{batch['input_ids'].shape[1] - int(batch['chunk_mask'].sum()) + sum(len(s.tokens) for s in segments if s.type == 'encoder')}, "
+        f"loss {out.loss.item():.3f}, {fwd * 1000:.0f} ms"
+    )
+    print(
+        f"generated (untrained projector, so expect noise): {tok.decode(new[0], skip_special_tokens=True)!r}"
+    )
+
+
+def chat(args: argparse.Namespace) -> int:
+    from refrag.chat import run
+
+    return run(args)
+
+
+def chat_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``refrag chat`` options."""
+    parser.add_argument(
+        "--checkpoint",
+        help="a RefragModel folder (default: assemble --decoder/--encoder, random projector)",
+    )
+    parser.add_argument(
+        "--decoder", default=DEFAULT_DECODER, help="decoder spec when no checkpoint is given"
+    )
+    parser.add_argument(
+        "--encoder", default=DEFAULT_ENCODER, help="encoder spec when no checkpoint is given"
+    )
+    parser.add_argument("--k", type=int, default=16, help="compression when no checkpoint is given")
+    parser.add_argument(
+        "--doc",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a file given as context (repeatable)",
+    )
+    parser.add_argument(
+        "--prompt", action="append", default=[], help="run these turns and exit (repeatable)"
+    )
+    parser.add_argument("--system", help="system message")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
+    parser.add_argument(
+        "--chunk-cache-dir", help="keep chunk embeddings on disk here across sessions"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per turn on stdout (non-interactive)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="refrag", description=__doc__)
-    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="where resolved models are kept")
+    parser.add_argument(
+        "--cache-dir", default=str(DEFAULT_CACHE_DIR), help="where resolved models are kept"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fetch-models", help="resolve model specs to local folders (default: the embedded models)")
+    p = sub.add_parser(
+        "fetch-models", help="resolve model specs to local folders (default: the embedded models)"
+    )
     p.add_argument("specs", nargs="*", help="hf:<repo>, embedded:<name> or a folder")
     p.set_defaults(func=fetch_models)
-    p = sub.add_parser("demo", help="tokenize, align, run forward and generate on the default models")
+    p = sub.add_parser(
+        "demo", help="tokenize, align, run forward and generate on the default models"
+    )
     p.add_argument("--decoder", default=DEFAULT_DECODER)
     p.add_argument("--encoder", default=DEFAULT_ENCODER)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.set_defaults(func=demo)
+    p = sub.add_parser(
+        "chat", help="chat with a REFRAG model: <doc> context, streamed tokens, TTFT per turn"
+    )
+    chat_arguments(p)
+    p.set_defaults(func=chat)
     args = parser.parse_args(argv)
-    args.func(args)
+    status = args.func(args)
+    if status:
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":

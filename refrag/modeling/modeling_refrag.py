@@ -41,6 +41,7 @@ class RefragModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
+    chunk_cache = None  # a refrag.chunk_cache.ChunkEmbeddingCache; see use_chunk_cache
 
     def __init__(
         self,
@@ -50,7 +51,9 @@ class RefragModel(PreTrainedModel):
     ):
         super().__init__(config)
         self.encoder = encoder if encoder is not None else AutoModel.from_config(config.encoder)
-        self.decoder = decoder if decoder is not None else AutoModelForCausalLM.from_config(config.decoder)
+        self.decoder = (
+            decoder if decoder is not None else AutoModelForCausalLM.from_config(config.decoder)
+        )
         if getattr(self.encoder, "pooler", None) is not None:
             self.encoder.pooler = None  # the chunk embedding is the first position's raw state
         for name in ("encoder", "decoder"):  # sub-models share the composite config's objects
@@ -63,7 +66,11 @@ class RefragModel(PreTrainedModel):
 
     @classmethod
     def from_encoder_decoder_pretrained(
-        cls, encoder_path: str, decoder_path: str, dtype: torch.dtype | str = "auto", **config_kwargs
+        cls,
+        encoder_path: str,
+        decoder_path: str,
+        dtype: torch.dtype | str = "auto",
+        **config_kwargs,
     ) -> RefragModel:
         """Assemble a model from two pretrained folders; the projector starts random."""
         encoder = AutoModel.from_pretrained(encoder_path, dtype=dtype)
@@ -81,7 +88,10 @@ class RefragModel(PreTrainedModel):
             self.decoder._init_weights(module)
 
     def set_trainable(
-        self, encoder: bool | None = None, projector: bool | None = None, decoder: bool | None = None
+        self,
+        encoder: bool | None = None,
+        projector: bool | None = None,
+        decoder: bool | None = None,
     ) -> None:
         """Choose which parts train (``None`` keeps the config's choice) and record it in the config."""
         for name, flag in (("encoder", encoder), ("projector", projector), ("decoder", decoder)):
@@ -95,9 +105,19 @@ class RefragModel(PreTrainedModel):
     def get_output_embeddings(self) -> nn.Module:
         return self.decoder.get_output_embeddings()
 
-    def encode_chunks(self, chunk_input_ids: torch.Tensor, chunk_attention_mask: torch.Tensor) -> torch.Tensor:
+    def use_chunk_cache(self, cache=None) -> None:
+        """Let ``embed_inputs`` take chunk embeddings from ``cache`` (a
+        :class:`~refrag.chunk_cache.ChunkEmbeddingCache`) whenever gradients are off;
+        ``None`` turns it off. Training (grad enabled) always runs the encoder."""
+        self.chunk_cache = cache
+
+    def encode_chunks(
+        self, chunk_input_ids: torch.Tensor, chunk_attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """All chunk rows ``(N, W)`` → projected chunk embeddings ``(N, decoder_hidden)``."""
-        states = self.encoder(input_ids=chunk_input_ids, attention_mask=chunk_attention_mask).last_hidden_state
+        states = self.encoder(
+            input_ids=chunk_input_ids, attention_mask=chunk_attention_mask
+        ).last_hidden_state
         return self.projector(states[:, 0])
 
     def embed_inputs(
@@ -116,7 +136,10 @@ class RefragModel(PreTrainedModel):
         if chunk_embeds is None:
             if chunk_input_ids is None or chunk_input_ids.shape[0] == 0:
                 return embeds
-            chunk_embeds = self.encode_chunks(chunk_input_ids, chunk_attention_mask)
+            if self.chunk_cache is not None and not torch.is_grad_enabled():
+                chunk_embeds = self.chunk_cache.encode(self, chunk_input_ids, chunk_attention_mask)
+            else:
+                chunk_embeds = self.encode_chunks(chunk_input_ids, chunk_attention_mask)
         if chunk_embeds.shape[0] != int(chunk_mask.sum()):
             raise ValueError(
                 f"{chunk_embeds.shape[0]} chunk embeddings for {int(chunk_mask.sum())} chunk positions"
@@ -139,10 +162,17 @@ class RefragModel(PreTrainedModel):
         labels. ``decoder_kwargs`` (``past_key_values``, ``use_cache``, ``position_ids``,
         ``logits_to_keep`` …) go to the decoder unchanged."""
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, chunk_mask, chunk_input_ids, chunk_attention_mask, chunk_embeds)
+            inputs_embeds = self.embed_inputs(
+                input_ids, chunk_mask, chunk_input_ids, chunk_attention_mask, chunk_embeds
+            )
         if labels is not None and chunk_mask is not None:
             labels = labels.masked_fill(chunk_mask, IGNORE_INDEX)
-        return self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **decoder_kwargs)
+        return self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            labels=labels,
+            **decoder_kwargs,
+        )
 
     @torch.no_grad()
     def generate(
@@ -159,7 +189,11 @@ class RefragModel(PreTrainedModel):
 
         Batches must be left-padded. ``generate_kwargs`` go to the decoder's ``generate``.
         """
-        embeds = self.embed_inputs(input_ids, chunk_mask, chunk_input_ids, chunk_attention_mask, chunk_embeds)
+        embeds = self.embed_inputs(
+            input_ids, chunk_mask, chunk_input_ids, chunk_attention_mask, chunk_embeds
+        )
         if attention_mask is None:
             attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        return self.decoder.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs
+        )

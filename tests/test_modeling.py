@@ -1,0 +1,192 @@
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from refrag.modeling import RefragConfig, RefragModel
+from refrag.tokenization import IGNORE_INDEX
+
+from .conftest import tiny_config
+
+TEXTS = [
+    "Q: <doc id='a'>The cat sat on the mat and looked out of the window.</doc> A: the cat",
+    "Hello there",
+]
+
+
+def test_projector_is_a_two_layer_mlp_into_the_decoder_width(tiny_model):
+    proj = tiny_model.projector
+    assert (proj.fc1.in_features, proj.fc1.out_features) == (32, 64)
+    assert (proj.fc2.in_features, proj.fc2.out_features) == (64, 64)
+
+
+def test_chunk_embeddings_land_at_chunk_positions(tiny_model, refrag_tokenizer):
+    batch = refrag_tokenizer(TEXTS)
+    embeds = tiny_model.embed_inputs(
+        batch["input_ids"],
+        batch["chunk_mask"],
+        batch["chunk_input_ids"],
+        batch["chunk_attention_mask"],
+    )
+    chunks = tiny_model.encode_chunks(batch["chunk_input_ids"], batch["chunk_attention_mask"])
+    assert torch.equal(embeds[batch["chunk_mask"]], chunks)
+    tokens = tiny_model.get_input_embeddings()(batch["input_ids"])
+    assert torch.equal(embeds[~batch["chunk_mask"]], tokens[~batch["chunk_mask"]])
+
+
+def test_encoder_runs_once_over_all_rows(tiny_model, refrag_tokenizer, monkeypatch):
+    batch = refrag_tokenizer(TEXTS)
+    calls = []
+    tiny_model.encoder.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    tiny_model(**batch)
+    assert calls == [batch["chunk_input_ids"].shape]
+
+
+def test_forward_loss_ignores_chunk_positions(tiny_model, refrag_tokenizer):
+    batch = refrag_tokenizer(TEXTS)
+    labels = batch["input_ids"].clone()  # labels on chunk positions too: the model must drop them
+    out = tiny_model(**(batch | {"labels": labels}))
+    expected = tiny_model(
+        **(
+            batch
+            | {
+                "labels": labels.masked_fill(
+                    batch["chunk_mask"] | (batch["attention_mask"] == 0), IGNORE_INDEX
+                )
+            }
+        )
+    )
+    masked_pad = tiny_model(
+        **(batch | {"labels": labels.masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)})
+    )
+    assert out.logits.shape == (*batch["input_ids"].shape, 49152)
+    assert torch.allclose(masked_pad.loss, expected.loss)
+
+
+def test_precomputed_chunk_embeddings_give_the_same_logits(tiny_model, refrag_tokenizer):
+    batch = refrag_tokenizer(TEXTS)
+    chunks = tiny_model.encode_chunks(batch["chunk_input_ids"], batch["chunk_attention_mask"])
+    a = tiny_model(**batch).logits
+    b = tiny_model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        chunk_mask=batch["chunk_mask"],
+        chunk_embeds=chunks,
+    ).logits
+    assert torch.equal(a, b)
+
+
+def test_wrong_number_of_chunk_embeddings_is_an_error(tiny_model, refrag_tokenizer):
+    batch = refrag_tokenizer(TEXTS)
+    with pytest.raises(ValueError, match="chunk embeddings for"):
+        tiny_model(
+            input_ids=batch["input_ids"],
+            chunk_mask=batch["chunk_mask"],
+            chunk_embeds=torch.zeros(1, 64),
+        )
+
+
+@pytest.mark.parametrize(
+    ("flags", "trainable"),
+    [
+        ({}, {"encoder", "projector"}),
+        ({"encoder": False, "decoder": True}, {"projector", "decoder"}),
+        ({"projector": False, "encoder": False}, set()),
+    ],
+)
+def test_flags_choose_which_parts_train(tiny_model, flags, trainable):
+    tiny_model.set_trainable(**flags)
+    parts = {
+        name
+        for name in ("encoder", "projector", "decoder")
+        if any(p.requires_grad for p in getattr(tiny_model, name).parameters())
+    }
+    frozen = {
+        name
+        for name in ("encoder", "projector", "decoder")
+        if not any(p.requires_grad for p in getattr(tiny_model, name).parameters())
+    }
+    assert parts == trainable and frozen.isdisjoint(trainable)
+    assert {
+        n for n in ("encoder", "projector", "decoder") if getattr(tiny_model.config, f"train_{n}")
+    } == trainable
+
+
+def test_gradients_reach_only_trainable_parts(tiny_model, refrag_tokenizer):
+    tiny_model.train()
+    out = tiny_model(**refrag_tokenizer(TEXTS))
+    out.loss.backward()
+    assert tiny_model.projector.fc1.weight.grad is not None
+    assert tiny_model.encoder.embeddings.word_embeddings.weight.grad is not None
+    assert all(p.grad is None for p in tiny_model.decoder.parameters())
+
+
+def test_save_and_load_round_trip_through_auto_classes(tmp_path, tiny_model, refrag_tokenizer):
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), RefragConfig)
+    again = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(again, RefragModel) and again.config.compression == 4
+    batch = refrag_tokenizer(TEXTS)
+    assert torch.equal(tiny_model(**batch).logits, again(**batch).logits)
+
+
+def test_config_defaults_projector_width_to_decoder_hidden():
+    config = tiny_config(compression=8)
+    assert config.projector_hidden_size == 64
+    again = RefragConfig.from_dict(config.to_dict())
+    assert (
+        again.encoder.model_type == "bert"
+        and again.decoder.model_type == "llama"
+        and again.compression == 8
+    )
+    with pytest.raises(ValueError, match="compression"):
+        tiny_config(compression=0)
+
+
+def test_generate_with_kv_cache_matches_greedy_recomputation(tiny_model, refrag_tokenizer):
+    batch = refrag_tokenizer(TEXTS[:1])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    new = tiny_model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert new.shape == (1, 6)
+    embeds = tiny_model.embed_inputs(
+        batch["input_ids"],
+        batch["chunk_mask"],
+        batch["chunk_input_ids"],
+        batch["chunk_attention_mask"],
+    )
+    tokens = []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = tiny_model.decoder(inputs_embeds=embeds, use_cache=False).logits
+            nxt = logits[0, -1].argmax()
+            tokens.append(nxt.item())
+            embeds = torch.cat([embeds, tiny_model.get_input_embeddings()(nxt.view(1, 1))], dim=1)
+    assert new[0].tolist() == tokens
+
+
+@pytest.mark.slow
+def test_real_default_models_end_to_end(encoder_dir, decoder_dir):
+    """The embedded MiniLM encoder + SmolLM2 decoder: tokenize a <doc>, forward, generate."""
+    from refrag.tokenization import from_pretrained
+
+    tok = from_pretrained(str(encoder_dir), str(decoder_dir), compression=16)
+    model = RefragModel.from_encoder_decoder_pretrained(
+        str(encoder_dir), str(decoder_dir), compression=16
+    )
+    assert not model.training
+    text = "<doc id='1'>The Eiffel Tower is a wrought-iron lattice tower in Paris, France.</doc>\nThe Eiffel Tower is in"
+    batch = tok(text)
+    assert batch["chunk_mask"].sum() == batch["chunk_input_ids"].shape[0] >= 1
+    with torch.no_grad():
+        out = model(**batch)
+    assert torch.isfinite(out.loss) and out.logits.shape[-1] == 49152
+    new = model.generate(
+        **{k: v for k, v in batch.items() if k != "labels"}, max_new_tokens=4, do_sample=False
+    )
+    assert new.shape == (1, 4)
+    # without any chunk the model is exactly the decoder
+    plain = tok("The Eiffel Tower is in")
+    ref = model.decoder(input_ids=plain["input_ids"]).logits
+    assert torch.allclose(model(**plain).logits, ref)

@@ -1,0 +1,101 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from refrag.models import EMBEDDED_MODELS, ModelSpecError, cache_name, fetch_model, resolve_model
+
+from .fake_hub import FakeHub
+
+
+def test_embedded_decoder_is_a_plain_safetensors_folder(decoder_dir):
+    config = json.loads((decoder_dir / "config.json").read_text())
+    assert (
+        config["model_type"] == "llama"
+        and config["hidden_size"] == 576
+        and config["vocab_size"] == 49152
+    )
+    assert "quantization_config" not in config
+    assert (decoder_dir / "model.safetensors").exists() and not list(decoder_dir.glob("*.gguf"))
+    tok = AutoTokenizer.from_pretrained(decoder_dir)
+    assert tok.decode(tok("Hello world", add_special_tokens=False)["input_ids"]) == "Hello world"
+
+
+def test_embedded_encoder_is_minilm(encoder_dir):
+    config = json.loads((encoder_dir / "config.json").read_text())
+    assert config["model_type"] == "bert" and config["hidden_size"] == 384
+
+
+@pytest.mark.slow
+def test_converted_decoder_predicts_sensible_text(decoder_dir):
+    model = AutoModelForCausalLM.from_pretrained(decoder_dir)
+    tok = AutoTokenizer.from_pretrained(decoder_dir)
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
+
+
+def test_local_folder_is_used_in_place_and_copied_by_fetch(tmp_path, encoder_dir):
+    assert resolve_model(str(encoder_dir)) == encoder_dir
+    out = fetch_model(str(encoder_dir), tmp_path / "copy")
+    assert (out / "config.json").read_text() == (encoder_dir / "config.json").read_text()
+
+
+@pytest.mark.parametrize("spec", ["no/such/folder", "embedded:nope"])
+def test_unknown_specs_say_what_is_accepted(spec, tmp_path):
+    with pytest.raises(ModelSpecError, match="embedded"):
+        resolve_model(spec, tmp_path)
+
+
+def test_cache_names():
+    assert cache_name("embedded:all-minilm-l6-v2") == "all-minilm-l6-v2"
+    assert cache_name("hf:meta-llama/Llama-2-7b-hf@main") == "hf--meta-llama--Llama-2-7b-hf--main"
+    assert set(EMBEDDED_MODELS) == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
+
+
+def test_hub_spec_downloads_through_huggingface_hub_with_the_env_token(tmp_path):
+    """`hf:` specs go through the real huggingface_hub client, here against a fake hub on
+    loopback; the token comes from HF_TOKEN, is sent, and is written nowhere."""
+    repo = tmp_path / "repo"
+    LlamaConfig(
+        vocab_size=128,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    ).save_pretrained(repo)
+    (repo / "tokenizer.json").write_text("{}")
+    (repo / "pytorch_model.bin").write_bytes(b"not fetched: only safetensors are")
+    token = "hf_test_secret_token_123"
+    with FakeHub({"org/tiny-llama": repo}) as hub:
+        env = os.environ | {
+            "HF_ENDPOINT": hub.url,
+            "HF_TOKEN": token,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HOME": str(tmp_path / "hf-home"),
+        }
+        env.pop("HF_HUB_OFFLINE", None)
+        cmd = [
+            sys.executable,
+            "-m",
+            "refrag.cli",
+            "--cache-dir",
+            str(tmp_path / "models"),
+            "fetch-models",
+            "hf:org/tiny-llama",
+        ]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "models" / "hf--org--tiny-llama"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "tokenizer.json"]
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 16
+    repo_requests = [auth for _, path, auth in hub.requests if "org/tiny-llama" in path]
+    assert repo_requests and all(auth == f"Bearer {token}" for auth in repo_requests)
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path

@@ -1,0 +1,165 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refrag import tokenization
+from refrag.tokenization import (
+    IGNORE_INDEX,
+    DocMarkupError,
+    DuplicateDocIdError,
+    MalformedDocTagError,
+    MissingDocIdError,
+    NestedDocError,
+    RefragTokenizer,
+    StrayCloseTagError,
+    UnclosedDocError,
+    parse_segments,
+)
+
+
+def test_segments_alternate_decoder_and_documents_in_order():
+    segs = parse_segments("Q: <doc id=\"a\">alpha</doc> mid <doc id='b'>beta</doc> end")
+    assert [s["type"] for s in segs] == ["decoder", "encoder", "decoder", "encoder", "decoder"]
+    assert [s["raw_text"] for s in segs] == ["Q: ", "alpha", " mid ", "beta", " end"]
+    assert [s["meta"]["id"] for s in segs if s["type"] == "encoder"] == ["a", "b"]
+
+
+def test_whitespace_between_documents_is_kept():
+    text = '<doc id="1">x</doc>\n \t<doc id="2">y</doc>'
+    assert [s.raw_text for s in parse_segments(text)] == ["x", "\n \t", "y"]
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "position"),
+    [
+        ('intro <doc id="1">never closed', UnclosedDocError, 6),
+        ('<doc id="1">a <doc id="2">b</doc></doc>', NestedDocError, 14),
+        ("text </doc> more", StrayCloseTagError, 5),
+        ("<doc>no id</doc>", MissingDocIdError, 0),
+        ('ab <doc id="">empty id</doc>', MissingDocIdError, 3),
+        ('<doc id="x">a</doc><doc id="x">b</doc>', DuplicateDocIdError, 19),
+        ("<doc id=1>unquoted</doc>", MalformedDocTagError, 0),
+        ('<doc id="1">a</doc x>', MalformedDocTagError, 13),
+    ],
+)
+def test_bad_markup_raises_typed_error_naming_the_position(text, error, position):
+    with pytest.raises(error) as info:
+        parse_segments(text)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, DocMarkupError)
+    assert info.value.position == position
+    assert f"position {position}" in str(info.value)
+
+
+def test_words_that_start_like_doc_are_plain_text():
+    segs = parse_segments("a <document> and <docs> are text")
+    assert [s.type for s in segs] == ["decoder"]
+
+
+def test_extra_attributes_are_kept_in_meta():
+    (seg,) = parse_segments("<doc id='7' source=\"wiki\">t</doc>")
+    assert seg.meta == {"id": "7", "source": "wiki"}
+
+
+tag_text = st.text(alphabet=st.characters(blacklist_characters="<>"), max_size=30)
+
+
+@given(st.lists(st.tuples(tag_text, tag_text), max_size=5), tag_text, st.sampled_from(["'", '"']))
+def test_joined_raw_texts_give_the_input_without_tags(parts, tail, quote):
+    text = (
+        "".join(
+            f"{pre}<doc id={quote}d{i}{quote}>{body}</doc>" for i, (pre, body) in enumerate(parts)
+        )
+        + tail
+    )
+    expected = "".join(pre + body for pre, body in parts) + tail
+    segs = parse_segments(text)
+    assert "".join(s.raw_text for s in segs) == expected
+    assert all(text[s.start : s.start + len(s.raw_text)] == s.raw_text for s in segs)
+
+
+def test_documents_are_packed_into_rows_of_k_with_a_mask(refrag_tokenizer, encoder_tokenizer):
+    doc = "one two three four five six seven eight nine ten eleven"
+    segs = refrag_tokenizer.parse_and_tokenize(f"Q <doc id='d'>{doc}</doc>")
+    enc = segs[1]
+    ids = encoder_tokenizer(doc, add_special_tokens=False)["input_ids"]
+    assert enc.tokens == ids
+    assert all(len(row) == 4 for row in enc.packed_tokens)
+    assert [
+        t
+        for row, m in zip(enc.packed_tokens, enc.attention_mask)
+        for t, keep in zip(row, m)
+        if keep
+    ] == ids
+    assert enc.num_chunks == -(-len(ids) // 4)
+    assert sum(enc.attention_mask[-1]) == len(ids) - 4 * (enc.num_chunks - 1)
+
+
+def test_empty_document_gives_a_segment_without_rows(refrag_tokenizer):
+    segs = refrag_tokenizer.parse_and_tokenize("before <doc id='e'></doc> after")
+    assert segs[1].type == "encoder" and segs[1].raw_text == "" and segs[1].packed_tokens == []
+    batch = refrag_tokenizer("before <doc id='e'></doc> after")
+    assert batch["chunk_input_ids"].shape[0] == 0 and not batch["chunk_mask"].any()
+
+
+def test_decoder_segments_carry_no_special_tokens(refrag_tokenizer, decoder_tokenizer):
+    (seg,) = refrag_tokenizer.parse_and_tokenize("Hello there")
+    assert seg.tokens == decoder_tokenizer("Hello there", add_special_tokens=False)["input_ids"]
+    assert decoder_tokenizer.bos_token_id not in seg.tokens
+
+
+def test_default_special_tokens_are_explicit(
+    refrag_tokenizer, decoder_tokenizer, encoder_tokenizer
+):
+    """SmolLM2: BOS <|im_start|> (id 1) starts the decoder sequence; MiniLM: chunk rows are
+    [CLS] … [SEP] padded to k + 2."""
+    batch = refrag_tokenizer("Hi <doc id='d'>some words in a doc</doc>")
+    assert batch["input_ids"][0, 0].item() == decoder_tokenizer.bos_token_id == 1
+    assert encoder_tokenizer.cls_token_id == 101 and encoder_tokenizer.sep_token_id == 102
+    rows, mask = batch["chunk_input_ids"], batch["chunk_attention_mask"]
+    assert rows.shape[1] == refrag_tokenizer.chunk_width == 6
+    assert (rows[:, 0] == 101).all()
+    last = mask.sum(1) - 1
+    assert (rows[torch.arange(len(rows)), last] == 102).all()
+    no_bos = RefragTokenizer(
+        encoder_tokenizer,
+        decoder_tokenizer,
+        compression=4,
+        add_bos=False,
+        encoder_special_tokens=False,
+    )
+    batch = no_bos("Hi <doc id='d'>some words in a doc</doc>")
+    assert batch["input_ids"][0, 0].item() != 1 and batch["chunk_input_ids"].shape[1] == 4
+
+
+def test_batch_places_one_chunk_position_per_row_in_order(refrag_tokenizer):
+    texts = [
+        "short <doc id='a'>a b c d e f g h i</doc> q",
+        "longer prompt here <doc id='b'>x</doc>",
+    ]
+    batch = refrag_tokenizer(texts)
+    per_text = [sum(s.num_chunks for s in refrag_tokenizer.parse_and_tokenize(t)) for t in texts]
+    assert batch["chunk_mask"].sum(1).tolist() == per_text
+    assert batch["chunk_input_ids"].shape[0] == sum(per_text)
+    assert (batch["labels"][batch["chunk_mask"]] == IGNORE_INDEX).all()
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["chunk_mask"].shape
+
+
+def test_left_padding_puts_padding_first(refrag_tokenizer):
+    batch = refrag_tokenizer(["a", "a much longer text than the first"], padding_side="left")
+    assert batch["attention_mask"][0, -1] == 1 and batch["attention_mask"][0, 0] == 0
+
+
+def test_save_and_load_round_trip(tmp_path, refrag_tokenizer):
+    refrag_tokenizer.save_pretrained(tmp_path)
+    again = RefragTokenizer.from_pretrained(tmp_path)
+    text = "Q <doc id='1'>Paris is the capital of France.</doc> A:"
+    assert again.compression == 4
+    for key, value in refrag_tokenizer(text).items():
+        assert torch.equal(value, again(text)[key])
+
+
+def test_module_level_from_pretrained_takes_model_specs(encoder_dir, decoder_dir):
+    tok = tokenization.from_pretrained(str(encoder_dir), str(decoder_dir), compression=8)
+    assert tok.compression == 8 and tok.decoder_tokenizer.vocab_size == 49152

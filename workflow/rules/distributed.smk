@@ -1,0 +1,14 @@
+rule hello_dist:
+    """The seed's minimal distributed app: torchrun, one log per rank."""
+    output:
+        "results/hello_dist/world.json",
+    log:
+        torchrun="logs/hello_dist/torchrun.log",
+        ranks=directory("logs/hello_dist/ranks"),
+    params:
+        nproc=config["hello_dist"]["nproc"],
+    threads: config["hello_dist"]["nproc"]
+    shell:
+        "torchrun --standalone --nproc_per_node={params.nproc} "
+        "--log-dir={log.ranks}/torchrun -m refrag.distributed hello "
+        "--out {output} --rank-log-dir {log.ranks} > {log.torchrun} 2>&1"
