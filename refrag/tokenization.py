@@ -227,23 +227,34 @@ class RefragTokenizer:
     # -- batches for the model ------------------------------------------------------------
     def encode(self, text: str) -> dict[str, list]:
         """One text → decoder ids with a placeholder per chunk, the chunk mask and chunk rows."""
+        parts = [
+            ("text", seg.tokens) if seg.type == "decoder" else ("chunks", seg.tokens)
+            for seg in self.parse_and_tokenize(text)
+        ]
+        return self.encode_parts(parts)
+
+    def encode_parts(self, parts: list[tuple[str, list[int]]]) -> dict[str, list]:
+        """Build one sequence from already-tokenized parts, after BOS:
+
+        ``("text", decoder_ids)`` (labelled), ``("prompt", decoder_ids)`` (not labelled), or
+        ``("chunks", encoder_ids)`` (packed into rows of k, one placeholder position each).
+        """
         ids: list[int] = [] if self.bos_token_id is None else [self.bos_token_id]
-        chunk_mask = [False] * len(ids)
-        label_mask = [False] * len(ids)
-        rows: list[list[int]] = []
-        for seg in self.parse_and_tokenize(text):
-            if seg.type == "decoder":
-                ids += seg.tokens
-                chunk_mask += [False] * len(seg.tokens)
-                label_mask += [True] * len(seg.tokens)
+        chunk_mask, label_mask = [False] * len(ids), [False] * len(ids)
+        rows: list[tuple[list[int], list[int]]] = []
+        for kind, tokens in parts:
+            if kind == "chunks":
+                packed, masks = self.pack(tokens)
+                rows += [self._chunk_row(row, mask) for row, mask in zip(packed, masks)]
+                ids += [self.decoder_pad_token_id] * len(packed)
+                chunk_mask += [True] * len(packed)
+                label_mask += [False] * len(packed)
+            elif kind in ("text", "prompt"):
+                ids += tokens
+                chunk_mask += [False] * len(tokens)
+                label_mask += [kind == "text"] * len(tokens)
             else:
-                rows += [
-                    self._chunk_row(row, mask)
-                    for row, mask in zip(seg.packed_tokens, seg.attention_mask)
-                ]
-                ids += [self.decoder_pad_token_id] * seg.num_chunks
-                chunk_mask += [True] * seg.num_chunks
-                label_mask += [False] * seg.num_chunks
+                raise ValueError(f"unknown part kind {kind!r}")
         return {
             "input_ids": ids,
             "chunk_mask": chunk_mask,
@@ -257,52 +268,51 @@ class RefragTokenizer:
         *,
         padding_side: Literal["left", "right"] = "right",
     ) -> BatchEncoding:
-        """Texts → padded tensors.
+        """Texts → padded tensors (see :meth:`pad`)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.pad([self.encode(t) for t in texts], padding_side=padding_side)
+
+    def pad(
+        self, encoded: list[dict[str, list]], *, padding_side: Literal["left", "right"] = "right"
+    ) -> BatchEncoding:
+        """Pad encoded sequences into tensors.
 
         Returns ``input_ids``, ``attention_mask``, ``labels`` (decoder text only; chunk and pad
         positions are ``-100``), ``chunk_mask`` (True where a chunk embedding goes), and the
         chunk rows of the whole batch in the order of ``chunk_mask``'s True entries
         (row-major): ``chunk_input_ids`` and ``chunk_attention_mask``, each ``(N, chunk_width)``.
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        encoded = [self.encode(t) for t in texts]
         length = max(len(e["input_ids"]) for e in encoded)
-        cols: dict[str, list] = {
-            k: [] for k in ("input_ids", "attention_mask", "labels", "chunk_mask")
+        fill = {
+            "input_ids": self.decoder_pad_token_id,
+            "attention_mask": 0,
+            "labels": IGNORE_INDEX,
+            "chunk_mask": False,
         }
+        cols: dict[str, list] = {k: [] for k in fill}
         for e in encoded:
             n = len(e["input_ids"])
-            labels = [
-                i if keep else IGNORE_INDEX for i, keep in zip(e["input_ids"], e["label_mask"])
-            ]
             values = {
                 "input_ids": e["input_ids"],
                 "attention_mask": [1] * n,
-                "labels": labels,
+                "labels": [
+                    i if keep else IGNORE_INDEX for i, keep in zip(e["input_ids"], e["label_mask"])
+                ],
                 "chunk_mask": e["chunk_mask"],
-            }
-            fill = {
-                "input_ids": self.decoder_pad_token_id,
-                "attention_mask": 0,
-                "labels": IGNORE_INDEX,
-                "chunk_mask": False,
             }
             for key, seq in values.items():
                 padding = [fill[key]] * (length - n)
                 cols[key].append(padding + seq if padding_side == "left" else seq + padding)
-        rows = [r for e in encoded for r in e["chunk_rows"]]
-        width = self.chunk_width
         data = {
             k: torch.tensor(v, dtype=torch.bool if k == "chunk_mask" else torch.long)
             for k, v in cols.items()
         }
-        data["chunk_input_ids"] = torch.tensor([r[0] for r in rows], dtype=torch.long).reshape(
-            -1, width
-        )
-        data["chunk_attention_mask"] = torch.tensor([r[1] for r in rows], dtype=torch.long).reshape(
-            -1, width
-        )
+        rows = [r for e in encoded for r in e["chunk_rows"]]
+        for i, key in enumerate(("chunk_input_ids", "chunk_attention_mask")):
+            data[key] = torch.tensor([r[i] for r in rows], dtype=torch.long).reshape(
+                -1, self.chunk_width
+            )
         return BatchEncoding(data)
 
     def decode(self, ids, **kwargs) -> str:

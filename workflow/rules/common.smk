@@ -1,4 +1,5 @@
 import importlib.metadata
+import json
 import sys
 
 from snakemake.utils import validate
@@ -38,3 +39,73 @@ def corpus_raw_input(wildcards):
     if config["corpus"]["source"].startswith("embedded:"):
         return f"resources/corpus/{wildcards.corpus}/raw.xml.bz2"
     return []
+
+
+STAGES = ["align", "reconstruct", "cpt"]
+
+
+wildcard_constraints:
+    k=r"\d+",
+    split="|".join(SPLITS),
+    stage="|".join(STAGES),
+
+
+def find_run(wildcards):
+    """The config run that a job's decoder/encoder/k wildcards belong to."""
+    for run in config["runs"]:
+        if (run["decoder"], run["encoder"]) == (
+            wildcards.decoder,
+            wildcards.encoder,
+        ) and int(wildcards.k) in run["k"]:
+            return run
+    raise ValueError(
+        f"no run in the config has decoder={wildcards.decoder}, encoder={wildcards.encoder}, k={wildcards.k}"
+    )
+
+
+def stage_hp(wildcards, stage):
+    """A stage's hyperparameters: the config's defaults, overridden by the run's own."""
+    return config["train"][stage] | find_run(wildcards).get("train", {}).get(stage, {})
+
+
+def run_gpus(wildcards):
+    return find_run(wildcards).get("gpus", 0)
+
+
+PYTHON = sys.executable  # the environment Snakemake runs in, whatever PATH says
+
+
+def launcher(wildcards, resources):
+    """torchrun with one process per GPU; on CPU (or one GPU) the script runs inline."""
+    if resources.gpu > 1:
+        return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node={resources.gpu}"
+    return PYTHON
+
+
+def run_keys():
+    """(decoder, encoder, k) of every configured run."""
+    return [(r["decoder"], r["encoder"], k) for r in config["runs"] for k in r["k"]]
+
+
+def pair_keys():
+    return sorted({(d, e) for d, e, _ in run_keys()})
+
+
+def eval_outputs():
+    """Every evaluation JSON the perplexity table is made of."""
+    files = []
+    for eval_set in config["eval"]["sets"]:
+        for decoder, encoder in pair_keys():
+            files.append(
+                f"results/eval/{CORPUS}/{decoder}/{encoder}/{eval_set}/baselines.json"
+            )
+        for decoder, encoder, k in run_keys():
+            for stage in config["eval"]["stages"]:
+                files.append(
+                    f"results/eval/{CORPUS}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.json"
+                )
+    return files
+
+
+def checkpoints(stage):
+    return [f"results/checkpoints/{d}/{e}/k{k}/{stage}" for d, e, k in run_keys()]

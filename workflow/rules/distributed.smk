@@ -5,10 +5,11 @@ rule hello_dist:
     log:
         torchrun="logs/hello_dist/torchrun.log",
         ranks=directory("logs/hello_dist/ranks"),
+    threads: config["hello_dist"]["nproc"]
     params:
         nproc=config["hello_dist"]["nproc"],
-    threads: config["hello_dist"]["nproc"]
+        python=PYTHON,
     shell:
-        "torchrun --standalone --nproc_per_node={params.nproc} "
+        "{params.python} -m torch.distributed.run --standalone --nproc_per_node={params.nproc} "
         "--log-dir={log.ranks}/torchrun -m refrag.distributed hello "
         "--out {output} --rank-log-dir {log.ranks} > {log.torchrun} 2>&1"

@@ -1,0 +1,138 @@
+"""Tokenized shards and the alignment-pair cache.
+
+A *window* is ``context_tokens`` (s) decoder tokens of a document followed by
+``target_tokens`` (o) more: the decoder predicts the target from the context, read either as
+tokens (full context), not at all (no context), or as chunk embeddings of the context's
+encoder tokenization (REFRAG). Each window row holds both tokenizations of its context, the
+encoder tokens' character ends (to cut the context at a chunk boundary for reconstruction),
+and the target's decoder tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from refrag.alignment import align
+
+SHARD_ROWS = 1000
+
+
+def iter_windows(
+    documents: Iterable[dict],
+    decoder_tokenizer: PreTrainedTokenizerBase,
+    encoder_tokenizer: PreTrainedTokenizerBase,
+    context_tokens: int,
+    target_tokens: int,
+) -> Iterator[dict]:
+    """Non-overlapping (context, target) windows of each document, in document order."""
+    width = context_tokens + target_tokens
+    for doc in documents:
+        text = doc["text"]
+        enc = decoder_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        for n, start in enumerate(range(0, len(ids) - width + 1, width)):
+            ctx_text = text[offsets[start][0] : offsets[start + context_tokens - 1][1]]
+            enc_ctx = encoder_tokenizer(
+                ctx_text, add_special_tokens=False, return_offsets_mapping=True
+            )
+            yield {
+                "doc_id": doc["doc_id"],
+                "window": n,
+                "context_text": ctx_text,
+                "context_ids": ids[start : start + context_tokens],
+                "target_ids": ids[start + context_tokens : start + width],
+                "context_encoder_ids": enc_ctx["input_ids"],
+                "context_encoder_ends": [end for _, end in enc_ctx["offset_mapping"]],
+            }
+
+
+def spread(rows: list[dict], limit: int | None) -> list[dict]:
+    """At most ``limit`` rows, taken evenly across the list (so across documents)."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    step = len(rows) / limit
+    return [rows[int(i * step)] for i in range(limit)]
+
+
+def write_shards(
+    rows: list[dict], out_dir: str | os.PathLike, *, metadata: dict, shard_rows: int = SHARD_ROWS
+) -> dict:
+    """Parquet shards ``shard-NNNNN.parquet`` plus ``manifest.json`` (counts, checksums, metadata)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        raise ValueError("no windows: documents are shorter than context_tokens + target_tokens")
+    shards = []
+    for i in range(0, len(rows), shard_rows):
+        path = out_dir / f"shard-{i // shard_rows:05d}.parquet"
+        pd.DataFrame(rows[i : i + shard_rows]).to_parquet(path, index=False)
+        shards.append(
+            {"file": path.name, "rows": len(rows[i : i + shard_rows]), "sha256": _sha256(path)}
+        )
+    manifest = {
+        "rows": len(rows),
+        "documents": len({r["doc_id"] for r in rows}),
+        "shards": shards,
+    } | metadata
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_shards(shard_dir: str | os.PathLike, verify: bool = True) -> pd.DataFrame:
+    """All rows of a shard folder, checking each shard's checksum against the manifest."""
+    shard_dir = Path(shard_dir)
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    frames = []
+    for shard in manifest["shards"]:
+        path = shard_dir / shard["file"]
+        if verify and _sha256(path) != shard["sha256"]:
+            raise ValueError(f"{path} does not match the checksum in its manifest")
+        frames.append(pd.read_parquet(path))
+    return pd.concat(frames, ignore_index=True)
+
+
+def tokenizer_id(tokenizer: PreTrainedTokenizerBase) -> dict:
+    """What identifies a tokenizer in a manifest: its name, class, size and a content hash."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+    return {
+        "name_or_path": str(tokenizer.name_or_path),
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "vocab_sha256": hashlib.sha256(vocab).hexdigest(),
+    }
+
+
+def build_alignment_cache(
+    windows: pd.DataFrame,
+    decoder_tokenizer: PreTrainedTokenizerBase,
+    encoder_tokenizer: PreTrainedTokenizerBase,
+    out: str | os.PathLike,
+) -> int:
+    """Aligned token pairs of every window's context, written as one Parquet file."""
+    rows = []
+    for text in tqdm(windows["context_text"], desc="aligning", mininterval=5):
+        result = align(text, decoder_tokenizer, encoder_tokenizer)
+        dec_idx, enc_idx = result.token_indices()
+        rows.append(
+            {
+                "decoder_ids": result.decoder_ids,
+                "encoder_ids": result.encoder_ids,
+                "decoder_index": dec_idx.tolist(),
+                "encoder_index": enc_idx.tolist(),
+            }
+        )
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(out, index=False)
+    return sum(len(r["decoder_index"]) for r in rows)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,381 @@
+"""Training stages of a REFRAG model, on the Hugging Face Trainer.
+
+- ``align`` (the seed's alignment app): the projector learns to map encoder token states onto
+  the decoder's token embeddings at aligned positions (:mod:`refrag.alignment`), with MSE, KL
+  and argmax (cross-entropy) losses over all aligned positions of a batch at once.
+- ``reconstruct`` (paper stage 1): decoder frozen; encoder + projector learn to reproduce the
+  context's tokens from its chunk embeddings, with a curriculum from 1 chunk upwards.
+- ``cpt`` (paper stage 2, continual pretraining): read the context as chunk embeddings and
+  predict the next ``o`` tokens (next-paragraph prediction).
+
+Each stage writes a Hugging Face folder (model, tokenizer, ``training_log.json``) atomically;
+Trainer checkpoints live beside it in ``<out>.work/`` and a rerun resumes from the newest
+complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, SequentialSampler
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from refrag.modeling import RefragModel
+from refrag.tokenization import RefragTokenizer
+from refrag.utils import atomic_folder
+
+STAGES = ("align", "reconstruct", "cpt")
+CURRICULUM_WEIGHTS = (1, 1, 1, 2, 2, 2, 4, 4, 4)  # the paper's 9-stage geometric sample counts
+
+
+@dataclass
+class StageConfig:
+    """Hyperparameters of one training stage (a rule's ``params``)."""
+
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-4
+    warmup_ratio: float = 0.04
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    train_encoder: bool = True
+    train_projector: bool = True
+    train_decoder: bool = False
+    curriculum: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"mse": 1.0, "kld": 1.0, "argmax": 1.0}
+    )
+    save_steps: int = 50
+    logging_steps: int = 5
+    seed: int = 0
+
+
+class ExampleDataset(Dataset):
+    """A list of :meth:`RefragTokenizer.encode_parts` outputs."""
+
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+def reconstruction_examples(
+    windows: pd.DataFrame, tok: RefragTokenizer, curriculum: list[int], total: int
+) -> list[dict]:
+    """``total`` examples ordered by curriculum stage: stage ``i`` reads ``curriculum[i]`` chunks
+    of a context and must reproduce the text they cover, as decoder tokens."""
+    k = tok.compression
+    weights = [
+        CURRICULUM_WEIGHTS[min(i, len(CURRICULUM_WEIGHTS) - 1)] for i in range(len(curriculum))
+    ]
+    counts = [max(1, round(total * w / sum(weights))) for w in weights]
+    rows = windows.to_dict("records")
+    examples, r = [], 0
+    for n_chunks, count in zip(curriculum, counts):
+        for _ in range(count):
+            row = rows[r % len(rows)]
+            r += 1
+            enc_ids = list(row["context_encoder_ids"])
+            n = min(n_chunks * k, len(enc_ids))
+            if n == 0:
+                continue
+            text = row["context_text"][: row["context_encoder_ends"][n - 1]]
+            target = tok.decoder_tokenizer(text, add_special_tokens=False)["input_ids"]
+            examples.append(tok.encode_parts([("chunks", enc_ids[:n]), ("text", target)]))
+    return examples[:total] if len(examples) > total else examples
+
+
+def continuation_examples(windows: pd.DataFrame, tok: RefragTokenizer) -> list[dict]:
+    """Context as chunk embeddings, then the target tokens (labelled)."""
+    return [
+        tok.encode_parts(
+            [("chunks", list(row["context_encoder_ids"])), ("text", list(row["target_ids"]))]
+        )
+        for row in windows.to_dict("records")
+    ]
+
+
+class RefragTrainer(Trainer):
+    """Trainer whose loss is the model's causal-LM loss; ``sequential`` keeps curriculum order."""
+
+    def __init__(self, *args, sequential: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sequential = sequential
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.sequential:
+            return SequentialSampler(
+                train_dataset if train_dataset is not None else self.train_dataset
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+
+class AlignmentTrainer(Trainer):
+    """The seed's alignment losses between projected encoder states and decoder embeddings."""
+
+    def __init__(self, *args, loss_weights: dict[str, float], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_weights = loss_weights
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        losses = alignment_losses(model, **inputs)
+        loss = sum(self.loss_weights[name] * value for name, value in losses.items())
+        if self.state.global_step % max(1, self.args.logging_steps) == 0 and model.training:
+            self.log({f"align_{name}": value.item() for name, value in losses.items()})
+        return (loss, losses) if return_outputs else loss
+
+
+def alignment_losses(
+    model: RefragModel,
+    encoder_input_ids: torch.Tensor,
+    encoder_attention_mask: torch.Tensor,
+    pair_batch: torch.Tensor,
+    pair_encoder_pos: torch.Tensor,
+    pair_decoder_ids: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """MSE, KL and argmax losses at all aligned positions of the batch in one pass.
+
+    The projected state of an encoder token should equal the decoder's embedding of the
+    aligned decoder token; compared through the embedding matrix, its similarity profile over
+    the vocabulary should match that token's (KL) and pick the token itself (argmax).
+    """
+    states = model.encoder(
+        input_ids=encoder_input_ids, attention_mask=encoder_attention_mask
+    ).last_hidden_state
+    projected = model.projector(states[pair_batch, pair_encoder_pos])
+    table = model.get_input_embeddings().weight
+    target = table[pair_decoder_ids].to(projected.dtype)
+    logits = projected @ table.T.to(projected.dtype)
+    target_logits = target @ table.T.to(projected.dtype)
+    return {
+        "mse": F.mse_loss(projected, target),
+        "kld": F.kl_div(
+            F.log_softmax(logits, -1),
+            F.log_softmax(target_logits, -1),
+            log_target=True,
+            reduction="batchmean",
+        ),
+        "argmax": F.cross_entropy(logits, pair_decoder_ids),
+    }
+
+
+class AlignmentCollator:
+    """Alignment-cache rows → encoder batch (with CLS/SEP) and flat aligned-pair indices."""
+
+    def __init__(self, tok: RefragTokenizer, max_encoder_tokens: int = 510):
+        self.tok, self.max_len = tok, max_encoder_tokens
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        enc_tok = self.tok.encoder_tokenizer
+        wrap = self.tok.encoder_special_tokens and enc_tok.cls_token_id is not None
+        offset = 1 if wrap else 0
+        seqs, batch, pos, dec = [], [], [], []
+        for b, row in enumerate(rows):
+            ids = list(row["encoder_ids"][: self.max_len])
+            seqs.append([enc_tok.cls_token_id, *ids, enc_tok.sep_token_id] if wrap else ids)
+            for d, e in zip(row["decoder_index"], row["encoder_index"]):
+                if e < len(ids):
+                    batch.append(b)
+                    pos.append(e + offset)
+                    dec.append(row["decoder_ids"][d])
+        width = max(len(s) for s in seqs)
+        pad = self.tok.encoder_pad_token_id
+        return {
+            "encoder_input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
+            "encoder_attention_mask": torch.tensor(
+                [[1] * len(s) + [0] * (width - len(s)) for s in seqs]
+            ),
+            "pair_batch": torch.tensor(batch, dtype=torch.long),
+            "pair_encoder_pos": torch.tensor(pos, dtype=torch.long),
+            "pair_decoder_ids": torch.tensor(dec, dtype=torch.long),
+        }
+
+
+def last_complete_checkpoint(work_dir: Path) -> str | None:
+    """Newest ``checkpoint-N`` whose ``trainer_state.json`` (written last) exists; incomplete
+    ones, left by a save that was killed, are removed."""
+    if not work_dir.is_dir():
+        return None
+    found = sorted(
+        work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])
+    )
+    complete = [p for p in found if (p / "trainer_state.json").is_file()]
+    for p in found:
+        if p not in complete:
+            shutil.rmtree(p, ignore_errors=True)
+    return str(complete[-1]) if complete else None
+
+
+def train_stage(
+    stage: str,
+    *,
+    init: str | os.PathLike | tuple[str, str],
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    compression: int,
+    hp: StageConfig | dict,
+) -> dict:
+    """Train one stage and write its model folder to ``out``.
+
+    ``init`` is a previous stage's folder, or ``(encoder_dir, decoder_dir)`` to start from
+    the base models; ``data`` is the alignment cache (align) or the train shard folder.
+    """
+    from refrag.data import read_shards
+
+    hp = hp if isinstance(hp, StageConfig) else StageConfig(**hp)
+    out = Path(out)
+    torch.manual_seed(hp.seed)
+    if isinstance(init, tuple):
+        model = RefragModel.from_encoder_decoder_pretrained(
+            init[0], init[1], compression=compression
+        )
+        tok = RefragTokenizer(
+            _auto_tokenizer(init[0]), _auto_tokenizer(init[1]), compression=compression
+        )
+    else:
+        model = RefragModel.from_pretrained(init)
+        tok = RefragTokenizer.from_pretrained(init)
+    if model.config.compression != compression:
+        raise ValueError(
+            f"{init} was trained with k={model.config.compression}, not k={compression}"
+        )
+    model.set_trainable(
+        encoder=hp.train_encoder, projector=hp.train_projector, decoder=hp.train_decoder
+    )
+
+    total = hp.steps * hp.batch_size * hp.grad_accum
+    if stage == "align":
+        rows = pd.read_parquet(data).to_dict("records")
+        dataset = ExampleDataset([rows[i % len(rows)] for i in range(total)])
+        collator = AlignmentCollator(tok)
+    else:
+        windows = read_shards(data)
+        if stage == "reconstruct":
+            examples = reconstruction_examples(windows, tok, hp.curriculum, total)
+        elif stage == "cpt":
+            base = continuation_examples(windows, tok)
+            examples = [base[i % len(base)] for i in range(total)]
+        else:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        dataset = ExampleDataset(examples)
+        collator = tok.pad
+
+    work_dir = out.with_name(out.name + ".work")
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        max_steps=hp.steps,
+        per_device_train_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.grad_accum,
+        learning_rate=hp.lr,
+        weight_decay=hp.weight_decay,
+        lr_scheduler_type="cosine",
+        warmup_steps=hp.warmup_ratio,
+        logging_steps=hp.logging_steps,
+        save_steps=hp.save_steps,
+        save_total_limit=1,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=hp.seed,
+        disable_tqdm=False,
+    )
+    common = {"model": model, "args": args, "train_dataset": dataset, "data_collator": collator}
+    if stage == "align":
+        trainer = AlignmentTrainer(**common, loss_weights=hp.loss_weights)
+    else:
+        trainer = RefragTrainer(**common, sequential=stage == "reconstruct")
+    resume = last_complete_checkpoint(work_dir)
+    if resume:
+        print(f"resuming {stage} from {resume}")
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    if trainer.is_world_process_zero():
+        log = {
+            "stage": stage,
+            "metrics": result.metrics,
+            "log_history": trainer.state.log_history,
+            "hp": vars(hp),
+        }
+        save_model_folder(model, tok, out, extra={"training_log.json": log})
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return result.metrics
+
+
+def save_model_folder(
+    model: RefragModel, tok: RefragTokenizer, out: Path, extra: dict[str, dict] | None = None
+) -> None:
+    """Write model + tokenizer (+ JSON files) to a temporary folder, then rename it into place."""
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        for name, content in (extra or {}).items():
+            Path(tmp, name).write_text(json.dumps(content, indent=2, default=str) + "\n")
+
+
+def _auto_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m refrag.training``: one stage, inline or under torchrun (one log per rank)."""
+    import argparse
+
+    from refrag.distributed import init_distributed, rank_log_path
+    from refrag.utils import log_to
+
+    parser = argparse.ArgumentParser(prog="python -m refrag.training", description=main.__doc__)
+    parser.add_argument("--stage", choices=STAGES, required=True)
+    parser.add_argument("--k", type=int, required=True, help="compression rate")
+    parser.add_argument(
+        "--init", nargs="+", required=True, help="previous stage, or ENCODER DECODER folders"
+    )
+    parser.add_argument(
+        "--data", required=True, help="alignment cache (align) or train shard folder"
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--hp", default="{}", help="stage hyperparameters as JSON (StageConfig fields)"
+    )
+    parser.add_argument(
+        "--rank-log-dir", help="under torchrun, each rank writes DIR/run-{RANK}.log"
+    )
+    args = parser.parse_args(argv)
+    init = tuple(args.init) if len(args.init) == 2 else args.init[0]
+    world = init_distributed()
+    per_rank = (
+        args.rank_log_dir and world.world_size > 1
+    )  # one process: output goes to the rule's log
+    with log_to(rank_log_path(args.rank_log_dir) if per_rank else None):
+        metrics = train_stage(
+            args.stage,
+            init=init,
+            data=args.data,
+            out=args.out,
+            compression=args.k,
+            hp=json.loads(args.hp),
+        )
+        print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()

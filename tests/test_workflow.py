@@ -1,0 +1,258 @@
+"""The Snakemake workflow: DAG shape, config validation, partial reruns, torchrun, a real run.
+
+Every test works in a copy of the workflow under a temporary folder, so it never touches the
+repository's own results/. The end-to-end run uses tiny random-weight models with the real
+default tokenizers and a small local text corpus, so it takes a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from .conftest import ROOT, tiny_config
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+WORKFLOW_FILES = ["Snakefile", "workflow", "config", "profiles", "benchmarks", "local"]
+
+
+def make_workspace(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        src = ROOT / name
+        if src.is_symlink():
+            (dest / name).symlink_to(src.readlink())
+        elif src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dest / name)
+    return dest
+
+
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, timeout: int = 1200
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [*SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+    """Rule → job count of a dry run (the 'Job stats' table)."""
+    out = snakemake(workdir, "-n", *args).stdout
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    return {
+        m[1]: int(m[2])
+        for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)
+        if m[1] != "total"
+    }
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return make_workspace(tmp_path_factory.mktemp("wf"))
+
+
+def test_default_dag_has_every_stage_once(workspace):
+    jobs = planned_jobs(workspace, "--forceall", "eval_report")
+    assert jobs == {
+        "fetch_model": 2,
+        "fetch_corpus": 1,
+        "prepare_corpus": 1,
+        "tokenize": 2,
+        "align_pairs": 1,
+        "train_align": 1,
+        "train_reconstruct": 1,
+        "train_cpt": 1,
+        "eval_baselines": 1,
+        "eval_refrag": 2,
+        "perplexity_table": 1,
+        "bench_ttft": 1,
+        "rulegraph": 1,
+        "eval_report": 1,
+    }
+
+
+def test_a_sweep_over_k_and_encoders_expands_into_jobs(workspace):
+    runs = '[{"decoder": "smollm2-135m-instruct", "encoder": "all-minilm-l6-v2", "k": [8, 16, 32]}]'
+    jobs = planned_jobs(workspace, "--forceall", "eval_report", "--config", f"runs={runs}")
+    assert jobs["train_align"] == jobs["train_reconstruct"] == jobs["train_cpt"] == 3
+    assert jobs["eval_refrag"] == 6 and jobs["align_pairs"] == 1 and jobs["eval_baselines"] == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ('data={"context_tokens": 0}', "context_tokens"),
+        ('eval={"sets": ["dev"]}', "sets"),
+        ('corpus={"name": "a b", "source": "x"}', "name"),
+        ('train={"align": {"steps": 1, "lr": -1}}', "lr"),
+    ],
+)
+def test_bad_config_fails_before_any_job_naming_the_key(workspace, override, key):
+    result = snakemake(workspace, "-n", "eval_report", "--config", override, check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "ValidationError" in output or "validation" in output.lower()
+    assert key in output
+
+
+def test_environment_guard_names_the_setup_command(workspace, tmp_path):
+    """Outside the project's environment the Snakefile stops with one line on how to set up."""
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # a site-packages path where `refrag` is shadowed by a module that fails to import
+    shadow = tmp_path / "shadow"
+    (shadow / "refrag").mkdir(parents=True)
+    (shadow / "refrag" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = {"PYTHONPATH": str(shadow), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [*SNAKEMAKE, "-n"], cwd=workspace, capture_output=True, text=True, env=env
+    )
+    assert result.returncode != 0
+    assert "./setup.sh" in result.stdout + result.stderr
+
+
+def test_hello_dist_runs_two_ranks_under_torchrun(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    snakemake(ws, "--cores", "2", "hello_dist")
+    world = json.loads((ws / "results/hello_dist/world.json").read_text())
+    assert (
+        world["world_size"] == 2 and world["backend"] == "gloo" and world["all_reduce_sum"] == 3.0
+    )
+    for rank in (0, 1):
+        log = (ws / f"logs/hello_dist/ranks/run-{rank}.log").read_text()
+        assert f"hello from rank {rank}/2" in log
+
+
+# --- a real run on tiny models ---------------------------------------------------------------
+
+
+def tiny_model_folders(root: Path, decoder_dir: Path, encoder_dir: Path) -> dict[str, str]:
+    """Random-weight encoder/decoder folders with the default models' real tokenizers."""
+    config = tiny_config()
+    folders = {}
+    for name, cls, sub, tok_dir in (
+        ("tiny-decoder", AutoModelForCausalLM, config.decoder, decoder_dir),
+        ("tiny-encoder", AutoModel, config.encoder, encoder_dir),
+        ("tiny-encoder-b", AutoModel, config.encoder, encoder_dir),
+    ):
+        folder = root / name
+        cls.from_config(sub).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(tok_dir).save_pretrained(folder)
+        folders[name] = str(folder)
+    return folders
+
+
+def tiny_corpus(folder: Path) -> str:
+    """Sixteen text documents: the module sources of transformers' model files (real text)."""
+    import transformers.models as models
+
+    folder.mkdir(parents=True)
+    sources = sorted(Path(models.__file__).parent.glob("*/modeling_*.py"))[:16]
+    for i, src in enumerate(sources):
+        (folder / f"doc{i:02d}.txt").write_text(src.read_text()[:20000])
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, decoder_dir, encoder_dir) -> Path:
+    ws = make_workspace(tmp_path_factory.mktemp("e2e"))
+    models = tiny_model_folders(ws.parent / "models", decoder_dir, encoder_dir)
+    config = yaml.safe_load((ws / "config/config.yaml").read_text())
+    config["models"] = models
+    config["corpus"] = {
+        "name": "tiny",
+        "source": tiny_corpus(ws.parent / "corpus"),
+        "validation_fraction": 0.2,
+        "test_fraction": 0.25,
+        "min_chars": 1000,
+    }
+    config["runs"] = [{"decoder": "tiny-decoder", "encoder": "tiny-encoder", "k": [4, 8]}]
+    config["data"] = {
+        "context_tokens": 32,
+        "target_tokens": 8,
+        "max_windows": {"train": 64, "validation": 8, "test": 16},
+    }
+    small = {"steps": 4, "batch_size": 4, "save_steps": 2, "logging_steps": 1}
+    config["train"] = {
+        stage: config["train"][stage] | small for stage in ("align", "reconstruct", "cpt")
+    }
+    config["bench"] = {"device": "cpu", "contexts": [256], "k": [8], "repeats": 1}
+    (ws / "config/config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(ws, "--profile", "local", "--cores", "2", "eval_report")
+    return ws
+
+
+@pytest.mark.slow
+def test_end_to_end_run_writes_the_report_and_the_fixed_outputs(finished_run):
+    table = pd.read_csv(finished_run / "results/eval/perplexity.csv")
+    assert {"variant", "k", "eval_set", "log_ppl", "context_benefit_retained"} <= set(table.columns)
+    assert set(table["variant"]) == {"no_context", "full_context", "refrag", "refrag_reconstruct"}
+    assert sorted(table.loc[table["variant"] == "refrag", "k"]) == [4, 8]
+    assert table["log_ppl"].notna().all()
+    report = (finished_run / "results/report.html").read_text()
+    assert (
+        "<svg" in report
+        and "data:image/png;base64" in report
+        and "context_benefit_retained" in report
+    )
+    assert (finished_run / "results/dag.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+    assert (finished_run / "results/report.md").exists()
+    shards = json.loads(
+        (
+            finished_run / "results/shards/tiny/tiny-decoder/tiny-encoder/train/manifest.json"
+        ).read_text()
+    )
+    assert shards["rows"] > 0 and shards["decoder_tokenizer"]["vocab_size"] == 49152
+    log = json.loads(
+        (
+            finished_run / "results/checkpoints/tiny-decoder/tiny-encoder/k4/cpt/training_log.json"
+        ).read_text()
+    )
+    assert log["stage"] == "cpt" and any("loss" in entry for entry in log["log_history"])
+    assert not list(finished_run.glob("results/checkpoints/**/*.work"))
+
+
+@pytest.mark.slow
+def test_nothing_reruns_without_a_change(finished_run):
+    assert planned_jobs(finished_run, "eval_report") == {}
+
+
+@pytest.mark.slow
+def test_changing_an_eval_value_reruns_only_evaluation_and_report(finished_run):
+    jobs = planned_jobs(finished_run, "eval_report", "--config", 'eval={"batch_size": 3}')
+    assert jobs == {"eval_baselines": 1, "eval_refrag": 4, "perplexity_table": 1, "eval_report": 1}
+
+
+@pytest.mark.slow
+def test_changing_a_stage_hyperparameter_reruns_that_stage_onward(finished_run):
+    config = yaml.safe_load((finished_run / "config/config.yaml").read_text())
+    train = config["train"] | {"cpt": config["train"]["cpt"] | {"lr": 1e-5}}
+    jobs = planned_jobs(finished_run, "eval_report", "--config", f"train={json.dumps(train)}")
+    assert jobs == {"train_cpt": 2, "eval_refrag": 2, "perplexity_table": 1, "eval_report": 1}
+
+
+@pytest.mark.slow
+def test_changing_the_encoder_reruns_alignment_onward_but_not_the_corpus(finished_run):
+    runs = '[{"decoder": "tiny-decoder", "encoder": "tiny-encoder-b", "k": [4, 8]}]'
+    jobs = planned_jobs(finished_run, "eval_report", "--config", f"runs={runs}")
+    assert "prepare_corpus" not in jobs and "fetch_corpus" not in jobs
+    assert jobs["fetch_model"] == 1 and jobs["tokenize"] == 2 and jobs["align_pairs"] == 1
+    assert jobs["train_align"] == jobs["train_reconstruct"] == jobs["train_cpt"] == 2

@@ -1,0 +1,43 @@
+rule eval_baselines:
+    """Log-perplexity of the plain decoder with no context and with the full context as tokens."""
+    input:
+        shards="results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
+        decoder="resources/models/{decoder}",
+        encoder="resources/models/{encoder}",
+    output:
+        "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/baselines.json",
+    log:
+        "logs/eval_baselines/{corpus}/{decoder}/{encoder}/{eval_set}.log",
+    params:
+        batch_size=config["eval"]["batch_size"],
+    script:
+        "../scripts/eval_ppl.py"
+
+
+rule eval_refrag:
+    """Log-perplexity of a REFRAG checkpoint reading the context as chunk embeddings."""
+    input:
+        shards="results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
+        checkpoint="results/checkpoints/{decoder}/{encoder}/k{k}/{stage}",
+    output:
+        "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.json",
+    log:
+        "logs/eval_refrag/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.log",
+    params:
+        batch_size=config["eval"]["batch_size"],
+    script:
+        "../scripts/eval_ppl.py"
+
+
+rule perplexity_table:
+    """results/eval/perplexity.csv: one row per variant × k × evaluation set."""
+    input:
+        eval_outputs(),
+    output:
+        "results/eval/perplexity.csv",
+    log:
+        "logs/perplexity_table.log",
+    params:
+        final_stage=config["eval"]["stages"][-1],
+    script:
+        "../scripts/perplexity_table.py"

@@ -1,0 +1,13 @@
+from transformers import AutoTokenizer
+
+from refrag.data import build_alignment_cache, read_shards
+from refrag.utils import log_to
+
+with log_to(snakemake.log[0]):
+    pairs = build_alignment_cache(
+        read_shards(snakemake.input.shards),
+        AutoTokenizer.from_pretrained(snakemake.input.decoder),
+        AutoTokenizer.from_pretrained(snakemake.input.encoder),
+        snakemake.output[0],
+    )
+    print(f"{pairs} aligned pairs")

@@ -1,0 +1,14 @@
+from refrag.evaluation import evaluate_windows
+from refrag.utils import log_to
+
+with log_to(snakemake.log[0]):
+    wc = snakemake.wildcards
+    evaluate_windows(
+        shards=snakemake.input.shards,
+        out=snakemake.output[0],
+        checkpoint=snakemake.input.get("checkpoint"),
+        decoder=snakemake.input.get("decoder"),
+        encoder=snakemake.input.get("encoder"),
+        labels={"decoder": wc.decoder, "encoder": wc.encoder, "eval_set": wc.eval_set},
+        batch_size=snakemake.params.batch_size,
+    )

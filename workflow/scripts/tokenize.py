@@ -1,0 +1,29 @@
+from pathlib import Path
+
+import pandas as pd
+from transformers import AutoTokenizer
+
+from refrag.data import iter_windows, spread, tokenizer_id, write_shards
+from refrag.utils import log_to
+
+with log_to(snakemake.log[0]):
+    decoder = AutoTokenizer.from_pretrained(snakemake.input.decoder)
+    encoder = AutoTokenizer.from_pretrained(snakemake.input.encoder)
+    documents = pd.read_parquet(snakemake.input.corpus).to_dict("records")
+    p = snakemake.params
+    windows = spread(
+        list(iter_windows(documents, decoder, encoder, p.context_tokens, p.target_tokens)),
+        p.max_windows,
+    )
+    manifest = write_shards(
+        windows,
+        Path(snakemake.output[0]),
+        metadata={
+            "split": snakemake.wildcards.split,
+            "context_tokens": p.context_tokens,
+            "target_tokens": p.target_tokens,
+            "decoder_tokenizer": tokenizer_id(decoder),
+            "encoder_tokenizer": tokenizer_id(encoder),
+        },
+    )
+    print({k: manifest[k] for k in ("rows", "documents")})
