@@ -47,11 +47,18 @@ def target_nll(
         )
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
+        extra = {}
+        if bool(
+            batch["attention_mask"].all()
+        ):  # no padding: project only positions that predict targets
+            first_label = int((labels != IGNORE_INDEX).int().argmax(1).min())
+            extra["logits_to_keep"] = labels.shape[1] - first_label + 1
+            labels = labels[:, -extra["logits_to_keep"] :]
         if variant == "refrag":
-            logits = model(**batch).logits
+            logits = model(**batch, **extra).logits
         else:
             logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra
             ).logits
         shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
         total += F.cross_entropy(

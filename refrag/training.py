@@ -53,6 +53,7 @@ class StageConfig:
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {"mse": 1.0, "kld": 1.0, "argmax": 1.0}
     )
+    max_pairs: int = 256  # aligned positions per alignment batch (each costs a vocabulary-wide softmax)
     save_steps: int = 50
     logging_steps: int = 5
     seed: int = 0
@@ -159,10 +160,11 @@ def alignment_losses(
         input_ids=encoder_input_ids, attention_mask=encoder_attention_mask
     ).last_hidden_state
     projected = model.projector(states[pair_batch, pair_encoder_pos])
-    table = model.get_input_embeddings().weight
-    target = table[pair_decoder_ids].to(projected.dtype)
-    logits = projected @ table.T.to(projected.dtype)
-    target_logits = target @ table.T.to(projected.dtype)
+    table = model.get_input_embeddings().weight.to(projected.dtype)
+    target = table[pair_decoder_ids]
+    logits = projected @ table.T
+    with torch.no_grad():
+        target_logits = target @ table.T
     return {
         "mse": F.mse_loss(projected, target),
         "kld": F.kl_div(
@@ -178,8 +180,9 @@ def alignment_losses(
 class AlignmentCollator:
     """Alignment-cache rows → encoder batch (with CLS/SEP) and flat aligned-pair indices."""
 
-    def __init__(self, tok: RefragTokenizer, max_encoder_tokens: int = 510):
-        self.tok, self.max_len = tok, max_encoder_tokens
+    def __init__(self, tok: RefragTokenizer, max_pairs: int | None = None, max_encoder_tokens: int = 510, seed: int = 0):
+        self.tok, self.max_pairs, self.max_len = tok, max_pairs, max_encoder_tokens
+        self.rng = torch.Generator().manual_seed(seed)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         enc_tok = self.tok.encoder_tokenizer
@@ -194,6 +197,9 @@ class AlignmentCollator:
                     batch.append(b)
                     pos.append(e + offset)
                     dec.append(row["decoder_ids"][d])
+        if self.max_pairs is not None and len(batch) > self.max_pairs:  # an even random subset
+            keep = torch.randperm(len(batch), generator=self.rng)[: self.max_pairs].sort().values.tolist()
+            batch, pos, dec = ([xs[i] for i in keep] for xs in (batch, pos, dec))
         width = max(len(s) for s in seqs)
         pad = self.tok.encoder_pad_token_id
         return {
@@ -263,7 +269,7 @@ def train_stage(
     if stage == "align":
         rows = pd.read_parquet(data).to_dict("records")
         dataset = ExampleDataset([rows[i % len(rows)] for i in range(total)])
-        collator = AlignmentCollator(tok)
+        collator = AlignmentCollator(tok, max_pairs=hp.max_pairs, seed=hp.seed)
     else:
         windows = read_shards(data)
         if stage == "reconstruct":

@@ -127,6 +127,19 @@ def test_stage_writes_a_loadable_model_folder_with_its_log(tiny_dirs, shards, tm
     assert not out.with_name("reconstruct.work").exists()
 
 
+def test_align_stage_trains_only_the_projector(tiny_dirs, shards, decoder_tokenizer, encoder_tokenizer, tmp_path):
+    cache = tmp_path / "pairs.parquet"
+    build_alignment_cache(read_shards(shards), decoder_tokenizer, encoder_tokenizer, cache)
+    out = tmp_path / "align"
+    hp = {"steps": 2, "batch_size": 2, "lr": 1e-2, "max_pairs": 16, "train_encoder": False, "logging_steps": 1}
+    train_stage("align", init=tiny_dirs, data=cache, out=out, compression=4, hp=hp)
+    model = RefragModel.from_pretrained(out)
+    encoder = AutoModel.from_pretrained(tiny_dirs[0]).state_dict()
+    assert all(torch.equal(encoder[k], v) for k, v in model.encoder.state_dict().items())
+    log = json.loads((out / "training_log.json").read_text())["log_history"]
+    assert any("align_mse" in e and "align_kld" in e and "align_argmax" in e for e in log)
+
+
 def test_frozen_decoder_is_unchanged_by_training(tiny_dirs, shards, tmp_path):
     out = tmp_path / "cpt"
     train_stage(
@@ -205,3 +218,25 @@ def test_perplexity_table_computes_context_benefit_retained():
     assert table.loc["full_context", "context_benefit_retained"] == pytest.approx(1.0)
     assert context_benefit_retained(1.062, 1.254, 1.069) == pytest.approx(1.038, abs=1e-3)
     assert IGNORE_INDEX == -100
+
+
+def test_target_nll_matches_a_direct_computation(shards, tiny_model, refrag_tokenizer):
+    import torch.nn.functional as F
+
+    windows = read_shards(shards).to_dict("records")[:2]
+    total, count = target_nll(tiny_model.decoder, refrag_tokenizer, windows, "full_context", batch_size=2)
+    expected = 0.0
+    for row in windows:
+        ids = torch.tensor([[refrag_tokenizer.bos_token_id, *row["context_ids"], *row["target_ids"]]])
+        logits = tiny_model.decoder(input_ids=ids).logits[0, :-1]
+        n = len(row["target_ids"])
+        expected += F.cross_entropy(logits[-n:], ids[0, -n:], reduction="sum").item()
+    assert count == 16 and total == pytest.approx(expected, rel=1e-4)
+
+
+def test_alignment_collator_caps_the_pairs_per_batch(shards, refrag_tokenizer, decoder_tokenizer, encoder_tokenizer, tmp_path):
+    build_alignment_cache(read_shards(shards), decoder_tokenizer, encoder_tokenizer, tmp_path / "a.parquet")
+    rows = pd.read_parquet(tmp_path / "a.parquet").to_dict("records")[:3]
+    batch = AlignmentCollator(refrag_tokenizer, max_pairs=10)(rows)
+    assert len(batch["pair_batch"]) == len(batch["pair_decoder_ids"]) == 10
+    assert batch["pair_batch"].tolist() == sorted(batch["pair_batch"].tolist())

@@ -75,7 +75,8 @@ class RefragModel(PreTrainedModel):
         """Assemble a model from two pretrained folders; the projector starts random."""
         encoder = AutoModel.from_pretrained(encoder_path, dtype=dtype)
         decoder = AutoModelForCausalLM.from_pretrained(decoder_path, dtype=dtype)
-        config = RefragConfig(encoder=encoder.config, decoder=decoder.config, **config_kwargs)
+        # copies: building the composite config resets its sub-configs' attention implementation
+        config = RefragConfig(encoder=encoder.config.to_dict(), decoder=decoder.config.to_dict(), **config_kwargs)
         return cls(config, encoder=encoder, decoder=decoder).eval()
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -109,3 +109,19 @@ def eval_outputs():
 
 def checkpoints(stage):
     return [f"results/checkpoints/{d}/{e}/k{k}/{stage}" for d, e, k in run_keys()]
+
+
+def gpu_resources(gpus, vcpu_per_gpu=8, mem_mb_per_gpu=61440, timeout_s=86400):
+    """`resources:` of a rule on `gpus` GPUs (an int or a function of the wildcards): `gpu`
+    for local/docker runs, the aws_batch_* request for AWS Batch (ignored elsewhere)."""
+    count = gpus if callable(gpus) else (lambda wildcards: gpus)
+    return {
+        "gpu": count,
+        "aws_batch_gpu": count,
+        "aws_batch_vcpu": lambda wildcards: max(2, vcpu_per_gpu * count(wildcards)),
+        "aws_batch_mem_mb": lambda wildcards: max(8192, mem_mb_per_gpu * count(wildcards)),
+        "aws_batch_task_timeout": timeout_s,
+        "aws_batch_job_definition": lambda wildcards: (
+            "refrag-gpu" if count(wildcards) else "refrag-cpu"
+        ),
+    }

@@ -15,7 +15,7 @@ rule train_align:
     benchmark:
         "results/benchmarks/train_align/{decoder}/{encoder}/k{k}.tsv"
     resources:
-        gpu=run_gpus,
+        **gpu_resources(run_gpus),
     params:
         hp=lambda wc: json.dumps(stage_hp(wc, "align")),
         launch=launcher,
@@ -39,7 +39,7 @@ rule train_reconstruct:
     benchmark:
         "results/benchmarks/train_reconstruct/{decoder}/{encoder}/k{k}.tsv"
     resources:
-        gpu=run_gpus,
+        **gpu_resources(run_gpus),
     params:
         stage="reconstruct",
         hp=lambda wc: json.dumps(stage_hp(wc, "reconstruct")),

@@ -1,10 +1,11 @@
 import json
+from pathlib import Path
 
 from refrag.evaluation import perplexity_table
 from refrag.utils import log_to
 
 with log_to(snakemake.log[0]):
-    rows = [row for path in snakemake.input for row in json.loads(open(path).read())]
+    rows = [row for path in snakemake.input for row in json.loads(Path(path).read_text())]
     table = perplexity_table(rows, final_stage=snakemake.params.final_stage)
     table.to_csv(snakemake.output[0], index=False)
     print(table.to_string(index=False))

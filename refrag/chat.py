@@ -1,0 +1,260 @@
+"""``refrag chat``: talk to a REFRAG checkpoint with ``<doc>``-tagged context.
+
+Each turn renders the whole conversation (the decoder's chat template when it has one),
+tokenizes it with the document-tag tokenizer, and generates with a KV cache while streaming
+the text. Two caches make later turns cheap: chunk embeddings of documents already seen come
+from a :class:`~refrag.chunk_cache.ChunkEmbeddingCache`, and the decoder's KV cache of the
+previous turn is kept for the longest prefix the new prompt shares with it, so a turn only
+pays for its new positions. TTFT is printed after every turn.
+
+Interactive commands: ``/doc PATH`` (attach a file to the next message), ``/reset``,
+``/help``, ``/quit`` (or Ctrl-D). Non-interactive: ``--prompt TEXT`` (repeatable) or lines on
+a non-terminal stdin, one turn each; ``--json`` prints one JSON object per turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from transformers import DynamicCache
+
+from refrag.chunk_cache import ChunkEmbeddingCache, row_hashes
+from refrag.inference import load_refrag, model_inputs, stream_generate
+from refrag.modeling import RefragModel
+from refrag.tokenization import DocMarkupError, RefragTokenizer
+from refrag.utils import pick_device, quiet_transformers
+
+
+def doc_markup(path: str | Path) -> str:
+    """A file as a ``<doc>`` whose id is the file name."""
+    path = Path(path)
+    doc_id = path.name.replace("'", "_")
+    return f"<doc id='{doc_id}'>{path.read_text()}</doc>"
+
+
+@dataclass
+class TurnStats:
+    """What one turn cost."""
+
+    ttft_ms: float
+    new_tokens: int
+    seconds: float
+    decode_tokens_per_s: float
+    positions: int  # decoder positions of the prompt
+    reused_positions: int  # of those, read from the previous turn's KV cache
+    chunks: int  # chunk embeddings in the prompt
+
+    def line(self) -> str:
+        return (
+            f"[TTFT {self.ttft_ms:.1f} ms | {self.new_tokens} tokens in {self.seconds:.2f} s, "
+            f"{self.decode_tokens_per_s:.1f} tok/s after the first | prompt {self.positions} "
+            f"positions ({self.chunks} chunk embeddings, {self.reused_positions} reused from the KV cache)]"
+        )
+
+
+class ChatSession:
+    """Multi-turn chat over a :class:`RefragModel` with streamed, KV-cached generation."""
+
+    def __init__(
+        self,
+        model: RefragModel,
+        tokenizer: RefragTokenizer,
+        *,
+        system: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        chunk_cache: ChunkEmbeddingCache | None = None,
+    ):
+        self.model, self.tok = model, tokenizer
+        self.template = getattr(tokenizer.decoder_tokenizer, "chat_template", None)
+        if self.template:
+            tokenizer.add_bos = False  # the chat template opens the sequence itself
+        self.system = system
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.chunk_cache = chunk_cache if chunk_cache is not None else ChunkEmbeddingCache()
+        model.use_chunk_cache(self.chunk_cache)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the chunk cache stays)."""
+        self.messages: list[dict[str, str]] = (
+            [] if not self.system else [{"role": "system", "content": self.system}]
+        )
+        self._kv: DynamicCache | None = None
+        self._kv_keys: list = []
+
+    def warm_up(self) -> None:
+        """One short generation so that the first turn's TTFT is not a cold start."""
+        batch = model_inputs(self.tok("<doc id='warm-up'>warm up</doc> Hi"), self.model.device)
+        self.model.generate(
+            **batch, max_new_tokens=2, do_sample=False, pad_token_id=self.tok.decoder_pad_token_id
+        )
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The conversation as one text, ready for the assistant's next message."""
+        if self.template:
+            return self.tok.decoder_tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+        return "\n".join([*lines, "Assistant:"])
+
+    def turn(self, user_text: str, stream: TextIO | None = None) -> tuple[str, TurnStats]:
+        """Answer ``user_text`` (may hold ``<doc>`` tags), writing text to ``stream`` as it comes.
+
+        Raises :class:`~refrag.tokenization.DocMarkupError` (history unchanged) for bad markup.
+        """
+        messages = [*self.messages, {"role": "user", "content": user_text}]
+        batch = self.tok(self.render(messages))
+        keys = self._position_keys(batch)
+        reuse = self._reusable_prefix(keys)
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.temperature > 0}
+        if self.temperature > 0:
+            kwargs["temperature"] = self.temperature
+        if reuse:
+            extra = self._kv.get_seq_length() - reuse
+            if extra > 0:
+                self._kv.crop(-extra)  # keep the first `reuse` positions
+            kwargs["cache"] = self._kv
+        else:
+            self._kv = kwargs["cache"] = DynamicCache(config=self.model.config.decoder)
+        started = time.perf_counter()
+        run = stream_generate(self.model, self.tok, batch, **kwargs)
+        pieces = []
+        for piece in run.pieces:
+            pieces.append(piece)
+            if stream is not None:
+                stream.write(piece)
+                stream.flush()
+        seconds = time.perf_counter() - started
+        answer = "".join(pieces).strip()
+        self._kv_keys = (keys + run.token_ids)[: self._kv.get_seq_length()]
+        self.messages = [*messages, {"role": "assistant", "content": answer}]
+        stats = TurnStats(
+            ttft_ms=run.ttft_s * 1000,
+            new_tokens=len(run.token_ids),
+            seconds=seconds,
+            decode_tokens_per_s=run.decode_tokens_per_s,
+            positions=len(keys),
+            reused_positions=reuse,
+            chunks=int(batch["chunk_mask"].sum()),
+        )
+        return answer, stats
+
+    def _position_keys(self, batch) -> list:
+        """One hashable per decoder position: the token id, or the chunk row's hash."""
+        ids = batch["input_ids"][0].tolist()
+        hashes = row_hashes(
+            batch["chunk_input_ids"].numpy(), batch["chunk_attention_mask"].numpy()
+        ).tolist()
+        chunk_positions = batch["chunk_mask"][0].nonzero().squeeze(1).tolist()
+        for pos, h in zip(chunk_positions, hashes):
+            ids[pos] = ("chunk", *h)
+        return ids
+
+    def _reusable_prefix(self, keys: list) -> int:
+        if self._kv is None:
+            return 0
+        n = 0
+        for a, b in zip(self._kv_keys, keys):
+            if a != b:
+                break
+            n += 1
+        return min(n, len(keys) - 1)  # at least one position must be read to get logits
+
+
+HELP = "commands: /doc PATH (attach a file to your next message), /reset, /help, /quit"
+
+
+def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """Entry point of ``refrag chat``."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    quiet_transformers()
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    model, tok = load_refrag(
+        args.checkpoint,
+        decoder=args.decoder,
+        encoder=args.encoder,
+        compression=args.k,
+        device=device,
+        cache_dir=getattr(args, "cache_dir", "resources/models"),
+    )
+    session = ChatSession(
+        model,
+        tok,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        chunk_cache=ChunkEmbeddingCache(disk_dir=args.chunk_cache_dir),
+    )
+    session.warm_up()
+    pending_docs = [doc_markup(p) for p in args.doc]
+    interactive = not args.prompt and stdin.isatty() and not args.json
+    turns = iter(args.prompt) if args.prompt else None
+    if interactive:
+        where = args.checkpoint or f"{args.decoder} + {args.encoder} (untrained projector)"
+        print(
+            f"refrag chat: {where} on {device}, k={tok.compression}. {HELP}",
+            file=stdout,
+            flush=True,
+        )
+    status = 0
+    while True:
+        if turns is not None:
+            line = next(turns, None)
+        else:
+            if interactive:
+                stdout.write("you> ")
+                stdout.flush()
+            line = stdin.readline()
+            line = None if line == "" else line.rstrip("\n")
+        if line is None:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, rest = line.partition(" ")
+            if cmd in ("/quit", "/exit"):
+                break
+            if cmd == "/reset":
+                session.reset()
+                print("(conversation cleared)", file=stdout, flush=True)
+            elif cmd == "/doc" and rest.strip():
+                try:
+                    pending_docs.append(doc_markup(rest.strip()))
+                    print(f"(attached {rest.strip()})", file=stdout, flush=True)
+                except OSError as exc:
+                    print(f"error: {exc}", file=stdout, flush=True)
+            else:
+                print(HELP, file=stdout, flush=True)
+            continue
+        text = "\n".join([*pending_docs, line])
+        if interactive:
+            stdout.write("refrag> ")
+        try:
+            answer, stats = session.turn(text, stream=None if args.json else stdout)
+        except DocMarkupError as exc:
+            print(f"error: {exc}", file=stdout if interactive else sys.stderr, flush=True)
+            status = 1
+            continue
+        pending_docs = []
+        if args.json:
+            print(
+                json.dumps({"prompt": line, "answer": answer, **vars(stats)}),
+                file=stdout,
+                flush=True,
+            )
+        else:
+            stdout.write("\n")
+            print(stats.line(), file=stdout if interactive else sys.stderr, flush=True)
+    return status

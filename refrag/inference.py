@@ -1,0 +1,335 @@
+"""Fast REFRAG inference: loading, prefill, KV-cached decoding, streaming and CUDA graphs.
+
+Time-to-first-token is one encoder pass over the chunks that are not cached yet (see
+:mod:`refrag.chunk_cache`), one scatter into the decoder's input embeddings and one decoder
+prefill over ``s/k`` chunk positions plus the prompt tokens; every later token is one
+ordinary decoder step against the KV cache (:class:`transformers.DynamicCache`)::
+
+    model, tok = load_refrag(device="cuda")          # bf16 + SDPA on a GPU
+    model.use_chunk_cache(ChunkEmbeddingCache())
+    batch = tok("<doc id='1'>…</doc> Question: …? Answer:")
+    ids = greedy_generate(model, batch, max_new_tokens=32)          # prefill + decode steps
+    for piece in stream_generate(model, tok, batch).pieces: print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Thread
+from typing import Any
+
+import torch
+from transformers import DynamicCache, TextIteratorStreamer
+
+from refrag.chunk_cache import ChunkEmbeddingCache
+from refrag.modeling import RefragModel
+from refrag.models import DEFAULT_CACHE_DIR, DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
+from refrag.tokenization import RefragTokenizer
+
+MODEL_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "chunk_mask",
+    "chunk_input_ids",
+    "chunk_attention_mask",
+)
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on a GPU, fp32 on a CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_refrag(
+    checkpoint: str | Path | None = None,
+    *,
+    decoder: str = DEFAULT_DECODER,
+    encoder: str = DEFAULT_ENCODER,
+    compression: int = 16,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+) -> tuple[RefragModel, RefragTokenizer]:
+    """A model and its tokenizer in eval mode on ``device``.
+
+    ``checkpoint`` is a folder written by ``RefragModel.save_pretrained`` (with the
+    ``RefragTokenizer`` saved next to it, or tokenizers taken from ``encoder``/``decoder``);
+    without one the model is assembled from the ``encoder`` and ``decoder`` specs with a
+    random projector (fine for timing, not for answers).
+    """
+    dtype = dtype or default_dtype(device)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        model = RefragModel.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation
+        )
+        if (path / "refrag_tokenizer.json").is_file():
+            tok = RefragTokenizer.from_pretrained(path)
+        else:
+            tok = _tokenizer_from_specs(encoder, decoder, model.config.compression, cache_dir)
+    else:
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        from refrag.modeling import RefragConfig
+
+        enc_dir, dec_dir = resolve_model(encoder, cache_dir), resolve_model(decoder, cache_dir)
+        enc = AutoModel.from_pretrained(
+            enc_dir, dtype=dtype, attn_implementation=attn_implementation
+        )
+        dec = AutoModelForCausalLM.from_pretrained(
+            dec_dir, dtype=dtype, attn_implementation=attn_implementation
+        )
+        config = RefragConfig(encoder=enc.config, decoder=dec.config, compression=compression)
+        model = RefragModel(config, encoder=enc, decoder=dec).to(dtype)
+        tok = _tokenizer_from_specs(encoder, decoder, compression, cache_dir)
+    return model.to(device).eval(), tok
+
+
+def _tokenizer_from_specs(
+    encoder: str, decoder: str, k: int, cache_dir: str | Path
+) -> RefragTokenizer:
+    from transformers import AutoTokenizer
+
+    return RefragTokenizer(
+        AutoTokenizer.from_pretrained(resolve_model(encoder, cache_dir)),
+        AutoTokenizer.from_pretrained(resolve_model(decoder, cache_dir)),
+        compression=k,
+    )
+
+
+def model_inputs(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The model's tensors from a tokenizer batch (no labels), moved to ``device``."""
+    return {
+        k: batch[k].to(device, non_blocking=True) for k in MODEL_KEYS if batch.get(k) is not None
+    }
+
+
+@dataclass
+class Prefill:
+    """The result of reading the prompt: the first new token, its logits and the KV cache."""
+
+    next_token: torch.Tensor  # (B,)
+    logits: torch.Tensor  # (B, vocab), last position
+    cache: DynamicCache
+
+
+@torch.inference_mode()
+def prefill(
+    model: RefragModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    chunk_mask: torch.Tensor | None = None,
+    chunk_input_ids: torch.Tensor | None = None,
+    chunk_attention_mask: torch.Tensor | None = None,
+    chunk_embeds: torch.Tensor | None = None,
+) -> Prefill:
+    """One pass over the mixed prompt (chunk embeddings from ``chunk_embeds``, the model's
+    chunk cache, or the encoder); returns the greedy first token and a filled KV cache."""
+    embeds = model.embed_inputs(
+        input_ids, chunk_mask, chunk_input_ids, chunk_attention_mask, chunk_embeds
+    )
+    cache = DynamicCache(config=model.config.decoder)
+    out = model.decoder(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits = out.logits[:, -1]
+    return Prefill(logits.argmax(-1), logits, cache)
+
+
+@torch.inference_mode()
+def decode_step(model: RefragModel, token: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """Feed one token per row through the decoder against ``cache``; logits ``(B, vocab)``."""
+    out = model.decoder(input_ids=token.view(-1, 1), cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model: RefragModel,
+    batch: Mapping[str, Any],
+    max_new_tokens: int = 32,
+    eos_token_id: int | None = None,
+) -> torch.Tensor:
+    """Greedy decoding with a KV cache for unpadded batches: one :func:`prefill`, then one
+    :func:`decode_step` per token. Returns the new tokens ``(B, n)``; stops early when every
+    row has produced ``eos_token_id``."""
+    device = next(model.parameters()).device
+    inputs = model_inputs(batch, device)
+    if "attention_mask" in inputs and not bool(inputs["attention_mask"].all()):
+        raise ValueError(
+            "greedy_generate needs unpadded rows; use RefragModel.generate for padded batches"
+        )
+    inputs.pop("attention_mask", None)
+    state = prefill(model, **inputs)
+    tokens = [state.next_token]
+    done = state.next_token == eos_token_id if eos_token_id is not None else None
+    while len(tokens) < max_new_tokens and not (done is not None and bool(done.all())):
+        token = decode_step(model, tokens[-1], state.cache).argmax(-1)
+        if done is not None:
+            token = token.masked_fill(done, eos_token_id)
+            done = done | (token == eos_token_id)
+        tokens.append(token)
+    return torch.stack(tokens, dim=1)
+
+
+class TimedTextStreamer(TextIteratorStreamer):
+    """A :class:`TextIteratorStreamer` that also records when the first new token arrived and
+    keeps the new token ids."""
+
+    def __init__(self, tokenizer: Any, **kwargs: Any):
+        super().__init__(tokenizer, skip_prompt=True, **kwargs)
+        self.started_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.token_ids: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if not (self.skip_prompt and self.next_tokens_are_prompt):
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            self.token_ids.extend(value.reshape(-1).tolist())
+        super().put(value)
+
+    def end(self) -> None:
+        self.finished_at = time.perf_counter()
+        super().end()
+
+
+@dataclass
+class StreamedGeneration:
+    """Iterate ``pieces`` for text as it is generated; timings are set once it is exhausted."""
+
+    streamer: TimedTextStreamer
+    thread: Thread
+    error: list[BaseException] = field(default_factory=list)
+
+    @property
+    def pieces(self) -> Iterator[str]:
+        yield from self.streamer
+        self.thread.join()
+        if self.error:
+            raise self.error[0]
+
+    @property
+    def ttft_s(self) -> float:
+        """Seconds from the call to the first new token."""
+        s = self.streamer
+        return (s.first_token_at or s.finished_at or s.started_at) - s.started_at
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.streamer.token_ids
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second after the first one (the TTIT regime)."""
+        s = self.streamer
+        if s.first_token_at is None or s.finished_at is None or len(s.token_ids) < 2:
+            return float("nan")
+        return (len(s.token_ids) - 1) / max(s.finished_at - s.first_token_at, 1e-9)
+
+
+def stream_generate(
+    model: RefragModel, tok: RefragTokenizer, batch: Mapping[str, Any], **generate_kwargs: Any
+) -> StreamedGeneration:
+    """Start ``model.generate`` (HF generate with a KV cache) in a thread; stream its text."""
+    device = next(model.parameters()).device
+    streamer = TimedTextStreamer(tok.decoder_tokenizer, skip_special_tokens=True)
+    inputs = model_inputs(batch, device)
+    generate_kwargs.setdefault("pad_token_id", tok.decoder_pad_token_id)
+    result = StreamedGeneration(streamer, Thread())
+
+    def work() -> None:
+        try:
+            model.generate(**inputs, streamer=streamer, **generate_kwargs)
+        except BaseException as exc:  # surfaced to the reader by `pieces`
+            result.error.append(exc)
+            streamer.end()
+
+    result.thread = Thread(target=work, daemon=True)
+    result.thread.start()
+    return result
+
+
+class CudaGraphPrefill:
+    """The decoder prefill for one fixed input length, captured once as a CUDA graph.
+
+    ``graph(embeds)`` copies ``(1, T, d)`` embeddings into the static input, replays and
+    returns the greedy next token (a static tensor: read it before the next replay); the KV
+    cache is ``graph.cache`` (a :class:`transformers.StaticCache` of length ``T``).
+    """
+
+    def __init__(self, decoder: torch.nn.Module, length: int, warmup: int = 2):
+        from transformers import StaticCache
+
+        device = next(decoder.parameters()).device
+        dtype = decoder.get_input_embeddings().weight.dtype
+        self.embeds = torch.zeros(1, length, decoder.config.hidden_size, device=device, dtype=dtype)
+        self.position_ids = torch.arange(length, device=device).unsqueeze(0)
+        self.cache = StaticCache(config=decoder.config, max_cache_len=length)
+
+        def step() -> torch.Tensor:
+            for layer in self.cache.layers:  # rewrite the cache from position 0 on every replay
+                if getattr(layer, "is_initialized", False):
+                    layer.cumulative_length.zero_()
+            out = decoder(
+                inputs_embeds=self.embeds,
+                position_ids=self.position_ids,
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            return out.logits[:, -1].argmax(-1)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self.next_token = step()
+
+    def __call__(self, embeds: torch.Tensor) -> torch.Tensor:
+        self.embeds.copy_(embeds)
+        self.graph.replay()
+        return self.next_token
+
+
+def try_cuda_graph(decoder: torch.nn.Module, length: int) -> CudaGraphPrefill | None:
+    """A :class:`CudaGraphPrefill`, or ``None`` (with a warning) where capture fails."""
+    try:
+        return CudaGraphPrefill(decoder, length)
+    except Exception as exc:  # capture is best effort: the eager path stays correct
+        warnings.warn(
+            f"CUDA-graph capture of a {length}-position prefill failed ({exc}); running eager",
+            stacklevel=2,
+        )
+        return None
+
+
+__all__ = [
+    "ChunkEmbeddingCache",
+    "CudaGraphPrefill",
+    "Prefill",
+    "StreamedGeneration",
+    "TimedTextStreamer",
+    "decode_step",
+    "default_dtype",
+    "greedy_generate",
+    "load_refrag",
+    "model_inputs",
+    "prefill",
+    "stream_generate",
+    "try_cuda_graph",
+]

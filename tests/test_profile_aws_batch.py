@@ -1,0 +1,375 @@
+"""profiles/aws-batch end to end, offline: a moto server on 127.0.0.1 serves Batch, S3 and IAM.
+
+deploy/aws/setup_batch.py creates the bucket safeguards, job role, job definitions and queue;
+`snakemake --profile aws-batch` then runs with the real executor plugin, which submits real
+jobs against those definitions. A patch of the plugin's Batch client runs each submitted
+job's command locally (in a fresh copy of the workflow, standing in for the image, with only
+the environment the job definition and the submission carry, plus credentials standing in for
+the job role), so the outputs really land in (moto) S3, and reports a failed local run as a
+FAILED job. Nothing leaves 127.0.0.1: AWS_ENDPOINT_URL points every client at moto.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode: no test dir on the path
+from conftest_profiles import GPU_RESOURCES, VENV, copy_worktree  # noqa: E402
+
+REGION = "eu-west-1"
+BUCKET = "refrag-test-bucket"
+PREFIX = "refrag-workflow"
+IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/refrag-workflow:test"
+SECRET = "test-secret-key-must-not-travel"
+
+DRIVER = '''
+"""snakemake, with the AWS Batch client patched to run each submitted job here."""
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+
+from snakemake_executor_plugin_aws_basic_batch.batch_client import BatchClient
+
+IMAGE = Path(os.environ["REFRAG_TEST_IMAGE_DIR"])
+RUNS = Path(os.environ["REFRAG_TEST_RUNS"])
+JOB_BASE_ENV = json.loads(os.environ["REFRAG_TEST_JOB_BASE_ENV"])
+failed = {}
+submit, describe = BatchClient.submit_job, BatchClient.describe_jobs
+
+
+def run_locally(self, **kwargs):
+    n = len(list(RUNS.glob("job-*.json")))
+    defs = self.client.describe_job_definitions(
+        jobDefinitionName=kwargs["jobDefinition"], status="ACTIVE")["jobDefinitions"]
+    definition = max(defs, key=lambda d: d["revision"])
+    overrides = kwargs["containerOverrides"]
+    env = {e["name"]: e["value"] for e in definition["containerProperties"]["environment"]}
+    env |= {e["name"]: e["value"] for e in overrides.get("environment", [])}
+    workdir = RUNS / f"job-{n}"
+    shutil.copytree(IMAGE, workdir, symlinks=True)
+    proc = subprocess.run(overrides["command"], cwd=workdir, env=JOB_BASE_ENV | env,
+                          capture_output=True, text=True)
+    (RUNS / f"job-{n}.log").write_text(proc.stdout + proc.stderr)
+    out = submit(self, **kwargs)
+    if proc.returncode:
+        failed[out["jobId"]] = proc.returncode
+    record = {"submit": kwargs, "definition": definition, "returncode": proc.returncode}
+    (RUNS / f"job-{n}.json").write_text(json.dumps(record, default=str))
+    return out
+
+
+def describe_with_local_result(self, **kwargs):
+    out = describe(self, **kwargs)
+    for job in out["jobs"]:
+        if job["jobId"] in failed:
+            job["status"] = "FAILED"
+            job["statusReason"] = "local run failed"
+            job.setdefault("container", {})["exitCode"] = failed[job["jobId"]]
+    return out
+
+
+BatchClient.submit_job, BatchClient.describe_jobs = run_locally, describe_with_local_result
+from snakemake.cli import main
+
+sys.exit(main(sys.argv[1:]))
+'''
+
+PROBE = f"""include: "Snakefile"
+
+{GPU_RESOURCES}
+
+rule gpu_probe:
+    output:
+        "results/probe/gpu.txt",
+    resources:
+        **gpu_resources(8),
+    shell:
+        "echo probed > {{output}}"
+
+
+rule fail_probe:
+    output:
+        "results/probe/fail.txt",
+    shell:
+        "exit 3"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    """A moto server on loopback (Batch without Docker: jobs succeed at submission)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path_factory.mktemp("moto") / "moto.log", "w") as log:
+        server = subprocess.Popen(
+            [str(VENV / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            for _ in range(100):
+                try:
+                    urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                pytest.fail("moto_server did not start")
+            config = json.dumps({"batch": {"use_docker": False}}).encode()
+            request = urllib.request.Request(f"{url}/moto-api/config", data=config, method="POST")
+            urllib.request.urlopen(request, timeout=5)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def aws_env(moto):
+    """Credentials and endpoints of the test: every AWS client talks to moto only."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_ENDPOINT_URL": moto,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, aws_env):
+    """A work tree set up with deploy/aws/setup_batch.py against moto, plus its image copy."""
+    root = tmp_path_factory.mktemp("aws")
+    image = copy_worktree(root / "image")
+    (image / "aws_probe.smk").write_text(PROBE)
+    work = copy_worktree(root / "work")
+    (work / "aws_probe.smk").write_text(PROBE)
+    env = os.environ | aws_env
+    session = boto3.session.Session(
+        region_name=REGION, aws_access_key_id="testing", aws_secret_access_key=SECRET
+    )
+    iam, batch = (
+        session.client(s, endpoint_url=aws_env["AWS_ENDPOINT_URL"]) for s in ("iam", "batch")
+    )
+    service_role = iam.create_role(
+        RoleName="batch-service",
+        AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": []}),
+    )["Role"]["Arn"]
+    batch.create_compute_environment(
+        computeEnvironmentName="test-ce",
+        type="UNMANAGED",
+        state="ENABLED",
+        serviceRole=service_role,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "deploy/aws/setup_batch.py",
+            "--region",
+            REGION,
+            "--bucket",
+            BUCKET,
+            "--prefix",
+            PREFIX,
+            "--image",
+            IMAGE,
+            "--compute-environment",
+            "test-ce",
+        ],
+        cwd=work,
+        env=env,
+        check=True,
+    )
+    return {"work": work, "image": image, "root": root, "env": env}
+
+
+def run_snakemake(deployed, runs: Path, *args: str) -> subprocess.CompletedProcess:
+    runs.mkdir(exist_ok=True)
+    (deployed["root"] / "driver.py").write_text(DRIVER)
+    job_base_env = {  # the "instance": its PATH and network, the job role's credentials
+        "PATH": f"{VENV / 'bin'}:/usr/bin:/bin",
+        "HOME": str(runs),
+        **{k: v for k, v in deployed["env"].items() if k.startswith("AWS_")},
+    }
+    env = deployed["env"] | {
+        "REFRAG_TEST_IMAGE_DIR": str(deployed["image"]),
+        "REFRAG_TEST_RUNS": str(runs),
+        "REFRAG_TEST_JOB_BASE_ENV": json.dumps(job_base_env),
+    }
+    return subprocess.run(
+        [
+            sys.executable,
+            str(deployed["root"] / "driver.py"),
+            "--profile",
+            "aws-batch",
+            "--snakefile",
+            "aws_probe.smk",
+            *args,
+        ],
+        cwd=deployed["work"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def submitted(runs: Path) -> dict[str, dict]:
+    """The recorded submissions, by rule name."""
+    records = [json.loads(p.read_text()) for p in sorted(runs.glob("job-*.json"))]
+    return {r["submit"]["jobName"].split("-")[1]: r for r in records}
+
+
+def requirements(items: list[dict]) -> dict[str, str]:
+    return {r["type"]: r["value"] for r in items}
+
+
+@pytest.fixture(scope="module")
+def workflow_run(deployed):
+    runs = deployed["root"] / "runs"
+    proc = run_snakemake(deployed, runs, "hello_dist", "gpu_probe")
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted(runs.glob("job-*.log")))
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:] + logs
+    return submitted(runs)
+
+
+def s3(deployed):
+    return boto3.client(
+        "s3",
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key=SECRET,
+        endpoint_url=deployed["env"]["AWS_ENDPOINT_URL"],
+    )
+
+
+@pytest.mark.slow
+def test_setup_registers_gpu_and_cpu_job_definitions(deployed):
+    batch = boto3.client(
+        "batch",
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key=SECRET,
+        endpoint_url=deployed["env"]["AWS_ENDPOINT_URL"],
+    )
+    defs = {
+        d["jobDefinitionName"]: d
+        for d in batch.describe_job_definitions(status="ACTIVE")["jobDefinitions"]
+    }
+    gpu, cpu = defs["refrag-gpu"], defs["refrag-cpu"]
+    for d in (gpu, cpu):
+        props = d["containerProperties"]
+        assert props["image"] == IMAGE
+        assert props["jobRoleArn"].endswith("role/refrag-batch-job")
+        assert not props.get("privileged")
+        env = {e["name"]: e["value"] for e in props["environment"]}
+        assert not [k for k in env if any(w in k for w in ("SECRET", "TOKEN", "KEY", "PASS"))]
+        assert SECRET not in json.dumps(d)
+    props = gpu["containerProperties"]
+    assert requirements(props["resourceRequirements"])["GPU"] == "1"
+    assert props["linuxParameters"]["sharedMemorySize"] >= 65536
+    assert {"name": "memlock", "softLimit": -1, "hardLimit": -1} in props["ulimits"]
+    assert gpu["timeout"]["attemptDurationSeconds"] == 86400
+    deployment = yaml.safe_load(
+        (deployed["work"] / "profiles/aws-batch/deployment.yaml").read_text()
+    )
+    assert deployment["job_definitions"] == {"cpu": "refrag-cpu", "gpu": "refrag-gpu"}
+    assert deployment["job_queue"] == "refrag-queue"
+
+
+@pytest.mark.slow
+def test_bucket_has_safeguards(deployed):
+    client = s3(deployed)
+    assert client.get_bucket_versioning(Bucket=BUCKET)["Status"] == "Enabled"
+    policy = json.loads(client.get_bucket_policy(Bucket=BUCKET)["Policy"])
+    assert any(
+        s["Effect"] == "Deny" and s["Action"] == "s3:DeleteBucket" for s in policy["Statement"]
+    )
+    client.head_object(Bucket=BUCKET, Key=".refrag-bucket-sentinel")
+
+
+@pytest.mark.slow
+def test_gpu_rule_gets_gpus_cpus_memory_a_day_and_the_gpu_definition(workflow_run):
+    job = workflow_run["gpu_probe"]["submit"]
+    assert job["jobDefinition"] == "refrag-gpu"
+    assert job["jobQueue"] == "refrag-queue"
+    assert requirements(job["containerOverrides"]["resourceRequirements"]) == {
+        "VCPU": "64",
+        "MEMORY": str(8 * 61440),
+        "GPU": "8",
+    }
+    assert job["timeout"] == {"attemptDurationSeconds": 86400}
+    assert (
+        workflow_run["gpu_probe"]["definition"]["containerProperties"]["linuxParameters"][
+            "sharedMemorySize"
+        ]
+        >= 65536
+    )
+
+
+@pytest.mark.slow
+def test_cpu_rule_gets_profile_defaults_not_one_vcpu(workflow_run):
+    job = workflow_run["hello_dist"]["submit"]
+    assert job["jobDefinition"] == "refrag-cpu"
+    assert requirements(job["containerOverrides"]["resourceRequirements"]) == {
+        "VCPU": "2",
+        "MEMORY": "8192",
+    }
+    assert job["timeout"] == {"attemptDurationSeconds": 14400}
+
+
+@pytest.mark.slow
+def test_submitted_environment_carries_no_secrets(workflow_run):
+    for record in workflow_run.values():
+        env = {e["name"]: e["value"] for e in record["submit"]["containerOverrides"]["environment"]}
+        assert SECRET not in json.dumps(record)
+        assert not {k for k in env if "SECRET" in k or "ACCESS_KEY" in k or k.endswith("TOKEN")}
+        assert "AWS_ACCESS_KEY_ID" not in env
+
+
+@pytest.mark.slow
+def test_outputs_land_in_s3(workflow_run, deployed):
+    body = s3(deployed).get_object(Bucket=BUCKET, Key=f"{PREFIX}/results/hello_dist/world.json")
+    world = json.loads(body["Body"].read())
+    assert world["world_size"] == 2 and world["all_reduce_sum"] == world["expected_sum"]
+    probe = s3(deployed).get_object(Bucket=BUCKET, Key=f"{PREFIX}/results/probe/gpu.txt")
+    assert probe["Body"].read() == b"probed\n"
+    assert all(r["returncode"] == 0 for r in workflow_run.values())
+
+
+@pytest.mark.slow
+def test_a_failing_job_fails_the_run(deployed):
+    runs = deployed["root"] / "runs-fail"
+    proc = run_snakemake(deployed, runs, "fail_probe")
+    assert proc.returncode != 0
+    assert submitted(runs)["fail_probe"]["returncode"] != 0
+    assert "AWS Batch job failed" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_delete_all_output_keeps_the_bucket(workflow_run, deployed):
+    proc = run_snakemake(
+        deployed, deployed["root"] / "runs-delete", "--delete-all-output", "hello_dist", "gpu_probe"
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = s3(deployed)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+    assert f"{PREFIX}/results/hello_dist/world.json" not in keys
+    assert ".refrag-bucket-sentinel" in keys  # so the plugin left the bucket alone
+    client.head_bucket(Bucket=BUCKET)
