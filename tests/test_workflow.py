@@ -89,6 +89,14 @@ def test_default_dag_has_every_stage_once(workspace):
     }
 
 
+def test_workflow_is_lint_clean_and_snakefmt_formatted(workspace):
+    lint = snakemake(workspace, "--lint", "--nolock")
+    assert "Congratulations, your workflow is in a good condition" in lint.stdout + lint.stderr
+    fmt = subprocess.run([str(Path(sys.executable).parent / "snakefmt"), "--check", "Snakefile", "workflow/rules"],
+                         cwd=workspace, capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stderr
+
+
 def test_a_sweep_over_k_and_encoders_expands_into_jobs(workspace):
     runs = '[{"decoder": "smollm2-135m-instruct", "encoder": "all-minilm-l6-v2", "k": [8, 16, 32]}]'
     jobs = planned_jobs(workspace, "--forceall", "eval_report", "--config", f"runs={runs}")

@@ -34,10 +34,10 @@ SPLITS = ["train", "validation", "test"]
 CORPUS = config["corpus"]["name"]
 
 
-def corpus_raw_input(wildcards):
-    """An embedded corpus is fetched first; folders and hf: datasets are read in place."""
-    if config["corpus"]["source"].startswith("embedded:"):
-        return f"resources/corpus/{wildcards.corpus}/raw.xml.bz2"
+def fetched_corpus(wildcards):
+    """Embedded and hf: corpora are fetched first; a local folder is read in place."""
+    if config["corpus"]["source"].startswith(("embedded:", "hf:")):
+        return f"resources/corpus/{wildcards.corpus}/source"
     return []
 
 
@@ -112,14 +112,16 @@ def checkpoints(stage):
 
 
 def gpu_resources(gpus, vcpu_per_gpu=8, mem_mb_per_gpu=61440, timeout_s=86400):
-    """`resources:` of a rule on `gpus` GPUs (an int or a function of the wildcards): `gpu`
+    """`resources:` of a job on `gpus` GPUs (an int or a function of the wildcards): `gpu`
     for local/docker runs, the aws_batch_* request for AWS Batch (ignored elsewhere)."""
     count = gpus if callable(gpus) else (lambda wildcards: gpus)
     return {
         "gpu": count,
         "aws_batch_gpu": count,
         "aws_batch_vcpu": lambda wildcards: max(2, vcpu_per_gpu * count(wildcards)),
-        "aws_batch_mem_mb": lambda wildcards: max(8192, mem_mb_per_gpu * count(wildcards)),
+        "aws_batch_mem_mb": lambda wildcards: max(
+            8192, mem_mb_per_gpu * count(wildcards)
+        ),
         "aws_batch_task_timeout": timeout_s,
         "aws_batch_job_definition": lambda wildcards: (
             "refrag-gpu" if count(wildcards) else "refrag-cpu"

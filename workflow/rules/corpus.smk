@@ -1,9 +1,11 @@
 rule fetch_corpus:
-    """Raw file of an embedded corpus (folders and hf: datasets are read in place)."""
+    """The files of an embedded or hf: corpus (a local folder is read in place)."""
     output:
-        "resources/corpus/{corpus}/raw.xml.bz2",
+        directory("resources/corpus/{corpus}/source"),
     log:
         "logs/fetch_corpus/{corpus}.log",
+    conda:
+        "../envs/refrag.yaml"
     params:
         source=config["corpus"]["source"],
     script:
@@ -13,12 +15,14 @@ rule fetch_corpus:
 rule prepare_corpus:
     """Clean documents, split them by document into train/validation/test Parquet files."""
     input:
-        raw=corpus_raw_input,
+        fetched=fetched_corpus,
     output:
         splits=expand("results/corpus/{{corpus}}/{split}.parquet", split=SPLITS),
         manifest="results/corpus/{corpus}/manifest.json",
     log:
         "logs/prepare_corpus/{corpus}.log",
+    conda:
+        "../envs/refrag.yaml"
     params:
         source=config["corpus"]["source"],
         validation_fraction=config["corpus"]["validation_fraction"],

@@ -8,6 +8,9 @@ rule eval_baselines:
         "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/baselines.json",
     log:
         "logs/eval_baselines/{corpus}/{decoder}/{encoder}/{eval_set}.log",
+    conda:
+        "../envs/refrag.yaml"
+    threads: 2
     params:
         batch_size=config["eval"]["batch_size"],
     script:
@@ -23,6 +26,9 @@ rule eval_refrag:
         "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.json",
     log:
         "logs/eval_refrag/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.log",
+    conda:
+        "../envs/refrag.yaml"
+    threads: 2
     params:
         batch_size=config["eval"]["batch_size"],
     script:
@@ -37,6 +43,8 @@ rule perplexity_table:
         "results/eval/perplexity.csv",
     log:
         "logs/perplexity_table.log",
+    conda:
+        "../envs/refrag.yaml"
     params:
         final_stage=config["eval"]["stages"][-1],
     script:

@@ -4,6 +4,8 @@ rule rulegraph:
         "results/dag.svg",
     log:
         "logs/rulegraph.log",
+    conda:
+        "../envs/refrag.yaml"
     params:
         python=PYTHON,
     shell:
@@ -19,6 +21,9 @@ rule bench_ttft:
         "results/bench/ttft.json",
     log:
         "logs/bench_ttft.log",
+    conda:
+        "../envs/refrag.yaml"
+    threads: 2
     params:
         python=PYTHON,
         device=config["bench"]["device"],
@@ -26,7 +31,7 @@ rule bench_ttft:
         k=",".join(map(str, config["bench"]["k"])),
         repeats=config["bench"]["repeats"],
     shell:
-        "{params.python} benchmarks/ttft.py --device {params.device} --contexts {params.contexts} "
+        "OMP_NUM_THREADS={threads} {params.python} benchmarks/ttft.py --device {params.device} --contexts {params.contexts} "
         "--k {params.k} --repeats {params.repeats} --decoder {input.decoder} "
         "--encoder {input.encoder} --json {output} > {log} 2>&1"
 
@@ -45,6 +50,8 @@ rule eval_report:
         md="results/report.md",
     log:
         "logs/eval_report.log",
+    conda:
+        "../envs/refrag.yaml"
     script:
         "../scripts/eval_report.py"
 

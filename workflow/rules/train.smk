@@ -14,6 +14,9 @@ rule train_align:
         "logs/train_align/{decoder}/{encoder}/k{k}.log",
     benchmark:
         "results/benchmarks/train_align/{decoder}/{encoder}/k{k}.tsv"
+    conda:
+        "../envs/refrag.yaml"
+    threads: 2
     resources:
         **gpu_resources(run_gpus),
     params:
@@ -21,7 +24,7 @@ rule train_align:
         launch=launcher,
         ranks="logs/train_align/{decoder}/{encoder}/k{k}",
     shell:
-        "{params.launch} -m refrag.training --stage align --k {wildcards.k} "
+        "OMP_NUM_THREADS={threads} {params.launch} -m refrag.training --stage align --k {wildcards.k} "
         "--init {input.encoder} {input.decoder} --data {input.data} --out {output} "
         "--hp {params.hp:q} --rank-log-dir {params.ranks} > {log} 2>&1"
 
@@ -38,6 +41,9 @@ rule train_reconstruct:
         "logs/train_reconstruct/{decoder}/{encoder}/k{k}.log",
     benchmark:
         "results/benchmarks/train_reconstruct/{decoder}/{encoder}/k{k}.tsv"
+    conda:
+        "../envs/refrag.yaml"
+    threads: 2
     resources:
         **gpu_resources(run_gpus),
     params:
@@ -46,7 +52,7 @@ rule train_reconstruct:
         launch=launcher,
         ranks="logs/train_reconstruct/{decoder}/{encoder}/k{k}",
     shell:
-        "{params.launch} -m refrag.training --stage {params.stage} --k {wildcards.k} "
+        "OMP_NUM_THREADS={threads} {params.launch} -m refrag.training --stage {params.stage} --k {wildcards.k} "
         "--init {input.init} --data {input.data} --out {output} "
         "--hp {params.hp:q} --rank-log-dir {params.ranks} > {log} 2>&1"
 

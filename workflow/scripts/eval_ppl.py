@@ -1,7 +1,10 @@
+import torch
+
 from refrag.evaluation import evaluate_windows
 from refrag.utils import log_to
 
 with log_to(snakemake.log[0]):
+    torch.set_num_threads(snakemake.threads)
     wc = snakemake.wildcards
     evaluate_windows(
         shards=snakemake.input.shards,

@@ -5,7 +5,7 @@ from refrag.utils import log_to
 
 with log_to(snakemake.log[0]):
     manifest = prepare_corpus(
-        read_documents(snakemake.params.source, snakemake.input.raw or None),
+        read_documents(snakemake.params.source, snakemake.input.fetched or None),
         Path(snakemake.output.manifest).parent,
         validation_fraction=snakemake.params.validation_fraction,
         test_fraction=snakemake.params.test_fraction,
