@@ -53,7 +53,9 @@ class StageConfig:
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {"mse": 1.0, "kld": 1.0, "argmax": 1.0}
     )
-    max_pairs: int = 256  # aligned positions per alignment batch (each costs a vocabulary-wide softmax)
+    max_pairs: int = (
+        256  # aligned positions per alignment batch (each costs a vocabulary-wide softmax)
+    )
     save_steps: int = 50
     logging_steps: int = 5
     seed: int = 0
@@ -180,7 +182,13 @@ def alignment_losses(
 class AlignmentCollator:
     """Alignment-cache rows → encoder batch (with CLS/SEP) and flat aligned-pair indices."""
 
-    def __init__(self, tok: RefragTokenizer, max_pairs: int | None = None, max_encoder_tokens: int = 510, seed: int = 0):
+    def __init__(
+        self,
+        tok: RefragTokenizer,
+        max_pairs: int | None = None,
+        max_encoder_tokens: int = 510,
+        seed: int = 0,
+    ):
         self.tok, self.max_pairs, self.max_len = tok, max_pairs, max_encoder_tokens
         self.rng = torch.Generator().manual_seed(seed)
 
@@ -198,7 +206,11 @@ class AlignmentCollator:
                     pos.append(e + offset)
                     dec.append(row["decoder_ids"][d])
         if self.max_pairs is not None and len(batch) > self.max_pairs:  # an even random subset
-            keep = torch.randperm(len(batch), generator=self.rng)[: self.max_pairs].sort().values.tolist()
+            keep = (
+                torch.randperm(len(batch), generator=self.rng)[: self.max_pairs]
+                .sort()
+                .values.tolist()
+            )
             batch, pos, dec = ([xs[i] for i in keep] for xs in (batch, pos, dec))
         width = max(len(s) for s in seqs)
         pad = self.tok.encoder_pad_token_id
@@ -283,6 +295,7 @@ def train_stage(
         collator = tok.pad
 
     work_dir = out.with_name(out.name + ".work")
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     args = TrainingArguments(
         output_dir=str(work_dir),
         max_steps=hp.steps,
@@ -296,6 +309,9 @@ def train_stage(
         save_steps=hp.save_steps,
         save_total_limit=1,
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        use_cpu=cpu_ddp,  # under torchrun without GPUs: DDP over gloo
+        ddp_backend="gloo" if cpu_ddp else None,
+        ddp_find_unused_parameters=False,
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -346,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m refrag.training``: one stage, inline or under torchrun (one log per rank)."""
     import argparse
 
-    from refrag.distributed import init_distributed, rank_log_path
+    from refrag.distributed import rank_log_path
     from refrag.utils import log_to
 
     parser = argparse.ArgumentParser(prog="python -m refrag.training", description=main.__doc__)
@@ -367,10 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     init = tuple(args.init) if len(args.init) == 2 else args.init[0]
-    world = init_distributed()
-    per_rank = (
-        args.rank_log_dir and world.world_size > 1
-    )  # one process: output goes to the rule's log
+    # the Trainer joins torchrun's process group itself (NCCL on GPUs, gloo on CPU)
+    per_rank = args.rank_log_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1
     with log_to(rank_log_path(args.rank_log_dir) if per_rank else None):
         metrics = train_stage(
             args.stage,

@@ -176,7 +176,11 @@ def test_real_default_models_end_to_end(encoder_dir, decoder_dir):
         str(encoder_dir), str(decoder_dir), compression=16
     )
     assert not model.training
-    assert model.decoder.config._attn_implementation == model.encoder.config._attn_implementation == "sdpa"
+    assert (
+        model.decoder.config._attn_implementation
+        == model.encoder.config._attn_implementation
+        == "sdpa"
+    )
     text = "<doc id='1'>The Eiffel Tower is a wrought-iron lattice tower in Paris, France.</doc>\nThe Eiffel Tower is in"
     batch = tok(text)
     assert batch["chunk_mask"].sum() == batch["chunk_input_ids"].shape[0] >= 1

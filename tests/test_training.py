@@ -127,11 +127,20 @@ def test_stage_writes_a_loadable_model_folder_with_its_log(tiny_dirs, shards, tm
     assert not out.with_name("reconstruct.work").exists()
 
 
-def test_align_stage_trains_only_the_projector(tiny_dirs, shards, decoder_tokenizer, encoder_tokenizer, tmp_path):
+def test_align_stage_trains_only_the_projector(
+    tiny_dirs, shards, decoder_tokenizer, encoder_tokenizer, tmp_path
+):
     cache = tmp_path / "pairs.parquet"
     build_alignment_cache(read_shards(shards), decoder_tokenizer, encoder_tokenizer, cache)
     out = tmp_path / "align"
-    hp = {"steps": 2, "batch_size": 2, "lr": 1e-2, "max_pairs": 16, "train_encoder": False, "logging_steps": 1}
+    hp = {
+        "steps": 2,
+        "batch_size": 2,
+        "lr": 1e-2,
+        "max_pairs": 16,
+        "train_encoder": False,
+        "logging_steps": 1,
+    }
     train_stage("align", init=tiny_dirs, data=cache, out=out, compression=4, hp=hp)
     model = RefragModel.from_pretrained(out)
     encoder = AutoModel.from_pretrained(tiny_dirs[0]).state_dict()
@@ -224,19 +233,66 @@ def test_target_nll_matches_a_direct_computation(shards, tiny_model, refrag_toke
     import torch.nn.functional as F
 
     windows = read_shards(shards).to_dict("records")[:2]
-    total, count = target_nll(tiny_model.decoder, refrag_tokenizer, windows, "full_context", batch_size=2)
+    total, count = target_nll(
+        tiny_model.decoder, refrag_tokenizer, windows, "full_context", batch_size=2
+    )
     expected = 0.0
     for row in windows:
-        ids = torch.tensor([[refrag_tokenizer.bos_token_id, *row["context_ids"], *row["target_ids"]]])
+        ids = torch.tensor(
+            [[refrag_tokenizer.bos_token_id, *row["context_ids"], *row["target_ids"]]]
+        )
         logits = tiny_model.decoder(input_ids=ids).logits[0, :-1]
         n = len(row["target_ids"])
         expected += F.cross_entropy(logits[-n:], ids[0, -n:], reduction="sum").item()
     assert count == 16 and total == pytest.approx(expected, rel=1e-4)
 
 
-def test_alignment_collator_caps_the_pairs_per_batch(shards, refrag_tokenizer, decoder_tokenizer, encoder_tokenizer, tmp_path):
-    build_alignment_cache(read_shards(shards), decoder_tokenizer, encoder_tokenizer, tmp_path / "a.parquet")
+def test_alignment_collator_caps_the_pairs_per_batch(
+    shards, refrag_tokenizer, decoder_tokenizer, encoder_tokenizer, tmp_path
+):
+    build_alignment_cache(
+        read_shards(shards), decoder_tokenizer, encoder_tokenizer, tmp_path / "a.parquet"
+    )
     rows = pd.read_parquet(tmp_path / "a.parquet").to_dict("records")[:3]
     batch = AlignmentCollator(refrag_tokenizer, max_pairs=10)(rows)
     assert len(batch["pair_batch"]) == len(batch["pair_decoder_ids"]) == 10
     assert batch["pair_batch"].tolist() == sorted(batch["pair_batch"].tolist())
+
+
+@pytest.mark.slow
+def test_a_stage_trains_under_torchrun_with_two_processes(tiny_dirs, shards, tmp_path):
+    """The GPU rules' launch path, on CPU: torchrun, gloo, one log per rank, one output."""
+    import subprocess
+    import sys
+
+    out, ranks = tmp_path / "cpt", tmp_path / "ranks"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "refrag.training",
+        "--stage",
+        "cpt",
+        "--k",
+        "4",
+        "--init",
+        str(tiny_dirs[0]),
+        str(tiny_dirs[1]),
+        "--data",
+        str(shards),
+        "--out",
+        str(out),
+        "--hp",
+        json.dumps({"steps": 2, "batch_size": 2}),
+        "--rank-log-dir",
+        str(ranks),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert sorted(p.name for p in ranks.iterdir()) == ["run-0.log", "run-1.log"]
+    assert RefragModel.from_pretrained(out).config.compression == 4
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["metrics"]["train_samples_per_second"] > 0 and log["log_history"][-1]["step"] == 2

@@ -76,7 +76,9 @@ class RefragModel(PreTrainedModel):
         encoder = AutoModel.from_pretrained(encoder_path, dtype=dtype)
         decoder = AutoModelForCausalLM.from_pretrained(decoder_path, dtype=dtype)
         # copies: building the composite config resets its sub-configs' attention implementation
-        config = RefragConfig(encoder=encoder.config.to_dict(), decoder=decoder.config.to_dict(), **config_kwargs)
+        config = RefragConfig(
+            encoder=encoder.config.to_dict(), decoder=decoder.config.to_dict(), **config_kwargs
+        )
         return cls(config, encoder=encoder, decoder=decoder).eval()
 
     def _init_weights(self, module: nn.Module) -> None:
