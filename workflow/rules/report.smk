@@ -9,7 +9,7 @@ rule rulegraph:
     params:
         python=PYTHON,
     shell:
-        "({params.python} -m snakemake --rulegraph eval_report --nolock | dot -Tsvg > {output}) 2> {log}"
+        "({params.python} -m snakemake --rulegraph dot eval_report --nolock | dot -Tsvg > {output}) 2> {log}"
 
 
 rule bench_ttft:
