@@ -26,6 +26,20 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img,svg{max-
 """
 
 
+TTFT_COLUMNS = [
+    "context",
+    "k",
+    "baseline_ms",
+    "refrag_cached_ms",
+    "refrag_recomputed_ms",
+    "speedup_cached",
+    "speedup_recomputed",
+    "analytic_limit",
+    "baseline_ttit_ms",
+    "refrag_ttit_ms",
+]
+
+
 def plot_perplexity(table: pd.DataFrame, out: Path) -> Path:
     """log-ppl vs k for REFRAG (one line per stage), baselines as horizontal lines."""
     fig, axes = plt.subplots(
@@ -61,14 +75,12 @@ def plot_perplexity(table: pd.DataFrame, out: Path) -> Path:
     return out
 
 
-def plot_training(logs: dict[str, dict], out: Path) -> Path:
+def plot_training(logs: list[tuple[str, dict]], out: Path) -> Path:
     """Training loss per step, one panel per stage, one line per run."""
-    stages = sorted(
-        {log["stage"] for log in logs.values()}, key=["align", "reconstruct", "cpt"].index
-    )
+    stages = sorted({log["stage"] for _, log in logs}, key=["align", "reconstruct", "cpt"].index)
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
     for ax, stage in zip(axes[0], stages):
-        for run, log in logs.items():
+        for run, log in logs:
             if log["stage"] != stage:
                 continue
             points = [(e["step"], e["loss"]) for e in log["log_history"] if "loss" in e]
@@ -121,12 +133,12 @@ def write_report(
     fig_dir = md_out.with_suffix("")
     fig_dir.mkdir(parents=True, exist_ok=True)
     table = pd.read_csv(perplexity_csv)
-    logs = {}
+    table["k"] = table["k"].astype("Int64")
+    logs = []  # (run, log): a checkpoint folder is .../{decoder}/{encoder}/k{k}/{stage}
     for ckpt in checkpoints:
         path = Path(ckpt) / "training_log.json"
         if path.exists():
-            parts = Path(ckpt).parts
-            logs[" / ".join(parts[-4:-1])] = json.loads(path.read_text())
+            logs.append((" / ".join(Path(ckpt).parts[-4:-1]), json.loads(path.read_text())))
     figures = {"Log-perplexity vs compression": plot_perplexity(table, fig_dir / "perplexity.png")}
     if logs:
         figures["Training curves"] = plot_training(logs, fig_dir / "training.png")
@@ -136,8 +148,8 @@ def write_report(
     if ttft:
         figures["TTFT speedup"] = plot_ttft(ttft, fig_dir / "ttft.png")
 
-    shown = table.round(4)
-    ttft_table = pd.DataFrame(ttft).round(2) if ttft else None
+    shown = table.round(4).astype(object).where(table.notna(), "")
+    ttft_table = pd.DataFrame(ttft)[TTFT_COLUMNS].round(2) if ttft else None
     md = [
         "# REFRAG experiment report",
         "",
@@ -163,7 +175,7 @@ def write_report(
         shown.to_html(index=False, na_rep=""),
     ]
     if ttft_table is not None:
-        body += ["<h2>Time to first token</h2>", ttft_table.to_html(index=False)]
+        body += ["<h2>Time to first token</h2>", _scroll(ttft_table.to_html(index=False))]
     for title, fig in figures.items():
         data = base64.b64encode(fig.read_bytes()).decode()
         body.append(
@@ -180,6 +192,10 @@ def write_report(
     html_out.write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>REFRAG report</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>\n"
     )
+
+
+def _scroll(table_html: str) -> str:
+    return f"<div style='overflow-x:auto'>{table_html}</div>"
 
 
 def _caption() -> str:
