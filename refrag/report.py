@@ -172,7 +172,7 @@ def write_report(
 
     body = [
         f"<h1>REFRAG experiment report</h1><h2>Perplexity</h2><p class='note'>{html.escape(_caption())}</p>",
-        shown.to_html(index=False, na_rep=""),
+        _scroll(shown.to_html(index=False)),
     ]
     if ttft_table is not None:
         body += ["<h2>Time to first token</h2>", _scroll(ttft_table.to_html(index=False))]
