@@ -23,6 +23,13 @@ def _check_environment():
 
 _check_environment()
 validate(config, "../schemas/config.schema.yaml")
+for _i, _run in enumerate(config["runs"]):
+    for _role in ("decoder", "encoder"):
+        if _run[_role] not in config["models"]:
+            raise ValueError(
+                f"config runs[{_i}].{_role}: {_run[_role]!r} is not a key of `models` "
+                f"({', '.join(config['models'])})"
+            )
 
 
 # --- config accessors ---
