@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, SequentialSampler
-from transformers import Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from refrag.modeling import RefragModel
@@ -97,7 +97,7 @@ def reconstruction_examples(
             text = row["context_text"][: row["context_encoder_ends"][n - 1]]
             target = tok.decoder_tokenizer(text, add_special_tokens=False)["input_ids"]
             examples.append(tok.encode_parts([("chunks", enc_ids[:n]), ("text", target)]))
-    return examples[:total] if len(examples) > total else examples
+    return examples[:total]
 
 
 def continuation_examples(windows: pd.DataFrame, tok: RefragTokenizer) -> list[dict]:
@@ -264,7 +264,9 @@ def train_stage(
             init[0], init[1], compression=compression
         )
         tok = RefragTokenizer(
-            _auto_tokenizer(init[0]), _auto_tokenizer(init[1]), compression=compression
+            AutoTokenizer.from_pretrained(init[0]),
+            AutoTokenizer.from_pretrained(init[1]),
+            compression=compression,
         )
     else:
         model = RefragModel.from_pretrained(init)
@@ -350,12 +352,6 @@ def save_model_folder(
         tok.save_pretrained(tmp)
         for name, content in (extra or {}).items():
             Path(tmp, name).write_text(json.dumps(content, indent=2, default=str) + "\n")
-
-
-def _auto_tokenizer(path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 def main(argv: list[str] | None = None) -> None:
