@@ -28,7 +28,7 @@ def demo(args: argparse.Namespace) -> None:
 
     from refrag.alignment import align
     from refrag.modeling import RefragModel
-    from refrag.tokenization import RefragTokenizer
+    from refrag.tokenization import from_pretrained as tokenizer_from_pretrained
     from refrag.utils import quiet_transformers
 
     quiet_transformers()
@@ -40,13 +40,7 @@ def demo(args: argparse.Namespace) -> None:
     model = RefragModel.from_encoder_decoder_pretrained(
         str(enc_dir), str(dec_dir), compression=args.k
     )
-    from transformers import AutoTokenizer
-
-    tok = RefragTokenizer(
-        AutoTokenizer.from_pretrained(enc_dir),
-        AutoTokenizer.from_pretrained(dec_dir),
-        compression=args.k,
-    )
+    tok = tokenizer_from_pretrained(str(enc_dir), str(dec_dir), args.k)
     segments = tok.parse_and_tokenize(DEMO_TEXT)
     print(f"decoder {dec_dir.name}, encoder {enc_dir.name}, k={args.k}")
     for seg in segments:

@@ -92,10 +92,11 @@ def evaluate_windows(
     import json
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from refrag.data import read_shards
     from refrag.modeling import RefragModel
+    from refrag.tokenization import from_pretrained as tokenizer_from_pretrained
     from refrag.utils import pick_device
 
     windows = read_shards(shards).to_dict("records")
@@ -109,9 +110,7 @@ def evaluate_windows(
         runs = [("refrag", model.config.compression, stage)]
     else:
         model = AutoModelForCausalLM.from_pretrained(decoder)
-        tok = RefragTokenizer(
-            AutoTokenizer.from_pretrained(encoder), AutoTokenizer.from_pretrained(decoder)
-        )
+        tok = tokenizer_from_pretrained(encoder, decoder)
         runs = [("no_context", None, None), ("full_context", None, None)]
     model.to(device).eval()
     rows = []

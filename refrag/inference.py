@@ -93,12 +93,10 @@ def load_refrag(
 def _tokenizer_from_specs(
     encoder: str, decoder: str, k: int, cache_dir: str | Path
 ) -> RefragTokenizer:
-    from transformers import AutoTokenizer
+    from refrag.tokenization import from_pretrained
 
-    return RefragTokenizer(
-        AutoTokenizer.from_pretrained(resolve_model(encoder, cache_dir)),
-        AutoTokenizer.from_pretrained(resolve_model(decoder, cache_dir)),
-        compression=k,
+    return from_pretrained(
+        str(resolve_model(encoder, cache_dir)), str(resolve_model(decoder, cache_dir)), k
     )
 
 

@@ -25,11 +25,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, SequentialSampler
-from transformers import AutoTokenizer, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from refrag.modeling import RefragModel
 from refrag.tokenization import RefragTokenizer
+from refrag.tokenization import from_pretrained as tokenizer_from_pretrained
 from refrag.utils import atomic_folder
 
 STAGES = ("align", "reconstruct", "cpt")
@@ -263,11 +264,7 @@ def train_stage(
         model = RefragModel.from_encoder_decoder_pretrained(
             init[0], init[1], compression=compression
         )
-        tok = RefragTokenizer(
-            AutoTokenizer.from_pretrained(init[0]),
-            AutoTokenizer.from_pretrained(init[1]),
-            compression=compression,
-        )
+        tok = tokenizer_from_pretrained(str(init[0]), str(init[1]), compression)
     else:
         model = RefragModel.from_pretrained(init)
         tok = RefragTokenizer.from_pretrained(init)
