@@ -55,11 +55,16 @@ def main() -> None:
         e_ids = e(text, add_special_tokens=False)["input_ids"]
         t_ref, dp = timed(
             lambda d=d, e=e, d_ids=d_ids, e_ids=e_ids: compute_dp_matrix(
-                d_ids, e_ids, d.decode, e.decode
+                encoder_ids=e_ids,
+                decoder_ids=d_ids,
+                encoder_decode_fn=e.decode,
+                decoder_decode_fn=d.decode,
             ),
             1,
         )
-        t_fast, fast = timed(lambda d=d, e=e: align(text, d, e), args.repeats)
+        t_fast, fast = timed(
+            lambda d=d, e=e: align(text, encoder_tokenizer=e, decoder_tokenizer=d), args.repeats
+        )
         ref_pairs = alignment_pairs_from_dp(dp)
         agree = (
             "yes"

@@ -5,7 +5,8 @@ tokens cover the same text. Both are prefix lengths, so both are ``>= 1``.
 
 Two ways to compute it:
 
-- the reference definition (the seed's): decode every prefix of both tokenizations and pair
+- the reference definition (the seed's, i.e. the Hydra repository this project grew from):
+  decode every prefix of both tokenizations and pair
   the prefixes whose strings are equal (:func:`compute_dp_matrix`,
   :func:`alignment_pairs_from_dp`). It costs O(N²) in decoding work and finds nothing for a
   normalizing tokenizer (an uncased encoder never decodes back to "Hello").
@@ -34,18 +35,19 @@ def compute_prefix_strings(decode_fn: DecodeFn, ids: Sequence[int]) -> list[str]
 
 
 def compute_dp_matrix(
-    decoder_ids: Sequence[int],
+    *,
     encoder_ids: Sequence[int],
-    dec_decode_fn: DecodeFn,
-    enc_decode_fn: DecodeFn,
+    decoder_ids: Sequence[int],
+    encoder_decode_fn: DecodeFn,
+    decoder_decode_fn: DecodeFn,
 ) -> np.ndarray:
     """Reference (slow) alignment table: ``dp[c, r]`` is True when the decoded prefix of the
     first ``c`` decoder tokens equals the decoded prefix of the first ``r`` encoder tokens.
 
     Shape ``(len(decoder_ids) + 1, len(encoder_ids) + 1)``; O(N²) decoding work and table.
     """
-    dec = compute_prefix_strings(dec_decode_fn, decoder_ids)
-    enc = compute_prefix_strings(enc_decode_fn, encoder_ids)
+    dec = compute_prefix_strings(decoder_decode_fn, decoder_ids)
+    enc = compute_prefix_strings(encoder_decode_fn, encoder_ids)
     dp = np.zeros((len(dec), len(enc)), dtype=bool)
     for c, dec_prefix in enumerate(dec):
         for r, enc_prefix in enumerate(enc):
@@ -100,8 +102,9 @@ def token_boundaries(
 
 def align(
     text: str,
-    decoder_tokenizer: PreTrainedTokenizerBase,
+    *,
     encoder_tokenizer: PreTrainedTokenizerBase,
+    decoder_tokenizer: PreTrainedTokenizerBase,
 ) -> Alignment:
     """Linear-time alignment of the two tokenizations of ``text`` (no special tokens)."""
     dec_ids, dec_ends = token_boundaries(decoder_tokenizer, text)

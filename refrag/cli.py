@@ -28,7 +28,7 @@ def demo(args: argparse.Namespace) -> None:
 
     from refrag.alignment import align
     from refrag.modeling import RefragModel
-    from refrag.tokenization import from_pretrained as tokenizer_from_pretrained
+    from refrag.tokenization import RefragTokenizer
     from refrag.utils import quiet_transformers
 
     quiet_transformers()
@@ -37,10 +37,9 @@ def demo(args: argparse.Namespace) -> None:
         resolve_model(args.encoder, args.cache_dir),
         resolve_model(args.decoder, args.cache_dir),
     )
-    model = RefragModel.from_encoder_decoder_pretrained(
-        str(enc_dir), str(dec_dir), compression=args.k
-    )
-    tok = tokenizer_from_pretrained(str(enc_dir), str(dec_dir), args.k)
+    pair = {"encoder_name_or_path": str(enc_dir), "decoder_name_or_path": str(dec_dir)}
+    model = RefragModel.from_encoder_decoder_pretrained(**pair, compression=args.k)
+    tok = RefragTokenizer.from_encoder_decoder_pretrained(**pair, compression=args.k)
     segments = tok.parse_and_tokenize(DEMO_TEXT)
     print(f"decoder {dec_dir.name}, encoder {enc_dir.name}, k={args.k}")
     for seg in segments:
@@ -51,7 +50,9 @@ def demo(args: argparse.Namespace) -> None:
         )
         print(f"  {seg.type:<7} {what}")
     doc = next(s for s in segments if s.type == "encoder").raw_text
-    pairs = align(doc, tok.decoder_tokenizer, tok.encoder_tokenizer).pairs
+    pairs = align(
+        doc, encoder_tokenizer=tok.encoder_tokenizer, decoder_tokenizer=tok.decoder_tokenizer
+    ).pairs
     print(f"token alignment of the document: {len(pairs)} aligned prefix pairs, first {pairs[:4]}")
     batch = tok(DEMO_TEXT, padding_side="left")
     with torch.no_grad():

@@ -27,8 +27,9 @@ SHARD_ROWS = 1000
 
 def iter_windows(
     documents: Iterable[dict],
-    decoder_tokenizer: PreTrainedTokenizerBase,
+    *,
     encoder_tokenizer: PreTrainedTokenizerBase,
+    decoder_tokenizer: PreTrainedTokenizerBase,
     context_tokens: int,
     target_tokens: int,
 ) -> Iterator[dict]:
@@ -112,14 +113,17 @@ def tokenizer_id(tokenizer: PreTrainedTokenizerBase) -> dict:
 
 def build_alignment_cache(
     windows: pd.DataFrame,
-    decoder_tokenizer: PreTrainedTokenizerBase,
+    *,
     encoder_tokenizer: PreTrainedTokenizerBase,
+    decoder_tokenizer: PreTrainedTokenizerBase,
     out: str | os.PathLike,
 ) -> int:
     """Aligned token pairs of every window's context, written as one Parquet file."""
     rows = []
     for text in tqdm(windows["context_text"], desc="aligning", mininterval=5):
-        result = align(text, decoder_tokenizer, encoder_tokenizer)
+        result = align(
+            text, encoder_tokenizer=encoder_tokenizer, decoder_tokenizer=decoder_tokenizer
+        )
         dec_idx, enc_idx = result.token_indices()
         rows.append(
             {

@@ -82,8 +82,8 @@ def evaluate_windows(
     shards: str,
     out: str,
     checkpoint: str | None = None,
-    decoder: str | None = None,
     encoder: str | None = None,
+    decoder: str | None = None,
     labels: dict | None = None,
     batch_size: int = 8,
 ) -> list[dict]:
@@ -96,7 +96,6 @@ def evaluate_windows(
 
     from refrag.data import read_shards
     from refrag.modeling import RefragModel
-    from refrag.tokenization import from_pretrained as tokenizer_from_pretrained
     from refrag.utils import pick_device
 
     windows = read_shards(shards).to_dict("records")
@@ -110,7 +109,9 @@ def evaluate_windows(
         runs = [("refrag", model.config.compression, stage)]
     else:
         model = AutoModelForCausalLM.from_pretrained(decoder)
-        tok = tokenizer_from_pretrained(encoder, decoder)
+        tok = RefragTokenizer.from_encoder_decoder_pretrained(
+            encoder_name_or_path=encoder, decoder_name_or_path=decoder
+        )
         runs = [("no_context", None, None), ("full_context", None, None)]
     model.to(device).eval()
     rows = []

@@ -71,7 +71,9 @@ def load_refrag(
         if (path / "refrag_tokenizer.json").is_file():
             tok = RefragTokenizer.from_pretrained(path)
         else:
-            tok = _tokenizer_from_specs(encoder, decoder, model.config.compression, cache_dir)
+            tok = _tokenizer_from_specs(
+                encoder=encoder, decoder=decoder, k=model.config.compression, cache_dir=cache_dir
+            )
     else:
         from transformers import AutoModel, AutoModelForCausalLM
 
@@ -86,17 +88,19 @@ def load_refrag(
         )
         config = RefragConfig(encoder=enc.config, decoder=dec.config, compression=compression)
         model = RefragModel(config, encoder=enc, decoder=dec).to(dtype)
-        tok = _tokenizer_from_specs(encoder, decoder, compression, cache_dir)
+        tok = _tokenizer_from_specs(
+            encoder=encoder, decoder=decoder, k=compression, cache_dir=cache_dir
+        )
     return model.to(device).eval(), tok
 
 
 def _tokenizer_from_specs(
-    encoder: str, decoder: str, k: int, cache_dir: str | Path
+    *, encoder: str, decoder: str, k: int, cache_dir: str | Path
 ) -> RefragTokenizer:
-    from refrag.tokenization import from_pretrained
-
-    return from_pretrained(
-        str(resolve_model(encoder, cache_dir)), str(resolve_model(decoder, cache_dir)), k
+    return RefragTokenizer.from_encoder_decoder_pretrained(
+        encoder_name_or_path=str(resolve_model(encoder, cache_dir)),
+        decoder_name_or_path=str(resolve_model(decoder, cache_dir)),
+        compression=k,
     )
 
 

@@ -103,8 +103,9 @@ def _local_folder(spec: str) -> Path:
 
 
 def resolve_tokenizer_source(name: str, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> str:
-    """A spec (``hf:``/``embedded:``/folder) becomes a folder; any other name passes through."""
-    if name.startswith(("hf:", "embedded:")) or Path(name).is_dir():
+    """An ``hf:``/``embedded:`` spec becomes its folder; anything else (a folder, with or
+    without config.json, or a hub name) passes through to ``AutoTokenizer.from_pretrained``."""
+    if name.startswith(("hf:", "embedded:")):
         return str(resolve_model(name, cache_dir))
     return name
 

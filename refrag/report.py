@@ -1,7 +1,10 @@
 """The experiment report: perplexity table and plot, training curves, TTFT, the workflow DAG.
 
-Writes a self-contained ``report.html`` (figures inlined) and a ``report.md`` summary whose
-figures are PNG files beside it.
+Each plot is its own function from input files to one PNG (:func:`plot_perplexity`,
+:func:`plot_training`, :func:`plot_ttft`); :func:`write_ttft_table` merges TTFT benchmarks;
+:func:`write_report` assembles given tables and figures into a self-contained ``report.html``
+(figures inlined) and a ``report.md`` that links them. Every function takes the paths it reads
+and writes: nothing here knows where a workflow keeps its files.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import base64
 import html
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +21,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from refrag.stages import STAGES  # noqa: E402
+
+PathLike = str | os.PathLike
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -27,6 +35,8 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img,svg{max-
 
 
 TTFT_COLUMNS = [
+    "decoder",
+    "encoder",
     "context",
     "k",
     "baseline_ms",
@@ -40,8 +50,9 @@ TTFT_COLUMNS = [
 ]
 
 
-def plot_perplexity(table: pd.DataFrame, out: Path) -> Path:
+def plot_perplexity(perplexity_csv: PathLike, out: PathLike) -> Path:
     """log-ppl vs k for REFRAG (one line per stage), baselines as horizontal lines."""
+    table = read_perplexity(perplexity_csv)
     fig, axes = plt.subplots(
         1, table["eval_set"].nunique(), figsize=(6 * table["eval_set"].nunique(), 4), squeeze=False
     )
@@ -72,12 +83,18 @@ def plot_perplexity(table: pd.DataFrame, out: Path) -> Path:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return out
+    return Path(out)
 
 
-def plot_training(logs: list[tuple[str, dict]], out: Path) -> Path:
-    """Training loss per step, one panel per stage, one line per run."""
-    stages = sorted({log["stage"] for _, log in logs}, key=["align", "reconstruct", "cpt"].index)
+def plot_training(checkpoints: Sequence[tuple[str, PathLike]], out: PathLike) -> Path:
+    """Training loss per step, one panel per stage (in :data:`refrag.stages.STAGES` order), one
+    line per run: ``checkpoints`` are (run label, stage folder holding training_log.json)."""
+    logs = [
+        (label, json.loads((Path(folder) / "training_log.json").read_text()))
+        for label, folder in checkpoints
+    ]
+    order = [*STAGES, *sorted({log["stage"] for _, log in logs} - set(STAGES))]
+    stages = [stage for stage in order if any(log["stage"] == stage for _, log in logs)]
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         for run, log in logs:
@@ -93,22 +110,42 @@ def plot_training(logs: list[tuple[str, dict]], out: Path) -> Path:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return out
+    return Path(out)
 
 
-def plot_ttft(rows: list[dict], out: Path) -> Path:
-    """TTFT speedup over the plain decoder vs context length, per k."""
+def write_ttft_table(
+    benchmarks: Sequence[tuple[Mapping[str, str], PathLike]], json_out: PathLike, csv_out: PathLike
+) -> pd.DataFrame:
+    """Merge TTFT benchmark files (JSON row lists), each with its labels (e.g. decoder and
+    encoder) added to its rows, into one JSON row list and one CSV table."""
+    rows = [
+        dict(labels) | row
+        for labels, path in benchmarks
+        for row in json.loads(Path(path).read_text())
+    ]
+    Path(json_out).write_text(json.dumps(rows, indent=2) + "\n")
     frame = pd.DataFrame(rows)
+    frame = frame[[c for c in TTFT_COLUMNS if c in frame.columns]]
+    frame.to_csv(csv_out, index=False)
+    return frame
+
+
+def plot_ttft(ttft_json: PathLike, out: PathLike) -> Path:
+    """TTFT speedup over the plain decoder vs context length, per model pair and k."""
+    frame = pd.DataFrame(json.loads(Path(ttft_json).read_text()))
+    keys = [c for c in ("decoder", "encoder") if c in frame.columns] + ["k"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for k, part in frame.groupby("k"):
+    for key, part in frame.groupby(keys):
+        *pair, k = key
+        name = " / ".join([*pair, f"k={k}"])
         part = part.sort_values("context")
-        ax.plot(part["context"], part["speedup_cached"], marker="o", label=f"k={k}, cached")
+        ax.plot(part["context"], part["speedup_cached"], marker="o", label=f"{name}, cached")
         ax.plot(
             part["context"],
             part["speedup_recomputed"],
             marker="x",
             linestyle="--",
-            label=f"k={k}, recomputed",
+            label=f"{name}, recomputed",
         )
     ax.set_xlabel("context length s (tokens)")
     ax.set_ylabel("TTFT speedup vs full context (×)")
@@ -116,40 +153,33 @@ def plot_ttft(rows: list[dict], out: Path) -> Path:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return out
+    return Path(out)
+
+
+def read_perplexity(perplexity_csv: PathLike) -> pd.DataFrame:
+    table = pd.read_csv(perplexity_csv)
+    table["k"] = table["k"].astype("Int64")
+    return table
 
 
 def write_report(
     *,
-    perplexity_csv: str | os.PathLike,
-    checkpoints: list[str],
-    ttft_json: str | os.PathLike | None,
-    dag_svg: str | os.PathLike | None,
-    html_out: str | os.PathLike,
-    md_out: str | os.PathLike,
+    perplexity_csv: PathLike,
+    ttft_csv: PathLike | None,
+    figures: Mapping[str, PathLike],
+    dag_svg: PathLike | None,
+    html_out: PathLike,
+    md_out: PathLike,
     config: dict | None = None,
 ) -> None:
+    """Assemble the tables, ``figures`` (title → PNG) and DAG into ``html_out`` (inlined) and
+    ``md_out`` (linking the files where they are)."""
     html_out, md_out = Path(html_out), Path(md_out)
-    fig_dir = md_out.with_suffix("")
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    table = pd.read_csv(perplexity_csv)
-    table["k"] = table["k"].astype("Int64")
-    logs = []  # (run, log): a checkpoint folder is .../{decoder}/{encoder}/k{k}/{stage}
-    for ckpt in checkpoints:
-        path = Path(ckpt) / "training_log.json"
-        if path.exists():
-            logs.append((" / ".join(Path(ckpt).parts[-4:-1]), json.loads(path.read_text())))
-    figures = {"Log-perplexity vs compression": plot_perplexity(table, fig_dir / "perplexity.png")}
-    if logs:
-        figures["Training curves"] = plot_training(logs, fig_dir / "training.png")
-    ttft = (
-        json.loads(Path(ttft_json).read_text()) if ttft_json and Path(ttft_json).exists() else None
-    )
-    if ttft:
-        figures["TTFT speedup"] = plot_ttft(ttft, fig_dir / "ttft.png")
+    table = read_perplexity(perplexity_csv)
+    ttft = pd.read_csv(ttft_csv) if ttft_csv and Path(ttft_csv).exists() else None
 
     shown = table.round(4).astype(object).where(table.notna(), "")
-    ttft_table = pd.DataFrame(ttft)[TTFT_COLUMNS].round(2) if ttft else None
+    ttft_table = ttft.round(2) if ttft is not None and len(ttft) else None
     md = [
         "# REFRAG experiment report",
         "",
@@ -162,7 +192,7 @@ def write_report(
     ]
     if ttft_table is not None:
         md += ["## Time to first token", "", ttft_table.to_markdown(index=False), ""]
-    md += [f"![{title}]({fig_dir.name}/{fig.name})" for title, fig in figures.items()]
+    md += [f"![{title}]({os.path.relpath(fig, md_out.parent)})" for title, fig in figures.items()]
     if dag_svg:
         md += [
             "",
@@ -177,7 +207,7 @@ def write_report(
     if ttft_table is not None:
         body += ["<h2>Time to first token</h2>", _scroll(ttft_table.to_html(index=False))]
     for title, fig in figures.items():
-        data = base64.b64encode(fig.read_bytes()).decode()
+        data = base64.b64encode(Path(fig).read_bytes()).decode()
         body.append(
             f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
         )

@@ -4,7 +4,11 @@ Text outside ``<doc id="…">…</doc>`` tags is tokenized by the decoder tokeni
 by the encoder tokenizer, packed into rows of ``compression`` (k) tokens, each of which the
 model compresses into one chunk embedding::
 
-    tok = RefragTokenizer(encoder_tokenizer, decoder_tokenizer, compression=16)
+    tok = RefragTokenizer(encoder_tokenizer=…, decoder_tokenizer=…, compression=16)
+    tok = RefragTokenizer.from_encoder_decoder_pretrained(
+        encoder_name_or_path="embedded:all-minilm-l6-v2",
+        decoder_name_or_path="embedded:smollm2-135m-instruct",
+    )
     segments = tok.parse_and_tokenize("Q: who? <doc id='1'>Ada Lovelace was …</doc> A:")
     batch = tok(["…", "…"])          # padded tensors for the model
 
@@ -155,10 +159,10 @@ class RefragTokenizer:
 
     def __init__(
         self,
+        *,
         encoder_tokenizer: PreTrainedTokenizerBase,
         decoder_tokenizer: PreTrainedTokenizerBase,
         compression: int = 16,
-        *,
         add_bos: bool = True,
         encoder_special_tokens: bool = True,
     ):
@@ -345,24 +349,32 @@ class RefragTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> RefragTokenizer:
+        """Load a tokenizer pair written by :meth:`save_pretrained` (a checkpoint folder)."""
         path = Path(path)
         settings = json.loads((path / "refrag_tokenizer.json").read_text()) | overrides
         return cls(
-            AutoTokenizer.from_pretrained(path / "encoder_tokenizer"),
-            AutoTokenizer.from_pretrained(path / "decoder_tokenizer"),
+            encoder_tokenizer=AutoTokenizer.from_pretrained(path / "encoder_tokenizer"),
+            decoder_tokenizer=AutoTokenizer.from_pretrained(path / "decoder_tokenizer"),
             **settings,
         )
 
+    @classmethod
+    def from_encoder_decoder_pretrained(
+        cls,
+        *,
+        encoder_name_or_path: str | Path,
+        decoder_name_or_path: str | Path,
+        compression: int = 16,
+        **kwargs: Any,
+    ) -> RefragTokenizer:
+        """Pair two tokenizers, each named by a model spec (``hf:…``, ``embedded:…``, see
+        :mod:`refrag.models`) or by anything ``AutoTokenizer.from_pretrained`` accepts (a hub
+        name, a model folder, a folder holding only tokenizer files)."""
+        from refrag.models import resolve_tokenizer_source as source
 
-def from_pretrained(
-    encoder_name: str, decoder_name: str, compression: int = 16, **kwargs: Any
-) -> RefragTokenizer:
-    """Build a :class:`RefragTokenizer` from two model specs (see :mod:`refrag.models`) or names."""
-    from refrag.models import resolve_tokenizer_source
-
-    return RefragTokenizer(
-        AutoTokenizer.from_pretrained(resolve_tokenizer_source(encoder_name)),
-        AutoTokenizer.from_pretrained(resolve_tokenizer_source(decoder_name)),
-        compression=compression,
-        **kwargs,
-    )
+        return cls(
+            encoder_tokenizer=AutoTokenizer.from_pretrained(source(str(encoder_name_or_path))),
+            decoder_tokenizer=AutoTokenizer.from_pretrained(source(str(decoder_name_or_path))),
+            compression=compression,
+            **kwargs,
+        )

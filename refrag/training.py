@@ -1,8 +1,13 @@
 """Training stages of a REFRAG model, on the Hugging Face Trainer.
 
-- ``align`` (the seed's alignment app): the projector learns to map encoder token states onto
-  the decoder's token embeddings at aligned positions (:mod:`refrag.alignment`), with MSE, KL
-  and argmax (cross-entropy) losses over all aligned positions of a batch at once.
+The stages themselves (names, order, data, defaults) are the table in :mod:`refrag.stages`;
+this module holds what they are made of (dataset builders, losses, trainers) and the one loop
+that runs any of them, :func:`train_stage`. The built-in stages:
+
+- ``align`` (the seed's alignment app; "the seed" is the Hydra repository this project grew
+  from): the projector learns to map encoder token states onto the decoder's token embeddings
+  at aligned positions (:mod:`refrag.alignment`), with MSE, KL and argmax (cross-entropy)
+  losses over all aligned positions of a batch at once.
 - ``reconstruct`` (paper stage 1): decoder frozen; encoder + projector learn to reproduce the
   context's tokens from its chunk embeddings, with a curriculum from 1 chunk upwards.
 - ``cpt`` (paper stage 2, continual pretraining): read the context as chunk embeddings and
@@ -18,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -29,37 +33,11 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from refrag.modeling import RefragModel
+from refrag.stages import STAGES, StageConfig, get_stage
 from refrag.tokenization import RefragTokenizer
-from refrag.tokenization import from_pretrained as tokenizer_from_pretrained
 from refrag.utils import atomic_folder
 
-STAGES = ("align", "reconstruct", "cpt")
 CURRICULUM_WEIGHTS = (1, 1, 1, 2, 2, 2, 4, 4, 4)  # the paper's 9-stage geometric sample counts
-
-
-@dataclass
-class StageConfig:
-    """Hyperparameters of one training stage (a rule's ``params``)."""
-
-    steps: int = 100
-    batch_size: int = 8
-    lr: float = 1e-4
-    warmup_ratio: float = 0.04
-    weight_decay: float = 0.0
-    grad_accum: int = 1
-    train_encoder: bool = True
-    train_projector: bool = True
-    train_decoder: bool = False
-    curriculum: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    loss_weights: dict[str, float] = field(
-        default_factory=lambda: {"mse": 1.0, "kld": 1.0, "argmax": 1.0}
-    )
-    max_pairs: int = (
-        256  # aligned positions per alignment batch (each costs a vocabulary-wide softmax)
-    )
-    save_steps: int = 50
-    logging_steps: int = 5
-    seed: int = 0
 
 
 class ExampleDataset(Dataset):
@@ -241,30 +219,90 @@ def last_complete_checkpoint(work_dir: Path) -> str | None:
     return str(complete[-1]) if complete else None
 
 
+# -- what the stages in refrag.stages are made of: (data, tok, hp) -> (dataset, collator) ------
+def _total(hp: StageConfig) -> int:
+    return hp.steps * hp.batch_size * hp.grad_accum
+
+
+def alignment_dataset(
+    data: str | os.PathLike, tok: RefragTokenizer, hp: StageConfig
+) -> tuple[Dataset, AlignmentCollator]:
+    """Rows of the alignment-pair cache, cycled to fill every step."""
+    rows = pd.read_parquet(data).to_dict("records")
+    dataset = ExampleDataset([rows[i % len(rows)] for i in range(_total(hp))])
+    return dataset, AlignmentCollator(tok, max_pairs=hp.max_pairs, seed=hp.seed)
+
+
+def reconstruction_dataset(
+    data: str | os.PathLike, tok: RefragTokenizer, hp: StageConfig
+) -> tuple[Dataset, object]:
+    """Reconstruction examples of the train shards, in curriculum order."""
+    from refrag.data import read_shards
+
+    examples = reconstruction_examples(read_shards(data), tok, hp.curriculum, _total(hp))
+    return ExampleDataset(examples), tok.pad
+
+
+def continuation_dataset(
+    data: str | os.PathLike, tok: RefragTokenizer, hp: StageConfig
+) -> tuple[Dataset, object]:
+    """Continuation examples of the train shards, cycled to fill every step."""
+    from refrag.data import read_shards
+
+    base = continuation_examples(read_shards(data), tok)
+    return ExampleDataset([base[i % len(base)] for i in range(_total(hp))]), tok.pad
+
+
+# -- (hp, **Trainer kwargs) -> Trainer --------------------------------------------------------
+def alignment_trainer(hp: StageConfig, **kwargs) -> AlignmentTrainer:
+    return AlignmentTrainer(**kwargs, loss_weights=hp.loss_weights)
+
+
+def curriculum_trainer(hp: StageConfig, **kwargs) -> RefragTrainer:
+    return RefragTrainer(**kwargs, sequential=True)
+
+
+def causal_lm_trainer(hp: StageConfig, **kwargs) -> RefragTrainer:
+    return RefragTrainer(**kwargs)
+
+
 def train_stage(
     stage: str,
     *,
-    init: str | os.PathLike | tuple[str, str],
     data: str | os.PathLike,
     out: str | os.PathLike,
     compression: int,
-    hp: StageConfig | dict,
+    hp: StageConfig | dict | None = None,
+    init: str | os.PathLike | None = None,
+    encoder: str | os.PathLike | None = None,
+    decoder: str | os.PathLike | None = None,
 ) -> dict:
-    """Train one stage and write its model folder to ``out``.
+    """Train the registered stage ``stage`` (:data:`refrag.stages.STAGES`) and write its model
+    folder to ``out``.
 
-    ``init`` is a previous stage's folder, or ``(encoder_dir, decoder_dir)`` to start from
-    the base models; ``data`` is the alignment cache (align) or the train shard folder.
+    Start from ``init``, a previous stage's folder, or from the base models ``encoder`` and
+    ``decoder`` (both folders); ``data`` is what the stage reads (its ``Stage.data``). ``hp``
+    overrides the stage's default hyperparameters.
     """
-    from refrag.data import read_shards
-
-    hp = hp if isinstance(hp, StageConfig) else StageConfig(**hp)
+    spec = get_stage(stage)
+    hp = hp if isinstance(hp, StageConfig) else spec.defaults.merged(hp)
+    if (init is None) == (encoder is None and decoder is None) or (encoder is None) != (
+        decoder is None
+    ):
+        raise ValueError("give either init (a previous stage's folder) or encoder and decoder")
     out = Path(out)
     torch.manual_seed(hp.seed)
-    if isinstance(init, tuple):
+    if init is None:
         model = RefragModel.from_encoder_decoder_pretrained(
-            init[0], init[1], compression=compression
+            encoder_name_or_path=str(encoder),
+            decoder_name_or_path=str(decoder),
+            compression=compression,
         )
-        tok = tokenizer_from_pretrained(str(init[0]), str(init[1]), compression)
+        tok = RefragTokenizer.from_encoder_decoder_pretrained(
+            encoder_name_or_path=str(encoder),
+            decoder_name_or_path=str(decoder),
+            compression=compression,
+        )
     else:
         model = RefragModel.from_pretrained(init)
         tok = RefragTokenizer.from_pretrained(init)
@@ -275,23 +313,7 @@ def train_stage(
     model.set_trainable(
         encoder=hp.train_encoder, projector=hp.train_projector, decoder=hp.train_decoder
     )
-
-    total = hp.steps * hp.batch_size * hp.grad_accum
-    if stage == "align":
-        rows = pd.read_parquet(data).to_dict("records")
-        dataset = ExampleDataset([rows[i % len(rows)] for i in range(total)])
-        collator = AlignmentCollator(tok, max_pairs=hp.max_pairs, seed=hp.seed)
-    else:
-        windows = read_shards(data)
-        if stage == "reconstruct":
-            examples = reconstruction_examples(windows, tok, hp.curriculum, total)
-        elif stage == "cpt":
-            base = continuation_examples(windows, tok)
-            examples = [base[i % len(base)] for i in range(total)]
-        else:
-            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-        dataset = ExampleDataset(examples)
-        collator = tok.pad
+    dataset, collator = spec.build_dataset(data, tok, hp)
 
     work_dir = out.with_name(out.name + ".work")
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -318,11 +340,9 @@ def train_stage(
         seed=hp.seed,
         disable_tqdm=False,
     )
-    common = {"model": model, "args": args, "train_dataset": dataset, "data_collator": collator}
-    if stage == "align":
-        trainer = AlignmentTrainer(**common, loss_weights=hp.loss_weights)
-    else:
-        trainer = RefragTrainer(**common, sequential=stage == "reconstruct")
+    trainer = spec.build_trainer(
+        hp, model=model, args=args, train_dataset=dataset, data_collator=collator
+    )
     resume = last_complete_checkpoint(work_dir)
     if resume:
         print(f"resuming {stage} from {resume}")
@@ -359,29 +379,33 @@ def main(argv: list[str] | None = None) -> None:
     from refrag.utils import log_to
 
     parser = argparse.ArgumentParser(prog="python -m refrag.training", description=main.__doc__)
-    parser.add_argument("--stage", choices=STAGES, required=True)
+    parser.add_argument("--stage", choices=list(STAGES), required=True)
     parser.add_argument("--k", type=int, required=True, help="compression rate")
+    start = parser.add_mutually_exclusive_group(required=True)
+    start.add_argument("--init", help="the previous stage's folder")
+    start.add_argument("--encoder", help="base encoder folder (with --decoder)")
+    parser.add_argument("--decoder", help="base decoder folder (with --encoder)")
     parser.add_argument(
-        "--init", nargs="+", required=True, help="previous stage, or ENCODER DECODER folders"
-    )
-    parser.add_argument(
-        "--data", required=True, help="alignment cache (align) or train shard folder"
+        "--data", required=True, help="what the stage reads: alignment cache or train shards"
     )
     parser.add_argument("--out", required=True)
     parser.add_argument(
-        "--hp", default="{}", help="stage hyperparameters as JSON (StageConfig fields)"
+        "--hp", default="{}", help="overrides of the stage's defaults, as JSON (StageConfig)"
     )
     parser.add_argument(
         "--rank-log-dir", help="under torchrun, each rank writes DIR/run-{RANK}.log"
     )
     args = parser.parse_args(argv)
-    init = tuple(args.init) if len(args.init) == 2 else args.init[0]
+    if (args.encoder is None) != (args.decoder is None):
+        parser.error("--encoder and --decoder go together")
     # the Trainer joins torchrun's process group itself (NCCL on GPUs, gloo on CPU)
     per_rank = args.rank_log_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1
     with log_to(rank_log_path(args.rank_log_dir) if per_rank else None):
         metrics = train_stage(
             args.stage,
-            init=init,
+            init=args.init,
+            encoder=args.encoder,
+            decoder=args.decoder,
             data=args.data,
             out=args.out,
             compression=args.k,

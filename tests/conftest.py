@@ -1,4 +1,5 @@
-"""Shared fixtures: the real default models (fetched once by setup.sh), tiny random models."""
+"""Shared fixtures: the real default models (fetched once by setup.sh) and the one tiny
+random-weight REFRAG model (the default models' vocabularies, so their real tokenizers fit)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
 
 from refrag.modeling import RefragConfig, RefragModel
 from refrag.models import DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
 from refrag.tokenization import RefragTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+TEXT = (
+    "The Analytical Engine was a proposed mechanical general-purpose computer designed by "
+    "English mathematician and computer pioneer Charles Babbage. It was first described in 1837 "
+    "as the successor to Babbage's difference engine. The Analytical Engine incorporated an "
+    "arithmetic logic unit, control flow in the form of conditional branching and loops, and "
+    "integrated memory, making it the first design for a general-purpose computer. "
+) * 4
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +81,9 @@ def llama_style_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="session")
 def refrag_tokenizer(encoder_tokenizer, decoder_tokenizer) -> RefragTokenizer:
-    return RefragTokenizer(encoder_tokenizer, decoder_tokenizer, compression=4)
+    return RefragTokenizer(
+        encoder_tokenizer=encoder_tokenizer, decoder_tokenizer=decoder_tokenizer, compression=4
+    )
 
 
 def tiny_config(compression: int = 4, **kwargs) -> RefragConfig:
@@ -97,3 +114,66 @@ def tiny_config(compression: int = 4, **kwargs) -> RefragConfig:
 def tiny_model() -> RefragModel:
     torch.manual_seed(0)
     return RefragModel(tiny_config()).eval()
+
+
+def save_tiny_model(role: str, folder: Path, tokenizer_dir: Path) -> Path:
+    """A random-weight ``role`` ("encoder" or "decoder") of :func:`tiny_config`, saved as an HF
+    folder with the tokenizer of ``tokenizer_dir``."""
+    torch.manual_seed(0)
+    cls = AutoModel if role == "encoder" else AutoModelForCausalLM
+    cls.from_config(getattr(tiny_config(), role)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, encoder_dir, decoder_dir) -> dict[str, Path]:
+    """Base-model folders of the tiny model, with the default models' tokenizers."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "encoder": save_tiny_model("encoder", root / "enc", encoder_dir),
+        "decoder": save_tiny_model("decoder", root / "dec", decoder_dir),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, refrag_tokenizer) -> Path:
+    """A REFRAG checkpoint folder of the tiny model (random projector) with its tokenizer."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-checkpoint") / "ckpt"
+    RefragModel(tiny_config()).save_pretrained(path)
+    refrag_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, encoder_tokenizer, decoder_tokenizer) -> Path:
+    """A train shard folder of (32 + 8)-token windows of four short documents, 5 rows a shard."""
+    from refrag.data import iter_windows, write_shards
+
+    docs = [{"doc_id": f"d{i}", "title": "", "text": TEXT[i * 7 :]} for i in range(4)]
+    rows = iter_windows(
+        docs,
+        encoder_tokenizer=encoder_tokenizer,
+        decoder_tokenizer=decoder_tokenizer,
+        context_tokens=32,
+        target_tokens=8,
+    )
+    out = tmp_path_factory.mktemp("shards") / "train"
+    write_shards(list(rows), out, metadata={}, shard_rows=5)
+    return out
+
+
+@pytest.fixture(scope="session")
+def alignment_cache(tmp_path_factory, shards, encoder_tokenizer, decoder_tokenizer) -> Path:
+    """The alignment-pair cache of :func:`shards`."""
+    from refrag.data import build_alignment_cache, read_shards
+
+    out = tmp_path_factory.mktemp("alignment") / "train.parquet"
+    build_alignment_cache(
+        read_shards(shards),
+        encoder_tokenizer=encoder_tokenizer,
+        decoder_tokenizer=decoder_tokenizer,
+        out=out,
+    )
+    return out

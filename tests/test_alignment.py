@@ -28,7 +28,12 @@ def reference_pairs(text, dec_tok, enc_tok):
     """The seed's O(N²) definition, without matches inside a broken multi-byte character."""
     dec = dec_tok(text, add_special_tokens=False)["input_ids"]
     enc = enc_tok(text, add_special_tokens=False)["input_ids"]
-    dp = compute_dp_matrix(dec, enc, dec_tok.decode, enc_tok.decode)
+    dp = compute_dp_matrix(
+        encoder_ids=enc,
+        decoder_ids=dec,
+        encoder_decode_fn=enc_tok.decode,
+        decoder_decode_fn=dec_tok.decode,
+    )
     prefixes = compute_prefix_strings(dec_tok.decode, dec)
     return [(c, r) for c, r in alignment_pairs_from_dp(dp) if "\ufffd" not in prefixes[c]]
 
@@ -40,7 +45,9 @@ def reproduces(tok, text):
 def test_reference_api_on_a_small_example():
     decode = lambda seq: "".join("ab"[i - 1] for i in seq)  # noqa: E731
     assert compute_prefix_strings(decode, [1, 2]) == ["", "a", "ab"]
-    dp = compute_dp_matrix([1, 2], [1, 2], decode, decode)
+    dp = compute_dp_matrix(
+        encoder_ids=[1, 2], decoder_ids=[1, 2], encoder_decode_fn=decode, decoder_decode_fn=decode
+    )
     assert dp.shape == (3, 3)
     assert dp[0, 0]  # the empty prefixes match, but pairs are prefix lengths >= 1
     assert alignment_pairs_from_dp(dp) == [(1, 1), (2, 2)]
@@ -56,7 +63,7 @@ def test_align_equals_reference_for_reproducing_tokenizers(pair, text, request):
     }
     dec_tok, enc_tok = (toks[name] for name in pair.split("-"))
     assume(reproduces(dec_tok, text) and reproduces(enc_tok, text))
-    result = align(text, dec_tok, enc_tok)
+    result = align(text, encoder_tokenizer=enc_tok, decoder_tokenizer=dec_tok)
     assert result.pairs == reference_pairs(text, dec_tok, enc_tok)
     assert result.decoder_ids == dec_tok(text, add_special_tokens=False)["input_ids"]
     assert result.encoder_ids == enc_tok(text, add_special_tokens=False)["input_ids"]
@@ -67,7 +74,7 @@ def test_reference_finds_nothing_for_the_uncased_encoder_but_align_does(
 ):
     text = "Hello World from Paris"
     assert reference_pairs(text, decoder_tokenizer, encoder_tokenizer) == []
-    result = align(text, decoder_tokenizer, encoder_tokenizer)
+    result = align(text, encoder_tokenizer=encoder_tokenizer, decoder_tokenizer=decoder_tokenizer)
     # SmolLM2: Hello| World| from| Paris ; MiniLM: hello|world|from|paris
     assert result.pairs == [(1, 1), (2, 2), (3, 3), (4, 4)]
 
@@ -78,7 +85,7 @@ def test_uncased_encoder_pairs_sit_on_shared_token_ends(text, decoder_tokenizer,
     """Offsets contract: (c, r) is a pair iff both tokenizations end a token at the same
     character; each pair's decoder prefix decodes to a prefix of the text whose own encoder
     tokenization is the first r encoder tokens."""
-    result = align(text, decoder_tokenizer, encoder_tokenizer)
+    result = align(text, encoder_tokenizer=encoder_tokenizer, decoder_tokenizer=decoder_tokenizer)
     dec_ends = token_boundaries(decoder_tokenizer, text)[1]
     enc_ends = token_boundaries(encoder_tokenizer, text)[1]
     expected = [
@@ -98,7 +105,11 @@ def test_uncased_encoder_pairs_sit_on_shared_token_ends(text, decoder_tokenizer,
 
 
 def test_pairs_are_sorted_and_one_based(decoder_tokenizer, encoder_tokenizer):
-    result = align("Ünïcode — 東京 😀 text, again.", decoder_tokenizer, encoder_tokenizer)
+    result = align(
+        "Ünïcode — 東京 😀 text, again.",
+        encoder_tokenizer=encoder_tokenizer,
+        decoder_tokenizer=decoder_tokenizer,
+    )
     assert result.pairs == sorted(result.pairs)
     assert all(c >= 1 and r >= 1 for c, r in result.pairs)
     dec_idx, enc_idx = result.token_indices()
@@ -117,4 +128,4 @@ def test_slow_tokenizers_are_refused():
         is_fast = False
 
     with pytest.raises(TypeError, match="fast tokenizer"):
-        align("x", Slow(), Slow())
+        align("x", encoder_tokenizer=Slow(), decoder_tokenizer=Slow())

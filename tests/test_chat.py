@@ -12,13 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, LlamaConfig
 
 from refrag.chat import ChatSession
 from refrag.cli import main
 from refrag.inference import load_refrag
-from refrag.modeling import RefragConfig, RefragModel
 from refrag.tokenization import RefragTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,35 +28,9 @@ needs_tokenizers = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(tiny_checkpoint) -> Path:
     """A RefragModel folder (random weights, tiny shapes) with its RefragTokenizer."""
-    torch.manual_seed(0)
-    dec_tok, enc_tok = (
-        AutoTokenizer.from_pretrained(DEC_DIR),
-        AutoTokenizer.from_pretrained(ENC_DIR),
-    )
-    decoder = LlamaConfig(
-        vocab_size=len(dec_tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    encoder = BertConfig(
-        vocab_size=len(enc_tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-    )
-    path = tmp_path_factory.mktemp("chat") / "ckpt"
-    RefragModel(RefragConfig(encoder=encoder, decoder=decoder, compression=4)).save_pretrained(path)
-    RefragTokenizer(enc_tok, dec_tok, compression=4).save_pretrained(path)
-    return path
+    return tiny_checkpoint
 
 
 CHAT_ARGS = ["--max-new-tokens", "5", "--device", "cpu"]

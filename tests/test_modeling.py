@@ -169,12 +169,11 @@ def test_generate_with_kv_cache_matches_greedy_recomputation(tiny_model, refrag_
 @pytest.mark.slow
 def test_real_default_models_end_to_end(encoder_dir, decoder_dir):
     """The embedded MiniLM encoder + SmolLM2 decoder: tokenize a <doc>, forward, generate."""
-    from refrag.tokenization import from_pretrained
+    from refrag.tokenization import RefragTokenizer
 
-    tok = from_pretrained(str(encoder_dir), str(decoder_dir), compression=16)
-    model = RefragModel.from_encoder_decoder_pretrained(
-        str(encoder_dir), str(decoder_dir), compression=16
-    )
+    pair = {"encoder_name_or_path": str(encoder_dir), "decoder_name_or_path": str(decoder_dir)}
+    tok = RefragTokenizer.from_encoder_decoder_pretrained(**pair, compression=16)
+    model = RefragModel.from_encoder_decoder_pretrained(**pair, compression=16)
     assert not model.training
     assert (
         model.decoder.config._attn_implementation

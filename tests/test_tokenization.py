@@ -1,9 +1,10 @@
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refrag import tokenization
 from refrag.tokenization import (
     IGNORE_INDEX,
     DocMarkupError,
@@ -122,8 +123,8 @@ def test_default_special_tokens_are_explicit(
     last = mask.sum(1) - 1
     assert (rows[torch.arange(len(rows)), last] == 102).all()
     no_bos = RefragTokenizer(
-        encoder_tokenizer,
-        decoder_tokenizer,
+        encoder_tokenizer=encoder_tokenizer,
+        decoder_tokenizer=decoder_tokenizer,
         compression=4,
         add_bos=False,
         encoder_special_tokens=False,
@@ -160,6 +161,29 @@ def test_save_and_load_round_trip(tmp_path, refrag_tokenizer):
         assert torch.equal(value, again(text)[key])
 
 
-def test_module_level_from_pretrained_takes_model_specs(encoder_dir, decoder_dir):
-    tok = tokenization.from_pretrained(str(encoder_dir), str(decoder_dir), compression=8)
+def test_pair_loader_takes_model_specs(encoder_dir, decoder_dir):
+    tok = RefragTokenizer.from_encoder_decoder_pretrained(
+        encoder_name_or_path="embedded:all-minilm-l6-v2",
+        decoder_name_or_path=str(decoder_dir),
+        compression=8,
+    )
     assert tok.compression == 8 and tok.decoder_tokenizer.vocab_size == 49152
+    assert Path(tok.encoder_tokenizer.name_or_path).resolve() == encoder_dir.resolve()
+
+
+def test_pair_loader_takes_folders_holding_only_tokenizer_files(
+    tmp_path, encoder_tokenizer, decoder_tokenizer
+):
+    encoder_tokenizer.save_pretrained(tmp_path / "enc")
+    decoder_tokenizer.save_pretrained(tmp_path / "dec")
+    assert not (tmp_path / "enc" / "config.json").exists()
+    tok = RefragTokenizer.from_encoder_decoder_pretrained(
+        encoder_name_or_path=tmp_path / "enc", decoder_name_or_path=tmp_path / "dec"
+    )
+    assert tok.encoder_tokenizer.get_vocab() == encoder_tokenizer.get_vocab()
+    assert tok.decoder_tokenizer.get_vocab() == decoder_tokenizer.get_vocab()
+
+
+def test_encoder_and_decoder_must_be_named(encoder_tokenizer, decoder_tokenizer):
+    with pytest.raises(TypeError):
+        RefragTokenizer(encoder_tokenizer, decoder_tokenizer)  # a swap could pass silently

@@ -67,14 +67,15 @@ class RefragModel(PreTrainedModel):
     @classmethod
     def from_encoder_decoder_pretrained(
         cls,
-        encoder_path: str,
-        decoder_path: str,
+        *,
+        encoder_name_or_path: str,
+        decoder_name_or_path: str,
         dtype: torch.dtype | str = "auto",
         **config_kwargs,
     ) -> RefragModel:
         """Assemble a model from two pretrained folders; the projector starts random."""
-        encoder = AutoModel.from_pretrained(encoder_path, dtype=dtype)
-        decoder = AutoModelForCausalLM.from_pretrained(decoder_path, dtype=dtype)
+        encoder = AutoModel.from_pretrained(encoder_name_or_path, dtype=dtype)
+        decoder = AutoModelForCausalLM.from_pretrained(decoder_name_or_path, dtype=dtype)
         # copies: building the composite config resets its sub-configs' attention implementation
         config = RefragConfig(
             encoder=encoder.config.to_dict(), decoder=decoder.config.to_dict(), **config_kwargs

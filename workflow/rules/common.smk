@@ -1,20 +1,32 @@
 import importlib.metadata
 import json
+import re
+import shlex
 import sys
+import tempfile
+from pathlib import Path
 
+import yaml
 from snakemake.utils import validate
 
 
 # --- the environment guard: stop early, in one line, outside the project's environment ---
 def _check_environment():
+    """refrag importable, and torch/transformers at the versions refrag's own metadata pins
+    (pyproject.toml is the one place the pins live)."""
     try:
         import refrag  # noqa: F401
 
-        for dist, pinned in (("torch", "2.13.0"), ("transformers", "5.24.0")):
+        pins = dict(
+            r.split(" ")[0].split("==")
+            for r in importlib.metadata.requires("refrag") or []
+            if "==" in r and ";" not in r
+        )
+        for dist in ("torch", "transformers"):
             found = importlib.metadata.version(dist)
-            if not found.startswith(pinned):
-                raise ImportError(f"{dist} {found} != {pinned}")
-    except ImportError as err:
+            if not found.startswith(pins[dist]):
+                raise ImportError(f"{dist} {found} != {pins[dist]}")
+    except (ImportError, KeyError) as err:
         sys.exit(
             f"refrag-workflow: not in the project's environment ({err}); "
             "run ./setup.sh and `source .venv/bin/activate` (or use .venv/bin/snakemake)."
@@ -22,14 +34,39 @@ def _check_environment():
 
 
 _check_environment()
-validate(config, "../schemas/config.schema.yaml")
-for _i, _run in enumerate(config["runs"]):
-    for _role in ("decoder", "encoder"):
-        if _run[_role] not in config["models"]:
-            raise ValueError(
-                f"config runs[{_i}].{_role}: {_run[_role]!r} is not a key of `models` "
-                f"({', '.join(config['models'])})"
-            )
+
+from refrag.stages import STAGES, stage_config_schema  # noqa: E402  (after the guard)
+
+
+def validate_config(config):
+    """Validate against workflow/schemas/config.schema.yaml, whose stage sections (names,
+    hyperparameters and their defaults) come from the stage registry refrag.stages.STAGES."""
+    schema = yaml.safe_load(
+        Path(workflow.basedir, "workflow/schemas/config.schema.yaml").read_text()
+    )
+    props = schema["properties"]
+    props["train"]["properties"] = {
+        name: stage_config_schema(stage.defaults) | {"default": {}}
+        for name, stage in STAGES.items()
+    }
+    props["runs"]["items"]["properties"]["train"]["properties"] = {
+        name: stage_config_schema() for name in STAGES
+    }
+    props["eval"]["properties"]["stages"]["items"] = {"enum": list(STAGES)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "config.schema.yaml")
+        path.write_text(yaml.safe_dump(schema))
+        validate(config, str(path))
+    for i, run in enumerate(config["runs"]):
+        for role in ("decoder", "encoder"):
+            if run[role] not in config["models"]:
+                raise ValueError(
+                    f"config runs[{i}].{role}: {run[role]!r} is not a key of `models` "
+                    f"({', '.join(config['models'])})"
+                )
+
+
+validate_config(config)
 
 
 # --- config accessors ---
@@ -48,10 +85,10 @@ def fetched_corpus(wildcards):
     return []
 
 
-STAGES = ["align", "reconstruct", "cpt"]
 
 
 wildcard_constraints:
+    corpus=re.escape(CORPUS),  # the corpus rules make the configured corpus only
     k=r"\d+",
     split="|".join(SPLITS),
     stage="|".join(STAGES),
@@ -70,9 +107,40 @@ def find_run(wildcards):
     )
 
 
-def stage_hp(wildcards, stage):
-    """A stage's hyperparameters: the config's defaults, overridden by the run's own."""
+def stage_hp(wildcards):
+    """The job's stage hyperparameters: the config's (whose defaults come from the stage
+    registry), overridden by the run's own."""
+    stage = wildcards.stage
     return config["train"][stage] | find_run(wildcards).get("train", {}).get(stage, {})
+
+
+# what each kind of `Stage.data` is in this workflow's layout
+STAGE_DATA = {
+    "alignment": "results/alignment/{corpus}/{decoder}/{encoder}/train.parquet",
+    "shards": "results/shards/{corpus}/{decoder}/{encoder}/train",
+}
+CHECKPOINT = "results/checkpoints/{corpus}/{decoder}/{encoder}/k{k}/{stage}"
+
+
+def train_inputs(wildcards):
+    """A stage reads its data and starts from the previous stage's checkpoint (registry), or
+    from the base encoder and decoder."""
+    stage = STAGES[wildcards.stage]
+    values = dict(wildcards.items())
+    inputs = {"data": STAGE_DATA[stage.data].format(**values)}
+    if stage.previous:
+        inputs["init"] = CHECKPOINT.format(**values | {"stage": stage.previous})
+    else:
+        inputs["encoder"] = f"resources/models/{wildcards.encoder}"
+        inputs["decoder"] = f"resources/models/{wildcards.decoder}"
+    return inputs
+
+
+def train_start(wildcards, input):
+    """`python -m refrag.training` arguments naming where the stage starts."""
+    if "init" in input.keys():
+        return f"--init {shlex.quote(input.init)}"
+    return f"--encoder {shlex.quote(input.encoder)} --decoder {shlex.quote(input.decoder)}"
 
 
 def run_gpus(wildcards):
@@ -114,8 +182,18 @@ def eval_outputs():
     return files
 
 
-def checkpoints(stage):
-    return [f"results/checkpoints/{d}/{e}/k{k}/{stage}" for d, e, k in run_keys()]
+def checkpoints(stages=STAGES):
+    """Every run's checkpoint of each of ``stages``, in registry order."""
+    return [
+        CHECKPOINT.format(corpus=CORPUS, decoder=d, encoder=e, k=k, stage=stage)
+        for d, e, k in run_keys()
+        for stage in stages
+    ]
+
+
+def checkpoint_labels(stages=STAGES):
+    """The run label of each of checkpoints(stages), for the training-curve plot."""
+    return [f"{d} / {e} / k{k}" for d, e, k in run_keys() for _ in stages]
 
 
 def gpu_resources(gpus, vcpu_per_gpu=8, mem_mb_per_gpu=61440, timeout_s=86400):

@@ -4,8 +4,6 @@ rule fetch_corpus:
         directory("resources/corpus/{corpus}/source"),
     log:
         "logs/fetch_corpus/{corpus}.log",
-    conda:
-        "../envs/refrag.yaml"
     params:
         source=config["corpus"]["source"],
     script:
@@ -21,8 +19,6 @@ rule prepare_corpus:
         manifest="results/corpus/{corpus}/manifest.json",
     log:
         "logs/prepare_corpus/{corpus}.log",
-    conda:
-        "../envs/refrag.yaml"
     params:
         source=config["corpus"]["source"],
         validation_fraction=config["corpus"]["validation_fraction"],

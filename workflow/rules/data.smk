@@ -8,8 +8,6 @@ rule tokenize:
         directory("results/shards/{corpus}/{decoder}/{encoder}/{split}"),
     log:
         "logs/tokenize/{corpus}/{decoder}/{encoder}/{split}.log",
-    conda:
-        "../envs/refrag.yaml"
     params:
         context_tokens=config["data"]["context_tokens"],
         target_tokens=config["data"]["target_tokens"],
@@ -28,7 +26,5 @@ rule align_pairs:
         "results/alignment/{corpus}/{decoder}/{encoder}/train.parquet",
     log:
         "logs/align_pairs/{corpus}/{decoder}/{encoder}.log",
-    conda:
-        "../envs/refrag.yaml"
     script:
         "../scripts/align_pairs.py"

@@ -5,8 +5,6 @@ rule hello_dist:
     log:
         torchrun="logs/hello_dist/torchrun.log",
         ranks=directory("logs/hello_dist/ranks"),
-    conda:
-        "../envs/refrag.yaml"
     threads: config["hello_dist"]["nproc"]
     params:
         nproc=config["hello_dist"]["nproc"],

@@ -8,8 +8,6 @@ rule eval_baselines:
         "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/baselines.json",
     log:
         "logs/eval_baselines/{corpus}/{decoder}/{encoder}/{eval_set}.log",
-    conda:
-        "../envs/refrag.yaml"
     threads: 2
     params:
         batch_size=config["eval"]["batch_size"],
@@ -21,13 +19,11 @@ rule eval_refrag:
     """Log-perplexity of a REFRAG checkpoint reading the context as chunk embeddings."""
     input:
         shards="results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
-        checkpoint="results/checkpoints/{decoder}/{encoder}/k{k}/{stage}",
+        checkpoint=CHECKPOINT,
     output:
         "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.json",
     log:
         "logs/eval_refrag/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.log",
-    conda:
-        "../envs/refrag.yaml"
     threads: 2
     params:
         batch_size=config["eval"]["batch_size"],
@@ -40,11 +36,13 @@ rule perplexity_table:
     input:
         eval_outputs(),
     output:
-        "results/eval/perplexity.csv",
+        report(
+            "results/eval/perplexity.csv",
+            caption="../report/perplexity_table.rst",
+            category="Evaluation",
+        ),
     log:
         "logs/perplexity_table.log",
-    conda:
-        "../envs/refrag.yaml"
     params:
         final_stage=config["eval"]["stages"][-1],
     script:

@@ -3,8 +3,6 @@ rule fetch_model:
         directory("resources/models/{model}"),
     log:
         "logs/fetch_model/{model}.log",
-    conda:
-        "../envs/refrag.yaml"
     params:
         spec=lambda wc: model_spec(wc.model),
     script:

@@ -1,28 +1,31 @@
+# Every table and plot the report shows is a rule output flagged report(...) with a caption
+# (workflow/report/*.rst), so `snakemake --report results/report.zip` carries them too.
+
+
 rule rulegraph:
-    """The workflow's rule graph as SVG (graphviz `dot`)."""
+    """The rule graph of this run's config (handed to the inner Snakemake), as SVG (graphviz
+    `dot`); redrawn whenever the config changes."""
     output:
-        "results/dag.svg",
+        report("results/dag.svg", caption="../report/dag.rst", category="Workflow"),
     log:
         "logs/rulegraph.log",
-    conda:
-        "../envs/refrag.yaml"
     params:
-        python=PYTHON,
-    shell:
-        "({params.python} -m snakemake --rulegraph dot eval_report --nolock | dot -Tsvg > {output}) 2> {log}"
+        config=config,
+        target="eval_report",
+    script:
+        "../scripts/rulegraph.py"
 
 
 rule bench_ttft:
-    """Time to first token: plain decoder vs REFRAG (cached and recomputed chunk embeddings)."""
+    """Time to first token of one decoder/encoder pair: plain decoder vs REFRAG (cached and
+    recomputed chunk embeddings)."""
     input:
-        decoder=f"resources/models/{config['runs'][0]['decoder']}",
-        encoder=f"resources/models/{config['runs'][0]['encoder']}",
+        decoder="resources/models/{decoder}",
+        encoder="resources/models/{encoder}",
     output:
-        "results/bench/ttft.json",
+        "results/bench/{decoder}/{encoder}/ttft.json",
     log:
-        "logs/bench_ttft.log",
-    conda:
-        "../envs/refrag.yaml"
+        "logs/bench_ttft/{decoder}/{encoder}.log",
     threads: 2
     params:
         python=PYTHON,
@@ -36,12 +39,80 @@ rule bench_ttft:
         "--encoder {input.encoder} --json {output} > {log} 2>&1"
 
 
+rule ttft_table:
+    """results/bench/ttft.json (+ .csv): the TTFT rows of every decoder/encoder pair."""
+    input:
+        expand(
+            "results/bench/{pair[0]}/{pair[1]}/ttft.json",
+            pair=pair_keys(),
+        ),
+    output:
+        json="results/bench/ttft.json",
+        csv=report(
+            "results/bench/ttft.csv", caption="../report/ttft_table.rst", category="Speed"
+        ),
+    log:
+        "logs/ttft_table.log",
+    params:
+        labels=[{"decoder": d, "encoder": e} for d, e in pair_keys()],
+    script:
+        "../scripts/ttft_table.py"
+
+
+rule plot_perplexity:
+    """Log-perplexity vs compression k, baselines as horizontal lines."""
+    input:
+        "results/eval/perplexity.csv",
+    output:
+        report(
+            "results/plots/perplexity.png",
+            caption="../report/perplexity.rst",
+            category="Evaluation",
+        ),
+    log:
+        "logs/plot_perplexity.log",
+    script:
+        "../scripts/plot_perplexity.py"
+
+
+rule plot_training:
+    """Training loss per step of every stage (registry order) and run."""
+    input:
+        checkpoints(),
+    output:
+        report(
+            "results/plots/training.png",
+            caption="../report/training.rst",
+            category="Training",
+        ),
+    log:
+        "logs/plot_training.log",
+    params:
+        labels=checkpoint_labels(),
+    script:
+        "../scripts/plot_training.py"
+
+
+rule plot_ttft:
+    """TTFT speedup over the plain decoder vs context length."""
+    input:
+        "results/bench/ttft.json",
+    output:
+        report("results/plots/ttft.png", caption="../report/ttft.rst", category="Speed"),
+    log:
+        "logs/plot_ttft.log",
+    script:
+        "../scripts/plot_ttft.py"
+
+
 rule eval_report:
-    """results/report.html (+ report.md): tables, plots, training curves and the DAG."""
+    """results/report.html (+ report.md): the tables, plots and DAG above in one page."""
     input:
         perplexity="results/eval/perplexity.csv",
-        checkpoints=[c for stage in STAGES for c in checkpoints(stage)],
-        ttft="results/bench/ttft.json",
+        ttft="results/bench/ttft.csv",
+        perplexity_plot="results/plots/perplexity.png",
+        training_plot="results/plots/training.png",
+        ttft_plot="results/plots/ttft.png",
         dag="results/dag.svg",
     output:
         html=report(
@@ -50,21 +121,16 @@ rule eval_report:
         md="results/report.md",
     log:
         "logs/eval_report.log",
-    conda:
-        "../envs/refrag.yaml"
     script:
         "../scripts/eval_report.py"
-
-
-rule all:
-    """Default target: the report."""
-    default_target: True
-    input:
-        "results/report.html",
 
 
 localrules:
     all,
     perplexity_table,
     rulegraph,
+    ttft_table,
+    plot_perplexity,
+    plot_training,
+    plot_ttft,
     eval_report,

@@ -6,8 +6,8 @@ from refrag.utils import log_to
 with log_to(snakemake.log[0]):
     pairs = build_alignment_cache(
         read_shards(snakemake.input.shards),
-        AutoTokenizer.from_pretrained(snakemake.input.decoder),
-        AutoTokenizer.from_pretrained(snakemake.input.encoder),
-        snakemake.output[0],
+        encoder_tokenizer=AutoTokenizer.from_pretrained(snakemake.input.encoder),
+        decoder_tokenizer=AutoTokenizer.from_pretrained(snakemake.input.decoder),
+        out=snakemake.output[0],
     )
     print(f"{pairs} aligned pairs")

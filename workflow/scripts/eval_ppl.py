@@ -10,8 +10,8 @@ with log_to(snakemake.log[0]):
         shards=snakemake.input.shards,
         out=snakemake.output[0],
         checkpoint=snakemake.input.get("checkpoint"),
-        decoder=snakemake.input.get("decoder"),
         encoder=snakemake.input.get("encoder"),
+        decoder=snakemake.input.get("decoder"),
         labels={"decoder": wc.decoder, "encoder": wc.encoder, "eval_set": wc.eval_set},
         batch_size=snakemake.params.batch_size,
     )

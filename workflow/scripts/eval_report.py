@@ -4,8 +4,12 @@ from refrag.utils import log_to
 with log_to(snakemake.log[0]):
     write_report(
         perplexity_csv=snakemake.input.perplexity,
-        checkpoints=snakemake.input.checkpoints,
-        ttft_json=snakemake.input.ttft,
+        ttft_csv=snakemake.input.ttft,
+        figures={
+            "Log-perplexity vs compression": snakemake.input.perplexity_plot,
+            "Training curves": snakemake.input.training_plot,
+            "TTFT speedup": snakemake.input.ttft_plot,
+        },
         dag_svg=snakemake.input.dag,
         html_out=snakemake.output.html,
         md_out=snakemake.output.md,

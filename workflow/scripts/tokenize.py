@@ -7,12 +7,20 @@ from refrag.data import iter_windows, spread, tokenizer_id, write_shards
 from refrag.utils import log_to
 
 with log_to(snakemake.log[0]):
-    decoder = AutoTokenizer.from_pretrained(snakemake.input.decoder)
     encoder = AutoTokenizer.from_pretrained(snakemake.input.encoder)
+    decoder = AutoTokenizer.from_pretrained(snakemake.input.decoder)
     documents = pd.read_parquet(snakemake.input.corpus).to_dict("records")
     p = snakemake.params
     windows = spread(
-        list(iter_windows(documents, decoder, encoder, p.context_tokens, p.target_tokens)),
+        list(
+            iter_windows(
+                documents,
+                encoder_tokenizer=encoder,
+                decoder_tokenizer=decoder,
+                context_tokens=p.context_tokens,
+                target_tokens=p.target_tokens,
+            )
+        ),
         p.max_windows,
     )
     manifest = write_shards(

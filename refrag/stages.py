@@ -1,0 +1,170 @@
+"""The training stages, in one table: :data:`STAGES`.
+
+A :class:`Stage` names what a stage reads (``data``), the stage whose checkpoint it starts
+from (``previous``; ``None``: the base encoder and decoder), how its examples are built
+(``dataset``), which trainer optimizes them (``trainer``) and its default hyperparameters
+(``defaults``, a :class:`StageConfig`). Everything else reads this table: ``train_stage`` and
+``python -m refrag.training --stage NAME``, the workflow's one ``train`` rule and its config
+schema (:func:`stage_config_schema`), and the report. Adding a stage is one entry here, plus
+its dataset builder and trainer in :mod:`refrag.training`.
+
+``dataset`` and ``trainer`` are ``"module:attribute"`` references, resolved by
+:meth:`Stage.build_dataset` / :meth:`Stage.build_trainer`, so that the workflow can read the
+table when it parses the Snakefile without importing the Trainer stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+
+def _hp(default: Any, description: str, **schema: Any) -> Any:
+    """A :class:`StageConfig` field: its default, description and JSON-schema constraints."""
+    factory = {"default_factory": lambda: type(default)(default)}
+    kind = factory if isinstance(default, list | dict) else {"default": default}
+    return field(**kind, metadata={"description": description, **schema})
+
+
+@dataclass
+class StageConfig:
+    """Hyperparameters of one training stage (a rule's ``params``; the config's ``train.NAME``)."""
+
+    steps: int = _hp(100, "optimizer steps", minimum=1)
+    batch_size: int = _hp(8, "per-device batch size", minimum=1)
+    lr: float = _hp(1e-4, "peak learning rate (AdamW, cosine, warmup)", exclusiveMinimum=0)
+    warmup_ratio: float = _hp(0.04, "fraction of the steps spent warming up", minimum=0, maximum=1)
+    weight_decay: float = _hp(0.0, "AdamW weight decay", minimum=0)
+    grad_accum: int = _hp(1, "gradient-accumulation steps", minimum=1)
+    train_encoder: bool = _hp(True, "update the encoder's weights")
+    train_projector: bool = _hp(True, "update the projector's weights")
+    train_decoder: bool = _hp(False, "update the decoder's weights")
+    curriculum: list[int] = _hp(
+        [1, 2, 4, 8, 16],
+        "chunks per example at each curriculum stage (reconstruction)",
+        items={"minimum": 1},
+        minItems=1,
+    )
+    loss_weights: dict[str, float] = _hp(
+        {"mse": 1.0, "kld": 1.0, "argmax": 1.0},
+        "weights of the alignment losses",
+        properties={name: {"type": "number", "minimum": 0} for name in ("mse", "kld", "argmax")},
+        additionalProperties=False,
+    )
+    max_pairs: int = _hp(
+        256,
+        "aligned positions per alignment batch (each costs a vocabulary-wide softmax)",
+        minimum=1,
+    )
+    save_steps: int = _hp(50, "steps between Trainer checkpoints (resume points)", minimum=1)
+    logging_steps: int = _hp(5, "steps between logged losses", minimum=1)
+    seed: int = _hp(0, "seed of torch, the Trainer and the alignment-pair sampling")
+
+    def merged(self, overrides: dict[str, Any] | None) -> StageConfig:
+        """This configuration with ``overrides`` laid over it (unknown names raise TypeError)."""
+        return replace(self, **(overrides or {}))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: see the module docstring."""
+
+    name: str
+    summary: str
+    data: Literal["alignment", "shards"]  # the alignment-pair cache, or the train shard folder
+    previous: str | None
+    dataset: str  # "module:function" (data, tok, hp) -> (torch Dataset, collator)
+    trainer: str  # "module:function" (hp, **trainer_kwargs) -> transformers.Trainer
+    defaults: StageConfig
+
+    def build_dataset(self, data: str | os.PathLike, tok: Any, hp: StageConfig) -> tuple:
+        return _resolve(self.dataset)(data, tok, hp)
+
+    def build_trainer(self, hp: StageConfig, **trainer_kwargs: Any) -> Any:
+        return _resolve(self.trainer)(hp, **trainer_kwargs)
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage(
+            name="align",
+            summary="the seed's alignment app: the projector maps encoder token states onto "
+            "the decoder's embeddings at aligned token positions (MSE + KL + argmax losses)",
+            data="alignment",
+            previous=None,
+            dataset="refrag.training:alignment_dataset",
+            trainer="refrag.training:alignment_trainer",
+            defaults=StageConfig(steps=20, batch_size=8, lr=1e-3, train_encoder=False),
+        ),
+        Stage(
+            name="reconstruct",
+            summary="paper stage 1: decoder frozen; encoder + projector reproduce the context "
+            "from its chunk embeddings, with a curriculum from 1 chunk up",
+            data="shards",
+            previous="align",
+            dataset="refrag.training:reconstruction_dataset",
+            trainer="refrag.training:curriculum_trainer",
+            defaults=StageConfig(steps=30, batch_size=8, lr=2e-4, curriculum=[1, 2, 4]),
+        ),
+        Stage(
+            name="cpt",
+            summary="paper stage 2 (continual pretraining): read s context tokens as chunk "
+            "embeddings, predict the next o tokens",
+            data="shards",
+            previous="reconstruct",
+            dataset="refrag.training:continuation_dataset",
+            trainer="refrag.training:causal_lm_trainer",
+            defaults=StageConfig(steps=150, batch_size=4, lr=2e-4),
+        ),
+    )
+}
+
+
+def get_stage(name: str) -> Stage:
+    """The registered stage ``name``; a ValueError naming the known stages otherwise."""
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
+
+
+def stage_config_schema(defaults: StageConfig | None = None) -> dict[str, Any]:
+    """JSON schema (draft 2020-12) of a stage's hyperparameters, from :class:`StageConfig`'s
+    fields; with ``defaults``, each property carries its default value."""
+    hints = typing.get_type_hints(StageConfig)
+    properties = {}
+    for f in fields(StageConfig):
+        prop = _json_type(hints[f.name])
+        for key, value in f.metadata.items():  # constraints refine the generated type
+            both = isinstance(prop.get(key), dict) and isinstance(value, dict)
+            prop[key] = prop[key] | value if both else value
+        if defaults is not None:
+            prop["default"] = asdict(defaults)[f.name]
+        properties[f.name] = prop
+    return {
+        "type": "object",
+        "description": "hyperparameters of one training stage (refrag.stages.StageConfig)",
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+def _json_type(hint: Any) -> dict[str, Any]:
+    scalar = {int: "integer", float: "number", bool: "boolean", str: "string"}
+    if hint in scalar:
+        return {"type": scalar[hint]}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return {"type": "array", "items": _json_type(args[0])}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _json_type(args[1])}
+    raise TypeError(f"no JSON type for {hint!r}")
+
+
+def _resolve(reference: str) -> Any:
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)

@@ -1,0 +1,48 @@
+import jsonschema
+import pytest
+
+from refrag.stages import STAGES, StageConfig, get_stage, stage_config_schema
+
+
+def test_stages_form_one_chain_from_the_base_models():
+    names = list(STAGES)
+    assert [s.previous for s in STAGES.values()] == [None, *names[:-1]]
+    assert all(name == stage.name for name, stage in STAGES.items())
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_every_stage_names_a_dataset_builder_and_a_trainer_that_exist(name):
+    from refrag.stages import _resolve
+
+    stage = STAGES[name]
+    assert callable(_resolve(stage.dataset)) and callable(_resolve(stage.trainer))
+    assert stage.data in ("alignment", "shards")
+
+
+def test_unknown_stage_names_the_known_ones():
+    with pytest.raises(ValueError, match="align, reconstruct, cpt"):
+        get_stage("sft")
+
+
+def test_stage_config_rejects_unknown_hyperparameters():
+    with pytest.raises(TypeError):
+        StageConfig(stepz=3)
+    with pytest.raises(TypeError):
+        STAGES["cpt"].defaults.merged({"stepz": 3})
+
+
+def test_overrides_keep_the_stage_defaults_they_do_not_name():
+    hp = STAGES["reconstruct"].defaults.merged({"lr": 1e-5})
+    assert hp.lr == 1e-5 and hp.curriculum == [1, 2, 4] and hp.steps == 30
+
+
+def test_schema_covers_every_field_with_its_default_and_checks_values():
+    schema = stage_config_schema(STAGES["cpt"].defaults)
+    assert set(schema["properties"]) == set(StageConfig.__dataclass_fields__)
+    assert schema["properties"]["lr"]["default"] == 2e-4
+    assert schema["properties"]["curriculum"]["items"] == {"type": "integer", "minimum": 1}
+    jsonschema.validate({"steps": 3, "loss_weights": {"mse": 0.5}}, schema)
+    for bad in ({"steps": 0}, {"stepz": 3}, {"train_decoder": "yes"}, {"loss_weights": {"l1": 1}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    assert "default" not in stage_config_schema()["properties"]["lr"]
