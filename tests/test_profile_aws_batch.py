@@ -24,8 +24,7 @@ import boto3
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode: no test dir on the path
-from conftest_profiles import GPU_RESOURCES, VENV, copy_worktree  # noqa: E402
+from .conftest_profiles import VENV, copy_worktree
 
 REGION = "eu-west-1"
 BUCKET = "refrag-test-bucket"
@@ -84,9 +83,7 @@ from snakemake.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
 
-PROBE = f"""include: "Snakefile"
-
-{GPU_RESOURCES}
+PROBE = """include: "Snakefile"
 
 rule gpu_probe:
     output:
@@ -94,7 +91,7 @@ rule gpu_probe:
     resources:
         **gpu_resources(8),
     shell:
-        "echo probed > {{output}}"
+        "echo probed > {output}"
 
 
 rule fail_probe:

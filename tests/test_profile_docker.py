@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode: no test dir on the path
-from conftest_profiles import REPO, VENV, copy_worktree  # noqa: E402
+from .conftest_profiles import REPO, VENV, copy_worktree
 
 DOCKER_JOB = REPO / "profiles" / "docker" / "docker_job.py"
 PYTHON_HOME = Path(sys.base_prefix)

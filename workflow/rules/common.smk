@@ -40,7 +40,8 @@ from refrag.stages import STAGES, stage_config_schema  # noqa: E402  (after the 
 
 def validate_config(config):
     """Validate against workflow/schemas/config.schema.yaml, whose stage sections (names,
-    hyperparameters and their defaults) come from the stage registry refrag.stages.STAGES."""
+    hyperparameters and their defaults) come from the stage registry refrag.stages.STAGES.
+    """
     schema = yaml.safe_load(
         Path(workflow.basedir, "workflow/schemas/config.schema.yaml").read_text()
     )
@@ -83,8 +84,6 @@ def fetched_corpus(wildcards):
     if config["corpus"]["source"].startswith(("embedded:", "hf:")):
         return f"resources/corpus/{wildcards.corpus}/source"
     return []
-
-
 
 
 wildcard_constraints:
@@ -140,7 +139,9 @@ def train_start(wildcards, input):
     """`python -m refrag.training` arguments naming where the stage starts."""
     if "init" in input.keys():
         return f"--init {shlex.quote(input.init)}"
-    return f"--encoder {shlex.quote(input.encoder)} --decoder {shlex.quote(input.decoder)}"
+    return (
+        f"--encoder {shlex.quote(input.encoder)} --decoder {shlex.quote(input.decoder)}"
+    )
 
 
 def run_gpus(wildcards):

@@ -49,7 +49,9 @@ rule ttft_table:
     output:
         json="results/bench/ttft.json",
         csv=report(
-            "results/bench/ttft.csv", caption="../report/ttft_table.rst", category="Speed"
+            "results/bench/ttft.csv",
+            caption="../report/ttft_table.rst",
+            category="Speed",
         ),
     log:
         "logs/ttft_table.log",

@@ -5,13 +5,18 @@ from pathlib import Path
 
 import yaml
 
+from refrag.utils import log_to
+
 # The outer run's effective config goes to the inner Snakemake, so the graph is this run's.
-with open(snakemake.log[0], "w") as log, tempfile.TemporaryDirectory() as tmp:
+with log_to(snakemake.log[0]), tempfile.TemporaryDirectory() as tmp:
     configfile = Path(tmp, "config.yaml")
     configfile.write_text(yaml.safe_dump(dict(snakemake.params.config)))
-    command = [sys.executable, "-m", "snakemake", "--rulegraph", "dot", "--nolock"]
-    command += ["--configfile", str(configfile), snakemake.params.target]
-    graph = subprocess.run(command, check=True, capture_output=True, text=True)
-    log.write(graph.stderr)
-    svg = subprocess.run(["dot", "-Tsvg"], input=graph.stdout, check=True, capture_output=True)
+    command = [sys.executable, "-m", "snakemake", "--rulegraph", "dot", snakemake.params.target]
+    command += ["--nolock", "--configfile", str(configfile)]
+    graph = subprocess.run(command, capture_output=True, text=True)
+    print(graph.stderr)
+    graph.check_returncode()
+    svg = subprocess.run(["dot", "-Tsvg"], input=graph.stdout.encode(), capture_output=True)
+    print(svg.stderr.decode())
+    svg.check_returncode()
     Path(snakemake.output[0]).write_bytes(svg.stdout)
