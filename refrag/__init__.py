@@ -1,4 +1,9 @@
-"""REFRAG: compress retrieved context into chunk embeddings that a decoder reads."""
+"""REFRAG: compress retrieved context into chunk embeddings that a decoder reads.
+
+"The seed", where docstrings cite it, is the Hydra-driven repository this project grew from
+(``run.py app=… env=… driver=…``); its tokenizer, token alignment, model, alignment trainer
+and per-rank logs are kept here, its Hydra apps became Snakemake rules.
+"""
 
 from refrag.alignment import Alignment, align
 from refrag.modeling import RefragConfig, RefragModel

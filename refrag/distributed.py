@@ -42,7 +42,7 @@ def init_distributed() -> World:
 
 
 def rank_log_path(log_dir: str | os.PathLike) -> Path:
-    """``{log_dir}/run-{RANK}.log``: one log per rank, as in the seed."""
+    """``{log_dir}/run-{RANK}.log``: one log per rank, as in the seed (see :mod:`refrag`)."""
     return Path(log_dir) / f"run-{os.environ.get('RANK', '0')}.log"
 
 

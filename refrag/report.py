@@ -86,6 +86,11 @@ def plot_perplexity(perplexity_csv: PathLike, out: PathLike) -> Path:
     return Path(out)
 
 
+def stage_order(names: set[str]) -> list[str]:
+    """``names`` in the stage registry's order; stages it does not know last, sorted."""
+    return [s for s in STAGES if s in names] + sorted(names - set(STAGES))
+
+
 def plot_training(checkpoints: Sequence[tuple[str, PathLike]], out: PathLike) -> Path:
     """Training loss per step, one panel per stage (in :data:`refrag.stages.STAGES` order), one
     line per run: ``checkpoints`` are (run label, stage folder holding training_log.json)."""
@@ -93,8 +98,7 @@ def plot_training(checkpoints: Sequence[tuple[str, PathLike]], out: PathLike) ->
         (label, json.loads((Path(folder) / "training_log.json").read_text()))
         for label, folder in checkpoints
     ]
-    order = [*STAGES, *sorted({log["stage"] for _, log in logs} - set(STAGES))]
-    stages = [stage for stage in order if any(log["stage"] == stage for _, log in logs)]
+    stages = stage_order({log["stage"] for _, log in logs})
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         for run, log in logs:

@@ -8,6 +8,20 @@ from (``previous``; ``None``: the base encoder and decoder), how its examples ar
 schema (:func:`stage_config_schema`), and the report. Adding a stage is one entry here, plus
 its dataset builder and trainer in :mod:`refrag.training`.
 
+To add a stage:
+
+1. write its dataset builder ``(data, tok, hp) -> (dataset, collator)`` and trainer factory
+   ``(hp, **trainer_kwargs) -> Trainer`` in :mod:`refrag.training` (or reuse existing ones);
+   new hyperparameters become :class:`StageConfig` fields (with a description and JSON-schema
+   constraints: the config schema is generated from them);
+2. add its :class:`Stage` below, after the stage named in ``previous`` (table order is
+   training order);
+3. only if it reads a new kind of ``data``: add the kind to ``Stage.data`` and its path to
+   ``STAGE_DATA`` in ``workflow/rules/common.smk``.
+
+The workflow then has a ``train`` job for it and a ``train.NAME`` config section with its
+defaults; list it in the config's ``eval.stages`` to evaluate its checkpoints.
+
 ``dataset`` and ``trainer`` are ``"module:attribute"`` references, resolved by
 :meth:`Stage.build_dataset` / :meth:`Stage.build_trainer`, so that the workflow can read the
 table when it parses the Snakefile without importing the Trainer stack.

@@ -76,7 +76,7 @@ class MalformedDocTagError(DocMarkupError):
 class Segment(Mapping):
     """One run of text: decoder text, or one document for the encoder.
 
-    Readable as a mapping too (``seg["type"]``, ``seg["meta"]["id"]``), as in the seed.
+    Readable as a mapping too (``seg["type"]``, ``seg["meta"]["id"]``), as in the seed (see :mod:`refrag`).
     ``start`` is the character offset of ``raw_text`` in the input.
     """
 

@@ -4,10 +4,13 @@ import pytest
 from refrag.stages import STAGES, StageConfig, get_stage, stage_config_schema
 
 
-def test_stages_form_one_chain_from_the_base_models():
+def test_each_stage_starts_from_an_earlier_one_or_the_base_models():
     names = list(STAGES)
-    assert [s.previous for s in STAGES.values()] == [None, *names[:-1]]
+    assert STAGES[names[0]].previous is None
+    for i, stage in enumerate(STAGES.values()):
+        assert stage.previous is None or stage.previous in names[:i]
     assert all(name == stage.name for name, stage in STAGES.items())
+    assert [s.previous for s in STAGES.values()] == [None, "align", "reconstruct"]
 
 
 @pytest.mark.parametrize("name", list(STAGES))

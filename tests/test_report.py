@@ -1,0 +1,92 @@
+import json
+
+import pandas as pd
+
+from refrag.report import (
+    plot_perplexity,
+    plot_training,
+    plot_ttft,
+    stage_order,
+    write_report,
+    write_ttft_table,
+)
+
+PNG = b"\x89PNG"
+
+
+def perplexity_csv(path):
+    base = {"decoder": "d", "encoder": "e", "eval_set": "test", "n_tokens": 80}
+    rows = [
+        base | {"variant": "no_context", "k": None, "log_ppl": 3.0},
+        base | {"variant": "full_context", "k": None, "log_ppl": 2.0},
+        base | {"variant": "refrag", "k": 8, "log_ppl": 2.2, "context_benefit_retained": 0.8},
+        base | {"variant": "refrag", "k": 16, "log_ppl": 2.4, "context_benefit_retained": 0.6},
+    ]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def ttft_rows(k):
+    return [
+        {"context": s, "k": k, "baseline_ms": 10.0, "refrag_cached_ms": 2.0}
+        | {"refrag_recomputed_ms": 4.0, "speedup_cached": 5.0, "speedup_recomputed": 2.5}
+        for s in (256, 512)
+    ]
+
+
+def test_ttft_benchmarks_merge_with_their_labels(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(ttft_rows(8)))
+    labels = [{"decoder": "dec", "encoder": name} for name in ("a", "b")]
+    table = write_ttft_table(
+        list(zip(labels, [tmp_path / "a.json", tmp_path / "b.json"])),
+        json_out=tmp_path / "ttft.json",
+        csv_out=tmp_path / "ttft.csv",
+    )
+    assert list(table["encoder"]) == ["a", "a", "b", "b"]
+    assert json.loads((tmp_path / "ttft.json").read_text())[2]["encoder"] == "b"
+    assert pd.read_csv(tmp_path / "ttft.csv").columns[:3].tolist() == [
+        "decoder",
+        "encoder",
+        "context",
+    ]
+    assert plot_ttft(tmp_path / "ttft.json", tmp_path / "ttft.png").read_bytes().startswith(PNG)
+
+
+def test_training_panels_follow_the_stage_registry(tmp_path):
+    folders = []
+    for stage in ("cpt", "align"):
+        folder = tmp_path / stage
+        folder.mkdir()
+        history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+        (folder / "training_log.json").write_text(
+            json.dumps({"stage": stage, "log_history": history})
+        )
+        folders.append(("d / e / k8", folder))
+    out = plot_training(folders, tmp_path / "training.png")
+    assert out.read_bytes().startswith(PNG)
+    assert stage_order({"cpt", "zeta", "align"}) == ["align", "cpt", "zeta"]
+
+
+def test_report_inlines_the_given_figures_and_links_them_in_markdown(tmp_path):
+    csv = perplexity_csv(tmp_path / "perplexity.csv")
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    figure = plot_perplexity(csv, plots / "perplexity.png")
+    (tmp_path / "ttft.json").write_text(json.dumps(ttft_rows(16)))
+    write_ttft_table([({}, tmp_path / "ttft.json")], tmp_path / "t.json", tmp_path / "ttft.csv")
+    out = tmp_path / "out"
+    out.mkdir()
+    write_report(
+        perplexity_csv=csv,
+        ttft_csv=tmp_path / "ttft.csv",
+        figures={"Log-perplexity vs compression": figure},
+        dag_svg=None,
+        html_out=out / "report.html",
+        md_out=out / "report.md",
+        config={"runs": []},
+    )
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64" in html and "context_benefit_retained" in html
+    assert "Time to first token" in html and "Configuration" in html
+    assert "](../plots/perplexity.png)" in (out / "report.md").read_text()
