@@ -121,9 +121,9 @@ def write_ttft_table(
     benchmarks: Sequence[tuple[Mapping[str, str], PathLike]], json_out: PathLike, csv_out: PathLike
 ) -> pd.DataFrame:
     """Merge TTFT benchmark files (JSON row lists), each with its labels (e.g. decoder and
-    encoder) added to its rows, into one JSON row list and one CSV table."""
+    encoder names) set on its rows, into one JSON row list and one CSV table."""
     rows = [
-        dict(labels) | row
+        row | dict(labels)
         for labels, path in benchmarks
         for row in json.loads(Path(path).read_text())
     ]

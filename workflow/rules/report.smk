@@ -6,7 +6,7 @@ rule rulegraph:
     """The rule graph of this run's config (handed to the inner Snakemake), as SVG (graphviz
     `dot`); redrawn whenever the config changes."""
     output:
-        report("results/dag.svg", caption="../report/dag.rst", category="Workflow"),
+        report("results/dag.svg", caption="../report/dag.rst", category="Rule graph"),
     log:
         "logs/rulegraph.log",
     params:
