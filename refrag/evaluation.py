@@ -95,6 +95,7 @@ def evaluate_windows(
     from transformers import AutoModelForCausalLM
 
     from refrag.data import read_shards
+    from refrag.integrity import verify_folder
     from refrag.modeling import RefragModel
     from refrag.tokenization import from_pretrained as tokenizer_from_pretrained
     from refrag.utils import pick_device
@@ -102,6 +103,7 @@ def evaluate_windows(
     windows = read_shards(shards).to_dict("records")
     device = pick_device()
     if checkpoint is not None:
+        verify_folder(checkpoint)
         model, tok = (
             RefragModel.from_pretrained(checkpoint),
             RefragTokenizer.from_pretrained(checkpoint),

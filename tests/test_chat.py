@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, BertConfig, LlamaConfig
 from refrag.chat import ChatSession
 from refrag.cli import main
 from refrag.inference import load_refrag
+from refrag.integrity import write_manifest
 from refrag.modeling import RefragConfig, RefragModel
 from refrag.tokenization import RefragTokenizer
 
@@ -59,6 +60,7 @@ def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("chat") / "ckpt"
     RefragModel(RefragConfig(encoder=encoder, decoder=decoder, compression=4)).save_pretrained(path)
     RefragTokenizer(enc_tok, dec_tok, compression=4).save_pretrained(path)
+    write_manifest(path)  # what training's save writes last; every load checks it
     return path
 
 
