@@ -184,9 +184,8 @@ def write_parquet(frame, path: str | os.PathLike) -> str:
 
     table = pa.Table.from_pandas(frame, preserve_index=False)
     digest = table_digest(table)
-    table = table.replace_schema_metadata(
-        {**(table.schema.metadata or {}), PARQUET_DIGEST_KEY: digest.encode()}
-    )
+    # only the digest as metadata: pandas' own (dtypes, index) would be unchecked input
+    table = table.replace_schema_metadata({PARQUET_DIGEST_KEY: digest.encode()})
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
     return digest
@@ -207,9 +206,12 @@ def read_parquet(path: str | os.PathLike, rule: str | None = None):
         raise IntegrityError(path, f"does not decode ({type(err).__name__})", rule) from None
     if stored is None:
         raise IntegrityError(path, "carries no content digest (written before checksums)", rule)
-    if stored.decode() != actual:
+    if stored != actual.encode():
         raise IntegrityError(path, "does not match the content digest stored in it", rule)
-    return table.to_pandas()
+    try:
+        return table.to_pandas()
+    except Exception as err:  # noqa: BLE001
+        raise IntegrityError(path, f"does not decode ({type(err).__name__})", rule) from None
 
 
 # -- reporting -------------------------------------------------------------------------------
