@@ -29,6 +29,7 @@ from transformers import Trainer, TrainingArguments
 
 from refrag.integrity import one_line_errors, verify_folder, write_manifest
 from refrag.modeling import RefragModel
+from refrag.preflight import check_compression
 from refrag.resume import SealCheckpoints, last_complete_checkpoint, resumed_train_loss
 from refrag.tokenization import RefragTokenizer
 from refrag.tokenization import from_pretrained as tokenizer_from_pretrained
@@ -259,6 +260,7 @@ def train_stage(
         raise ValueError(
             f"{init} was trained with k={model.config.compression}, not k={compression}"
         )
+    check_compression(model.config.encoder, compression)  # k + 2 must fit its positions
     model.set_trainable(
         encoder=hp.train_encoder, projector=hp.train_projector, decoder=hp.train_decoder
     )

@@ -1,6 +1,7 @@
 import importlib.metadata
 import json
 import sys
+from pathlib import Path
 
 from snakemake.utils import validate
 
@@ -21,15 +22,21 @@ def _check_environment():
         )
 
 
+def _check_config():
+    """The whole config, before any job: one line per problem (refrag.preflight)."""
+    from refrag.preflight import check_config
+
+    schema = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+    errors = check_config(config, schema)
+    if errors:
+        sys.exit(
+            "refrag-workflow: config errors, nothing was run:\n  " + "\n  ".join(errors)
+        )
+
+
 _check_environment()
-validate(config, "../schemas/config.schema.yaml")
-for _i, _run in enumerate(config["runs"]):
-    for _role in ("decoder", "encoder"):
-        if _run[_role] not in config["models"]:
-            raise ValueError(
-                f"config runs[{_i}].{_role}: {_run[_role]!r} is not a key of `models` "
-                f"({', '.join(config['models'])})"
-            )
+_check_config()
+validate(config, "../schemas/config.schema.yaml")  # fills in the schema's defaults
 
 
 # --- config accessors ---
