@@ -80,7 +80,8 @@ def chat_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``refrag chat`` options."""
     parser.add_argument(
         "--checkpoint",
-        help="a RefragModel folder (default: assemble --decoder/--encoder, random projector)",
+        help="a RefragModel folder, or hf:<repo> (default: assemble --decoder/--encoder, "
+        "random projector)",
     )
     parser.add_argument(
         "--decoder", default=DEFAULT_DECODER, help="decoder spec when no checkpoint is given"
@@ -105,6 +106,12 @@ def chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     parser.add_argument(
         "--chunk-cache-dir", help="keep chunk embeddings on disk here across sessions"
+    )
+    parser.add_argument(
+        "--max-doc-bytes",
+        type=int,
+        default=1_000_000,
+        help="refuse attachments larger than this (default 1 MB)",
     )
     parser.add_argument(
         "--json", action="store_true", help="one JSON object per turn on stdout (non-interactive)"

@@ -8,6 +8,7 @@ from refrag.tokenization import (
     IGNORE_INDEX,
     DocMarkupError,
     DuplicateDocIdError,
+    EmptyDocumentError,
     MalformedDocTagError,
     MissingDocIdError,
     NestedDocError,
@@ -95,11 +96,11 @@ def test_documents_are_packed_into_rows_of_k_with_a_mask(refrag_tokenizer, encod
     assert sum(enc.attention_mask[-1]) == len(ids) - 4 * (enc.num_chunks - 1)
 
 
-def test_empty_document_gives_a_segment_without_rows(refrag_tokenizer):
-    segs = refrag_tokenizer.parse_and_tokenize("before <doc id='e'></doc> after")
-    assert segs[1].type == "encoder" and segs[1].raw_text == "" and segs[1].packed_tokens == []
-    batch = refrag_tokenizer("before <doc id='e'></doc> after")
-    assert batch["chunk_input_ids"].shape[0] == 0 and not batch["chunk_mask"].any()
+def test_an_empty_document_is_an_error_naming_it(refrag_tokenizer):
+    for body in ("", "   "):
+        with pytest.raises(EmptyDocumentError, match="document 'e' is empty") as err:
+            refrag_tokenizer(f"before <doc id='e'>{body}</doc> after")
+        assert err.value.position == len("before <doc id='e'>")
 
 
 def test_decoder_segments_carry_no_special_tokens(refrag_tokenizer, decoder_tokenizer):
