@@ -1,6 +1,6 @@
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refrag import tokenization
@@ -9,11 +9,14 @@ from refrag.tokenization import (
     DocMarkupError,
     DuplicateDocIdError,
     EmptyDocumentError,
+    InvalidTextError,
     MalformedDocTagError,
     MissingDocIdError,
     NestedDocError,
     RefragTokenizer,
     StrayCloseTagError,
+    TextTooLargeError,
+    TextTypeError,
     UnclosedDocError,
     parse_segments,
 )
@@ -164,3 +167,92 @@ def test_save_and_load_round_trip(tmp_path, refrag_tokenizer):
 def test_module_level_from_pretrained_takes_model_specs(encoder_dir, decoder_dir):
     tok = tokenization.from_pretrained(str(encoder_dir), str(decoder_dir), compression=8)
     assert tok.compression == 8 and tok.decoder_tokenizer.vocab_size == 49152
+
+
+# -- input validation ---------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [b"<doc id='a'>x</doc>", bytearray(b"hi"), None, 5, ["a"]])
+def test_non_str_input_is_a_typed_error(refrag_tokenizer, value):
+    with pytest.raises(TextTypeError, match="expected str"):
+        refrag_tokenizer(value) if isinstance(value, (bytes, bytearray)) else parse_segments(value)
+
+
+def test_bytes_input_says_to_decode_it(refrag_tokenizer):
+    with pytest.raises(TextTypeError, match=r"got bytes: decode it first"):
+        refrag_tokenizer.parse_and_tokenize(b"text")
+
+
+@given(st.text(max_size=40), st.integers(min_value=0), st.integers(0xD800, 0xDFFF))
+def test_a_lone_surrogate_anywhere_is_a_typed_error_naming_its_position(text, at, code):
+    at = at % (len(text) + 1)
+    bad = text[:at] + chr(code) + text[at:]
+    with pytest.raises(InvalidTextError, match=f"U\\+{code:04X}") as err:
+        parse_segments(bad)
+    assert err.value.position == at
+
+
+def test_size_caps_refuse_huge_texts_before_and_after_tokenizing(
+    encoder_tokenizer, decoder_tokenizer
+):
+    capped = RefragTokenizer(
+        encoder_tokenizer, decoder_tokenizer, compression=4, max_text_chars=100, max_chunk_rows=3
+    )
+    with pytest.raises(TextTooLargeError, match="max_text_chars"):
+        capped("x" * 101)
+    with pytest.raises(TextTooLargeError, match="max_chunk_rows"):
+        capped(
+            "<doc id='a'>one two three four five six seven eight nine ten eleven twelve thirteen</doc>"
+        )
+    assert capped("<doc id='a'>one two three</doc>")["chunk_input_ids"].shape[0] == 1
+    uncapped = RefragTokenizer(
+        encoder_tokenizer,
+        decoder_tokenizer,
+        compression=4,
+        max_text_chars=None,
+        max_chunk_rows=None,
+    )
+    assert uncapped("<doc id='a'>" + "word " * 200 + "</doc>")["chunk_input_ids"].shape[0] == 50
+
+
+def test_special_token_strings_in_a_document_are_plain_text(refrag_tokenizer, encoder_tokenizer):
+    (seg,) = refrag_tokenizer.parse_and_tokenize("<doc id='a'>x [SEP] [CLS] y</doc>")
+    special = {encoder_tokenizer.sep_token_id, encoder_tokenizer.cls_token_id}
+    assert not special & set(seg.tokens)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.text(min_size=1, max_size=200).filter(str.strip))
+def test_any_escaped_file_text_is_exactly_one_document(refrag_tokenizer, body):
+    from refrag.chat import escape_doc_text
+
+    escaped, _ = escape_doc_text(body)
+    segments = parse_segments(f"Q <doc id='f'>{escaped}</doc> A")
+    assert [s.type for s in segments] == ["decoder", "encoder", "decoder"]
+    assert segments[1].raw_text == escaped and segments[2].raw_text == " A"
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.text(st.characters(codec="utf-8", exclude_characters="<"), min_size=1, max_size=300))
+def test_any_document_packs_into_full_rows_of_k_with_one_chunk_position_each(
+    refrag_tokenizer, body
+):
+    k = refrag_tokenizer.compression
+    try:
+        segments = refrag_tokenizer.parse_and_tokenize(f"<doc id='d'>{body}</doc>")
+    except EmptyDocumentError:
+        assert refrag_tokenizer.encoder_tokenizer(body, add_special_tokens=False)["input_ids"] == []
+        return
+    (seg,) = segments
+    assert seg.num_chunks == -(-len(seg.tokens) // k)
+    assert [
+        t
+        for row, m in zip(seg.packed_tokens, seg.attention_mask)
+        for t, keep in zip(row, m)
+        if keep
+    ] == seg.tokens
+    batch = refrag_tokenizer(f"<doc id='d'>{body}</doc>")
+    assert int(batch["chunk_mask"].sum()) == seg.num_chunks == batch["chunk_input_ids"].shape[0]
+    assert batch["chunk_input_ids"].shape[1] == refrag_tokenizer.chunk_width
