@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from refrag.models import DEFAULT_CACHE_DIR, DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
+from refrag.integrity import IntegrityError
+from refrag.models import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_DECODER,
+    DEFAULT_ENCODER,
+    ModelSpecError,
+    resolve_model,
+)
 
 DEMO_TEXT = (
     "Answer from the document.\n"
@@ -144,7 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     chat_arguments(p)
     p.set_defaults(func=chat)
     args = parser.parse_args(argv)
-    status = args.func(args)
+    try:
+        status = args.func(args)
+    except (ModelSpecError, IntegrityError) as err:  # one line, not a traceback
+        raise SystemExit(f"refrag {args.command}: {err}") from None
     if status:
         raise SystemExit(status)
 
