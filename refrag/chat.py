@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -27,16 +28,72 @@ from transformers import DynamicCache
 
 from refrag.chunk_cache import ChunkEmbeddingCache, row_hashes
 from refrag.inference import load_refrag, model_inputs, stream_generate
+from refrag.integrity import IntegrityError
 from refrag.modeling import RefragModel
-from refrag.tokenization import DocMarkupError, RefragTokenizer
+from refrag.models import ModelSpecError, resolve_model
+from refrag.tokenization import RefragTokenizer
 from refrag.utils import pick_device, quiet_transformers
 
+MAX_DOC_BYTES = 1_000_000
+_DOC_TAG = re.compile(r"<(/?doc\b)")
 
-def doc_markup(path: str | Path) -> str:
-    """A file as a ``<doc>`` whose id is the file name."""
+
+class ChatInputError(ValueError):
+    """An attachment or checkpoint the chat cannot use; its message is one line."""
+
+
+def escape_doc_text(text: str) -> tuple[str, int]:
+    """``text`` with every ``<doc``/``</doc`` written as ``&lt;doc``/``&lt;/doc``, so a file
+    is always data inside its own ``<doc>``, never markup; and how many tags were escaped."""
+    return _DOC_TAG.subn(r"&lt;\1", text)
+
+
+def read_attachment(path: str | Path, max_bytes: int | None = MAX_DOC_BYTES) -> str:
+    """A file's text, or :class:`ChatInputError` if it is missing, a folder, too large, empty,
+    or not UTF-8 text."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ChatInputError(f"{path}: no such file")
+    if not path.is_file():
+        raise ChatInputError(f"{path}: not a file")
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise ChatInputError(
+            f"{path}: {size:,} bytes, over the {max_bytes:,}-byte limit (--max-doc-bytes)"
+        )
+    data = path.read_bytes()
+    try:
+        if b"\0" in data:
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ChatInputError(f"{path}: not UTF-8 text (byte {err.start}: binary file?)") from None
+    if not text.strip():
+        raise ChatInputError(f"{path}: empty file")
+    return text
+
+
+def doc_markup(path: str | Path, max_bytes: int | None = MAX_DOC_BYTES) -> tuple[str, int]:
+    """A file as a ``<doc>`` whose id is the file name, with any doc tags in it escaped
+    (see :func:`escape_doc_text`); and the number of tags escaped."""
     path = Path(path)
-    doc_id = path.name.replace("'", "_")
-    return f"<doc id='{doc_id}'>{path.read_text()}</doc>"
+    text, escaped = escape_doc_text(read_attachment(path, max_bytes))
+    doc_id = re.sub(r"['\"<>&]", "_", path.name)
+    return f"<doc id='{doc_id}'>{text}</doc>", escaped
+
+
+def check_checkpoint(checkpoint: str, cache_dir: str | Path) -> Path:
+    """A local checkpoint folder (never looked up on the hub), or ``hf:<repo>`` fetched into
+    ``cache_dir``; its integrity is checked by the load."""
+    if checkpoint.startswith("hf:"):
+        return resolve_model(checkpoint, cache_dir)
+    path = Path(checkpoint).expanduser()
+    if not path.is_dir():
+        raise ChatInputError(
+            f"--checkpoint {checkpoint}: no such folder (a path is never looked up on the hub; "
+            "write hf:<repo> for a hub checkpoint)"
+        )
+    return path
 
 
 @dataclass
@@ -110,8 +167,16 @@ class ChatSession:
     def turn(self, user_text: str, stream: TextIO | None = None) -> tuple[str, TurnStats]:
         """Answer ``user_text`` (may hold ``<doc>`` tags), writing text to ``stream`` as it comes.
 
-        Raises :class:`~refrag.tokenization.DocMarkupError` (history unchanged) for bad markup.
+        Raises :class:`~refrag.tokenization.DocMarkupError` for bad markup (or any error of
+        the tokenizer or the model); the history is then unchanged and the session usable.
         """
+        try:
+            return self._turn(user_text, stream)
+        except BaseException:
+            self._kv, self._kv_keys = None, []  # the KV cache may hold a half-done turn
+            raise
+
+    def _turn(self, user_text: str, stream: TextIO | None) -> tuple[str, TurnStats]:
         messages = [*self.messages, {"role": "user", "content": user_text}]
         batch = self.tok(self.render(messages))
         keys = self._position_keys(batch)
@@ -174,20 +239,40 @@ class ChatSession:
 HELP = "commands: /doc PATH (attach a file to your next message), /reset, /help, /quit"
 
 
+def attach(path: str, max_bytes: int | None, stdout: TextIO | None) -> str:
+    """Read an attachment as a ``<doc>``, saying (on ``stdout``) what was attached."""
+    markup, escaped = doc_markup(path, max_bytes)
+    if stdout is not None:
+        note = (
+            f"; {escaped} doc tag(s) in it escaped as &lt;doc (a file is data)" if escaped else ""
+        )
+        print(f"(attached {path}{note})", file=stdout, flush=True)
+    return markup
+
+
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Entry point of ``refrag chat``."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     quiet_transformers()
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    model, tok = load_refrag(
-        args.checkpoint,
-        decoder=args.decoder,
-        encoder=args.encoder,
-        compression=args.k,
-        device=device,
-        cache_dir=getattr(args, "cache_dir", "resources/models"),
-    )
+    max_bytes = getattr(args, "max_doc_bytes", MAX_DOC_BYTES)
+    cache_dir = getattr(args, "cache_dir", "resources/models")
+    try:
+        pending_docs = [attach(p, max_bytes, None) for p in args.doc]
+        checkpoint = args.checkpoint and check_checkpoint(args.checkpoint, cache_dir)
+        model, tok = load_refrag(
+            checkpoint or None,
+            decoder=args.decoder,
+            encoder=args.encoder,
+            compression=args.k,
+            device=device,
+            cache_dir=cache_dir,
+        )
+    except (ChatInputError, IntegrityError, ModelSpecError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"refrag chat: {first}", file=sys.stderr, flush=True)
+        return 2
     session = ChatSession(
         model,
         tok,
@@ -197,7 +282,6 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
         chunk_cache=ChunkEmbeddingCache(disk_dir=args.chunk_cache_dir),
     )
     session.warm_up()
-    pending_docs = [doc_markup(p) for p in args.doc]
     interactive = not args.prompt and stdin.isatty() and not args.json
     turns = iter(args.prompt) if args.prompt else None
     if interactive:
@@ -208,53 +292,61 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
             flush=True,
         )
     status = 0
-    while True:
-        if turns is not None:
-            line = next(turns, None)
-        else:
-            if interactive:
-                stdout.write("you> ")
-                stdout.flush()
-            line = stdin.readline()
-            line = None if line == "" else line.rstrip("\n")
-        if line is None:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            cmd, _, rest = line.partition(" ")
-            if cmd in ("/quit", "/exit"):
-                break
-            if cmd == "/reset":
-                session.reset()
-                print("(conversation cleared)", file=stdout, flush=True)
-            elif cmd == "/doc" and rest.strip():
-                try:
-                    pending_docs.append(doc_markup(rest.strip()))
-                    print(f"(attached {rest.strip()})", file=stdout, flush=True)
-                except OSError as exc:
-                    print(f"error: {exc}", file=stdout, flush=True)
+    try:
+        while True:
+            if turns is not None:
+                line = next(turns, None)
             else:
-                print(HELP, file=stdout, flush=True)
-            continue
-        text = "\n".join([*pending_docs, line])
-        if interactive:
-            stdout.write("refrag> ")
-        try:
-            answer, stats = session.turn(text, stream=None if args.json else stdout)
-        except DocMarkupError as exc:
-            print(f"error: {exc}", file=stdout if interactive else sys.stderr, flush=True)
-            status = 1
-            continue
-        pending_docs = []
-        if args.json:
-            print(
-                json.dumps({"prompt": line, "answer": answer, **vars(stats)}),
-                file=stdout,
-                flush=True,
-            )
-        else:
-            stdout.write("\n")
-            print(stats.line(), file=stdout if interactive else sys.stderr, flush=True)
+                if interactive:
+                    stdout.write("you> ")
+                    stdout.flush()
+                line = stdin.readline()
+                line = None if line == "" else line.rstrip("\n")
+            if line is None:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                cmd, _, rest = line.partition(" ")
+                if cmd in ("/quit", "/exit"):
+                    break
+                if cmd == "/reset":
+                    session.reset()
+                    print("(conversation cleared)", file=stdout, flush=True)
+                elif cmd == "/doc" and rest.strip():
+                    try:
+                        pending_docs.append(attach(rest.strip(), max_bytes, stdout))
+                    except (ChatInputError, OSError) as exc:
+                        print(f"error: {exc}", file=stdout, flush=True)
+                else:
+                    print(HELP, file=stdout, flush=True)
+                continue
+            text = "\n".join([*pending_docs, line])
+            if interactive:
+                stdout.write("refrag> ")
+            try:
+                answer, stats = session.turn(text, stream=None if args.json else stdout)
+            except Exception as exc:  # noqa: BLE001 - a failed turn must not end the session
+                dropped = f" ({len(pending_docs)} attached file(s) dropped)" if pending_docs else ""
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                print(
+                    f"error: {first}{dropped}",
+                    file=stdout if interactive else sys.stderr,
+                    flush=True,
+                )
+                pending_docs, status = [], 1
+                continue
+            pending_docs = []
+            if args.json:
+                print(
+                    json.dumps({"prompt": line, "answer": answer, **vars(stats)}),
+                    file=stdout,
+                    flush=True,
+                )
+            else:
+                stdout.write("\n")
+                print(stats.line(), file=stdout if interactive else sys.stderr, flush=True)
+    finally:
+        session.chunk_cache.close()  # checkpoints the disk tier's WAL into its file
     return status

@@ -11,14 +11,19 @@ Lookups are vectorised: rows are hashed with numpy (two 64-bit polynomial hashes
 against the stored ids), hits are gathered from one device tensor with a single index, and
 all misses go through the encoder in one batch. The memory tier is an LRU over
 ``max_entries`` rows per model; the optional disk tier is one SQLite file per model
-fingerprint. A model's fingerprint is a SHA-256 of its encoder and projector tensors,
+fingerprint (WAL mode, usable from any thread; every entry carries a checksum, and a damaged
+entry or file is named in a warning, set aside and recomputed). A model's fingerprint is a SHA-256 of its encoder and projector tensors,
 recomputed whenever a parameter is modified in place (optimizer steps, ``load_state_dict``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import sqlite3
+import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +36,8 @@ if TYPE_CHECKING:
 
 _MULT = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F))
 _FINGERPRINT_ATTR = "_refrag_chunk_fingerprint"
+_TABLE = "chunks_v2"  # rows carry a checksum (v1 files are ignored, not trusted)
+LOG = logging.getLogger(__name__)
 
 
 def model_fingerprint(model: RefragModel) -> str:
@@ -147,7 +154,9 @@ class ChunkEmbeddingCache:
         self.device = torch.device(device) if device is not None else None
         self._stores: dict[str, _Store] = {}
         self._db: dict[str, sqlite3.Connection] = {}
-        self.hits = self.disk_hits = self.misses = 0
+        self._disk_off: set[str] = set()
+        self._lock = threading.RLock()  # chat generates in a worker thread
+        self.hits = self.disk_hits = self.misses = self.disk_errors = 0
 
     def __len__(self) -> int:
         return sum(len(s) for s in self._stores.values())
@@ -157,8 +166,16 @@ class ChunkEmbeddingCache:
         self._stores.clear()
         self.hits = self.disk_hits = self.misses = 0
 
-    @torch.inference_mode()
     def encode(
+        self, model: RefragModel, chunk_input_ids: torch.Tensor, chunk_attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Projected embeddings ``(N, decoder_hidden)`` of the chunk rows ``(N, W)``, in order
+        (thread-safe; see :meth:`_encode`)."""
+        with self._lock:
+            return self._encode(model, chunk_input_ids, chunk_attention_mask)
+
+    @torch.inference_mode()
+    def _encode(
         self, model: RefragModel, chunk_input_ids: torch.Tensor, chunk_attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """Projected embeddings ``(N, decoder_hidden)`` of the chunk rows ``(N, W)``, in order.
@@ -226,16 +243,42 @@ class ChunkEmbeddingCache:
 
     # -- disk tier ------------------------------------------------------------------------
     def _connect(self, fingerprint: str) -> sqlite3.Connection | None:
-        if self.disk_dir is None:
+        if self.disk_dir is None or fingerprint in self._disk_off:
             return None
         if fingerprint not in self._db:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.disk_dir / f"{fingerprint[:32]}.sqlite")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS chunks (h1 INTEGER, h2 INTEGER, rows BLOB, embed BLOB, PRIMARY KEY (h1, h2))"
-            )
-            self._db[fingerprint] = db
+            path = self._disk_path(fingerprint)
+            try:
+                self._db[fingerprint] = _open_db(path)
+            except sqlite3.DatabaseError as err:
+                self._damaged(fingerprint, err)
+                return self._db.get(fingerprint)
         return self._db[fingerprint]
+
+    def _disk_path(self, fingerprint: str) -> Path:
+        return self.disk_dir / f"{fingerprint[:32]}.sqlite"
+
+    def _damaged(self, fingerprint: str, err: Exception) -> None:
+        """A damaged cache file: set it aside (named in a warning) and start a fresh one; if
+        that fails too, go on without the disk tier for this model (recomputing)."""
+        self.disk_errors += 1
+        path = self._disk_path(fingerprint)
+        db = self._db.pop(fingerprint, None)
+        if db is not None:
+            db.close()
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{path}{suffix}")
+            if src.exists():
+                os.replace(src, f"{aside}{suffix}")
+        LOG.warning(
+            "chunk cache file %s is damaged (%s): moved to %s; recomputing", path, err, aside.name
+        )
+        try:
+            self._db[fingerprint] = _open_db(path)
+        except sqlite3.DatabaseError as again:
+            LOG.warning("chunk cache disk tier off for %s (%s)", path, again)
+            self._disk_off.add(fingerprint)
 
     def _disk_get(
         self, fingerprint: str, keys: list[tuple[int, int]], rows: torch.Tensor
@@ -244,14 +287,29 @@ class ChunkEmbeddingCache:
         if db is None:
             return [None] * len(keys)
         found: list[torch.Tensor | None] = []
-        for key, row in zip(keys, rows):
-            rec = db.execute(
-                "SELECT rows, embed FROM chunks WHERE h1 = ? AND h2 = ?", _signed(key)
-            ).fetchone()
-            if rec is None or rec[0] != row.numpy().astype(np.int64).tobytes():
-                found.append(None)
-            else:
-                found.append(torch.from_numpy(np.frombuffer(rec[1], dtype=np.float32).copy()))
+        try:
+            for key, row in zip(keys, rows):
+                rec = db.execute(
+                    f"SELECT rows, embed, digest FROM {_TABLE} WHERE h1 = ? AND h2 = ?",
+                    _signed(key),
+                ).fetchone()
+                row_bytes = row.numpy().astype(np.int64).tobytes()
+                if rec is None or rec[0] != row_bytes:
+                    found.append(None)
+                elif _entry_digest(rec[0], rec[1]) != rec[2]:
+                    self.disk_errors += 1
+                    LOG.warning(
+                        "chunk cache file %s: an entry fails its checksum; recomputing it",
+                        self._disk_path(fingerprint),
+                    )
+                    with db:
+                        db.execute(f"DELETE FROM {_TABLE} WHERE h1 = ? AND h2 = ?", _signed(key))
+                    found.append(None)
+                else:
+                    found.append(torch.from_numpy(np.frombuffer(rec[1], dtype=np.float32).copy()))
+        except sqlite3.DatabaseError as err:
+            self._damaged(fingerprint, err)
+            return [None] * len(keys)
         return found
 
     def _disk_put(
@@ -265,20 +323,50 @@ class ChunkEmbeddingCache:
         if db is None:
             return
         values = embeds.detach().float().cpu().numpy()
-        with db:
-            db.executemany(
-                "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?)",
-                [
-                    (*_signed(k), r.numpy().astype(np.int64).tobytes(), v.tobytes())
-                    for k, r, v in zip(keys, rows, values)
-                ],
+        records = []
+        for k, r, v in zip(keys, rows, values):
+            row_bytes, embed_bytes = r.numpy().astype(np.int64).tobytes(), v.tobytes()
+            records.append(
+                (*_signed(k), row_bytes, embed_bytes, _entry_digest(row_bytes, embed_bytes))
             )
+        try:
+            with db:
+                db.executemany(f"INSERT OR REPLACE INTO {_TABLE} VALUES (?, ?, ?, ?, ?)", records)
+        except sqlite3.DatabaseError as err:
+            self._damaged(fingerprint, err)
 
     def close(self) -> None:
         """Close the disk tier's database connections."""
-        for db in self._db.values():
-            db.close()
-        self._db.clear()
+        with self._lock:
+            for db in self._db.values():
+                db.close()
+            self._db.clear()
+
+
+def _open_db(path: Path) -> sqlite3.Connection:
+    """One cache file: WAL (readers never block the writer), usable from any thread (the
+    cache serialises access with its lock), checked with ``PRAGMA quick_check``."""
+    db = sqlite3.connect(path, check_same_thread=False, timeout=30)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        status = db.execute("PRAGMA quick_check").fetchone()[0]
+        if status != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {status}")
+        db.execute(
+            f"CREATE TABLE IF NOT EXISTS {_TABLE} (h1 INTEGER, h2 INTEGER, rows BLOB, "
+            "embed BLOB, digest BLOB, PRIMARY KEY (h1, h2))"
+        )
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db
+
+
+def _entry_digest(row_bytes: bytes, embed_bytes: bytes) -> bytes:
+    """Checksum of one disk entry: its chunk row and its embedding."""
+    return hashlib.sha256(len(row_bytes).to_bytes(8, "little") + row_bytes + embed_bytes).digest()[
+        :16
+    ]
 
 
 def _signed(key: tuple[int, int]) -> tuple[int, int]:

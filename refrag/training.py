@@ -30,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from refrag.integrity import one_line_errors, verify_folder, write_manifest
 from refrag.modeling import RefragModel
+from refrag.preflight import check_compression
+from refrag.resume import SealCheckpoints, last_complete_checkpoint, resumed_train_loss
 from refrag.stages import STAGES, StageConfig, get_stage
 from refrag.tokenization import RefragTokenizer
 from refrag.utils import atomic_folder
@@ -204,21 +206,6 @@ class AlignmentCollator:
         }
 
 
-def last_complete_checkpoint(work_dir: Path) -> str | None:
-    """Newest ``checkpoint-N`` whose ``trainer_state.json`` (written last) exists; incomplete
-    ones, left by a save that was killed, are removed."""
-    if not work_dir.is_dir():
-        return None
-    found = sorted(
-        work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])
-    )
-    complete = [p for p in found if (p / "trainer_state.json").is_file()]
-    for p in found:
-        if p not in complete:
-            shutil.rmtree(p, ignore_errors=True)
-    return str(complete[-1]) if complete else None
-
-
 # -- what the stages in refrag.stages are made of: (data, tok, hp) -> (dataset, collator) ------
 def _total(hp: StageConfig) -> int:
     return hp.steps * hp.batch_size * hp.grad_accum
@@ -228,7 +215,9 @@ def alignment_dataset(
     data: str | os.PathLike, tok: RefragTokenizer, hp: StageConfig
 ) -> tuple[Dataset, AlignmentCollator]:
     """Rows of the alignment-pair cache, cycled to fill every step."""
-    rows = pd.read_parquet(data).to_dict("records")
+    from refrag.data import read_alignment_cache
+
+    rows = read_alignment_cache(data).to_dict("records")
     dataset = ExampleDataset([rows[i % len(rows)] for i in range(_total(hp))])
     return dataset, AlignmentCollator(tok, max_pairs=hp.max_pairs, seed=hp.seed)
 
@@ -304,12 +293,14 @@ def train_stage(
             compression=compression,
         )
     else:
+        verify_folder(init)
         model = RefragModel.from_pretrained(init)
         tok = RefragTokenizer.from_pretrained(init)
     if model.config.compression != compression:
         raise ValueError(
             f"{init} was trained with k={model.config.compression}, not k={compression}"
         )
+    check_compression(model.config.encoder, compression)  # k + 2 must fit its positions
     model.set_trainable(
         encoder=hp.train_encoder, projector=hp.train_projector, decoder=hp.train_decoder
     )
@@ -328,7 +319,7 @@ def train_stage(
         warmup_steps=hp.warmup_ratio,
         logging_steps=hp.logging_steps,
         save_steps=hp.save_steps,
-        save_total_limit=1,
+        save_total_limit=None,  # SealCheckpoints keeps the newest sealed one
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         use_cpu=cpu_ddp,  # under torchrun without GPUs: DDP over gloo
         ddp_backend="gloo" if cpu_ddp else None,
@@ -341,12 +332,25 @@ def train_stage(
         disable_tqdm=False,
     )
     trainer = spec.build_trainer(
-        hp, model=model, args=args, train_dataset=dataset, data_collator=collator
+        hp,
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=[SealCheckpoints()],
     )
     resume = last_complete_checkpoint(work_dir)
     if resume:
         print(f"resuming {stage} from {resume}")
+        resumed_from = json.loads(Path(resume, "trainer_state.json").read_text())["global_step"]
     result = trainer.train(resume_from_checkpoint=resume)
+    if resume:  # the Trainer's train_loss covers only the steps after the resume
+        result.metrics["train_loss"] = resumed_train_loss(
+            trainer.state.log_history, result.metrics["train_loss"], resumed_from, hp.steps
+        )
+        for entry in trainer.state.log_history:
+            if "train_loss" in entry:
+                entry["train_loss"] = result.metrics["train_loss"]
 
     if trainer.is_world_process_zero():
         log = {
@@ -369,6 +373,7 @@ def save_model_folder(
         tok.save_pretrained(tmp)
         for name, content in (extra or {}).items():
             Path(tmp, name).write_text(json.dumps(content, indent=2, default=str) + "\n")
+        write_manifest(tmp)  # last: checked by every load (refrag.integrity.verify_folder)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -400,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--encoder and --decoder go together")
     # the Trainer joins torchrun's process group itself (NCCL on GPUs, gloo on CPU)
     per_rank = args.rank_log_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    with log_to(rank_log_path(args.rank_log_dir) if per_rank else None):
+    with log_to(rank_log_path(args.rank_log_dir) if per_rank else None), one_line_errors():
         metrics = train_stage(
             args.stage,
             init=args.init,

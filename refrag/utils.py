@@ -65,6 +65,10 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     os.chmod(tmp, 0o755)
-    if out.exists():
-        shutil.rmtree(out)
+    old = None
+    if out.exists():  # moved aside, not deleted, until the new folder is in place
+        old = tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent)
+        os.replace(out, Path(old) / out.name)
     os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

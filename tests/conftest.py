@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from refrag.integrity import write_manifest
 from refrag.modeling import RefragConfig, RefragModel
 from refrag.models import DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
 from refrag.tokenization import RefragTokenizer
@@ -143,6 +144,7 @@ def tiny_checkpoint(tmp_path_factory, refrag_tokenizer) -> Path:
     path = tmp_path_factory.mktemp("tiny-checkpoint") / "ckpt"
     RefragModel(tiny_config()).save_pretrained(path)
     refrag_tokenizer.save_pretrained(path)
+    write_manifest(path)  # what training's save writes last; every load checks it
     return path
 
 

@@ -38,3 +38,12 @@ def test_help_lists_the_commands():
     assert result.returncode == 0
     for command in ("fetch-models", "demo", "chat"):
         assert command in result.stdout
+
+
+def test_a_model_spec_that_cannot_resolve_is_one_line(tmp_path):
+    from refrag.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--cache-dir", str(tmp_path), "fetch-models", "embedded:typo"])
+    assert str(exc.value.code).startswith("refrag fetch-models: unknown embedded model 'typo'")
+    assert list(tmp_path.iterdir()) == []

@@ -89,3 +89,20 @@ def test_hf_dataset_source_downloads_through_huggingface_hub(tmp_path):
     assert all(
         auth == "Bearer hf_dataset_token" for _, path, auth in hub.requests if "org/texts" in path
     )
+
+
+def test_a_flipped_byte_in_a_split_is_refused_by_its_reader(tmp_path):
+    from refrag.corpus import read_split
+    from refrag.integrity import IntegrityError
+
+    prepare_corpus(docs(60), tmp_path, validation_fraction=0.2, test_fraction=0.2)
+    assert len(read_split(tmp_path / "train.parquet", rule="prepare_corpus")) > 0
+    data = bytearray((tmp_path / "train.parquet").read_bytes())
+    data[len(data) // 3] ^= 0x01
+    (tmp_path / "train.parquet").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="train.parquet: does not match") as err:
+        read_split(tmp_path / "train.parquet", rule="prepare_corpus")
+    assert str(err.value).endswith("rerun rule prepare_corpus")
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(IntegrityError, match="manifest.json: is damaged"):
+        read_split(tmp_path / "test.parquet")

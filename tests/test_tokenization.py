@@ -2,18 +2,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refrag.tokenization import (
     IGNORE_INDEX,
     DocMarkupError,
     DuplicateDocIdError,
+    EmptyDocumentError,
+    InvalidTextError,
     MalformedDocTagError,
     MissingDocIdError,
     NestedDocError,
     RefragTokenizer,
     StrayCloseTagError,
+    TextTooLargeError,
+    TextTypeError,
     UnclosedDocError,
     parse_segments,
 )
@@ -62,7 +66,9 @@ def test_extra_attributes_are_kept_in_meta():
     assert seg.meta == {"id": "7", "source": "wiki"}
 
 
-tag_text = st.text(alphabet=st.characters(blacklist_characters="<>"), max_size=30)
+tag_text = st.text(  # valid Unicode (lone surrogates are refused, see below)
+    alphabet=st.characters(codec="utf-8", blacklist_characters="<>"), max_size=30
+)
 
 
 @given(st.lists(st.tuples(tag_text, tag_text), max_size=5), tag_text, st.sampled_from(["'", '"']))
@@ -96,11 +102,11 @@ def test_documents_are_packed_into_rows_of_k_with_a_mask(refrag_tokenizer, encod
     assert sum(enc.attention_mask[-1]) == len(ids) - 4 * (enc.num_chunks - 1)
 
 
-def test_empty_document_gives_a_segment_without_rows(refrag_tokenizer):
-    segs = refrag_tokenizer.parse_and_tokenize("before <doc id='e'></doc> after")
-    assert segs[1].type == "encoder" and segs[1].raw_text == "" and segs[1].packed_tokens == []
-    batch = refrag_tokenizer("before <doc id='e'></doc> after")
-    assert batch["chunk_input_ids"].shape[0] == 0 and not batch["chunk_mask"].any()
+def test_an_empty_document_is_an_error_naming_it(refrag_tokenizer):
+    for body in ("", "   "):
+        with pytest.raises(EmptyDocumentError, match="document 'e' is empty") as err:
+            refrag_tokenizer(f"before <doc id='e'>{body}</doc> after")
+        assert err.value.position == len("before <doc id='e'>")
 
 
 def test_decoder_segments_carry_no_special_tokens(refrag_tokenizer, decoder_tokenizer):
@@ -187,3 +193,96 @@ def test_pair_loader_takes_folders_holding_only_tokenizer_files(
 def test_encoder_and_decoder_must_be_named(encoder_tokenizer, decoder_tokenizer):
     with pytest.raises(TypeError):
         RefragTokenizer(encoder_tokenizer, decoder_tokenizer)  # a swap could pass silently
+
+
+# -- input validation ---------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [b"<doc id='a'>x</doc>", bytearray(b"hi"), None, 5, ["a"]])
+def test_non_str_input_is_a_typed_error(refrag_tokenizer, value):
+    with pytest.raises(TextTypeError, match="expected str"):
+        refrag_tokenizer(value) if isinstance(value, (bytes, bytearray)) else parse_segments(value)
+
+
+def test_bytes_input_says_to_decode_it(refrag_tokenizer):
+    with pytest.raises(TextTypeError, match=r"got bytes: decode it first"):
+        refrag_tokenizer.parse_and_tokenize(b"text")
+
+
+@given(st.text(max_size=40), st.integers(min_value=0), st.integers(0xD800, 0xDFFF))
+def test_a_lone_surrogate_anywhere_is_a_typed_error_naming_its_position(text, at, code):
+    at = at % (len(text) + 1)
+    bad = text[:at] + chr(code) + text[at:]
+    with pytest.raises(InvalidTextError, match=f"U\\+{code:04X}") as err:
+        parse_segments(bad)
+    assert err.value.position == at
+
+
+def test_size_caps_refuse_huge_texts_before_and_after_tokenizing(
+    encoder_tokenizer, decoder_tokenizer
+):
+    capped = RefragTokenizer(
+        encoder_tokenizer=encoder_tokenizer,
+        decoder_tokenizer=decoder_tokenizer,
+        compression=4,
+        max_text_chars=100,
+        max_chunk_rows=3,
+    )
+    with pytest.raises(TextTooLargeError, match="max_text_chars"):
+        capped("x" * 101)
+    with pytest.raises(TextTooLargeError, match="max_chunk_rows"):
+        capped(
+            "<doc id='a'>one two three four five six seven eight nine ten eleven twelve thirteen</doc>"
+        )
+    assert capped("<doc id='a'>one two three</doc>")["chunk_input_ids"].shape[0] == 1
+    uncapped = RefragTokenizer(
+        encoder_tokenizer=encoder_tokenizer,
+        decoder_tokenizer=decoder_tokenizer,
+        compression=4,
+        max_text_chars=None,
+        max_chunk_rows=None,
+    )
+    assert uncapped("<doc id='a'>" + "word " * 200 + "</doc>")["chunk_input_ids"].shape[0] == 50
+
+
+def test_special_token_strings_in_a_document_are_plain_text(refrag_tokenizer, encoder_tokenizer):
+    (seg,) = refrag_tokenizer.parse_and_tokenize("<doc id='a'>x [SEP] [CLS] y</doc>")
+    special = {encoder_tokenizer.sep_token_id, encoder_tokenizer.cls_token_id}
+    assert not special & set(seg.tokens)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.text(min_size=1, max_size=200).filter(str.strip))
+def test_any_escaped_file_text_is_exactly_one_document(refrag_tokenizer, body):
+    from refrag.chat import escape_doc_text
+
+    escaped, _ = escape_doc_text(body)
+    segments = parse_segments(f"Q <doc id='f'>{escaped}</doc> A")
+    assert [s.type for s in segments] == ["decoder", "encoder", "decoder"]
+    assert segments[1].raw_text == escaped and segments[2].raw_text == " A"
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.text(st.characters(codec="utf-8", exclude_characters="<"), min_size=1, max_size=300))
+def test_any_document_packs_into_full_rows_of_k_with_one_chunk_position_each(
+    refrag_tokenizer, body
+):
+    k = refrag_tokenizer.compression
+    try:
+        segments = refrag_tokenizer.parse_and_tokenize(f"<doc id='d'>{body}</doc>")
+    except EmptyDocumentError:
+        assert refrag_tokenizer.encoder_tokenizer(body, add_special_tokens=False)["input_ids"] == []
+        return
+    (seg,) = segments
+    assert seg.num_chunks == -(-len(seg.tokens) // k)
+    assert [
+        t
+        for row, m in zip(seg.packed_tokens, seg.attention_mask)
+        for t, keep in zip(row, m)
+        if keep
+    ] == seg.tokens
+    batch = refrag_tokenizer(f"<doc id='d'>{body}</doc>")
+    assert int(batch["chunk_mask"].sum()) == seg.num_chunks == batch["chunk_input_ids"].shape[0]
+    assert batch["chunk_input_ids"].shape[1] == refrag_tokenizer.chunk_width

@@ -126,19 +126,20 @@ def test_a_sweep_over_k_and_encoders_expands_into_jobs(workspace):
 @pytest.mark.parametrize(
     ("values", "key", "error"),
     [
-        ({"data": {"context_tokens": 0}}, "context_tokens", "ValidationError"),
-        ({"eval": {"sets": ["dev"]}}, "sets", "ValidationError"),
-        ({"corpus": {"name": "a b", "source": "x"}}, "name", "ValidationError"),
+        ({"data": {"context_tokens": 0}}, "context_tokens", "nothing was run"),
+        ({"eval": {"sets": ["dev"]}}, "sets", "nothing was run"),
+        ({"corpus": {"name": "a b", "source": "x"}}, "name", "nothing was run"),
         (
             {"runs": [{"decoder": "a", "encoder": "b", "k": [16], "learning_rate": 1}]},
             "learning_rate",
-            "ValidationError",
+            "nothing was run",
         ),
         (
             {"runs": [{"decoder": "smollm2-135m-instruct", "encoder": "bert", "k": [16]}]},
             "runs[0].encoder",
             "is not a key of `models`",
         ),
+        ({"hello_dist": {"nprocs": 2}}, "hello_dist.nprocs: unknown key", "nothing was run"),
     ],
 )
 def test_bad_config_fails_before_any_job_naming_the_key(workspace, values, key, error):

@@ -38,10 +38,9 @@ _check_environment()
 from refrag.stages import STAGES, stage_config_schema  # noqa: E402  (after the guard)
 
 
-def validate_config(config):
-    """Validate against workflow/schemas/config.schema.yaml, whose stage sections (names,
-    hyperparameters and their defaults) come from the stage registry refrag.stages.STAGES.
-    """
+def config_schema():
+    """workflow/schemas/config.schema.yaml, whose stage sections (names, hyperparameters and
+    their defaults) come from the stage registry refrag.stages.STAGES."""
     schema = yaml.safe_load(
         Path(workflow.basedir, "workflow/schemas/config.schema.yaml").read_text()
     )
@@ -54,17 +53,24 @@ def validate_config(config):
         name: stage_config_schema() for name in STAGES
     }
     props["eval"]["properties"]["stages"]["items"] = {"enum": list(STAGES)}
+    return schema
+
+
+def validate_config(config):
+    """The whole config, before any job: one line per problem (refrag.preflight), then the
+    schema's defaults filled in."""
+    from refrag.preflight import check_config
+
+    schema = config_schema()
+    errors = check_config(config, schema)
+    if errors:
+        sys.exit(
+            "refrag-workflow: config errors, nothing was run:\n  " + "\n  ".join(errors)
+        )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "config.schema.yaml")
         path.write_text(yaml.safe_dump(schema))
         validate(config, str(path))
-    for i, run in enumerate(config["runs"]):
-        for role in ("decoder", "encoder"):
-            if run[role] not in config["models"]:
-                raise ValueError(
-                    f"config runs[{i}].{role}: {run[role]!r} is not a key of `models` "
-                    f"({', '.join(config['models'])})"
-                )
 
 
 validate_config(config)

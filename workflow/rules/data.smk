@@ -2,6 +2,7 @@ rule tokenize:
     """(context, target) windows of one split, in both tokenizations: Parquet shards + manifest."""
     input:
         corpus="results/corpus/{corpus}/{split}.parquet",
+        manifest="results/corpus/{corpus}/manifest.json",
         decoder="resources/models/{decoder}",
         encoder="resources/models/{encoder}",
     output:

@@ -1,11 +1,12 @@
 from transformers import AutoTokenizer
 
 from refrag.data import build_alignment_cache, read_shards
+from refrag.integrity import one_line_errors
 from refrag.utils import log_to
 
-with log_to(snakemake.log[0]):
+with log_to(snakemake.log[0]), one_line_errors({snakemake.input.shards: "tokenize"}):
     pairs = build_alignment_cache(
-        read_shards(snakemake.input.shards),
+        read_shards(snakemake.input.shards, rule="tokenize"),
         encoder_tokenizer=AutoTokenizer.from_pretrained(snakemake.input.encoder),
         decoder_tokenizer=AutoTokenizer.from_pretrained(snakemake.input.decoder),
         out=snakemake.output[0],

@@ -1,9 +1,13 @@
 import torch
 
 from refrag.evaluation import evaluate_windows
+from refrag.integrity import one_line_errors
 from refrag.utils import log_to
 
-with log_to(snakemake.log[0]):
+rules = {snakemake.input.shards: "tokenize"}
+if snakemake.input.get("checkpoint"):
+    rules[snakemake.input.checkpoint] = f"train_{snakemake.wildcards.stage}"
+with log_to(snakemake.log[0]), one_line_errors(rules):
     torch.set_num_threads(snakemake.threads)
     wc = snakemake.wildcards
     evaluate_windows(

@@ -1,15 +1,18 @@
 from pathlib import Path
 
-import pandas as pd
 from transformers import AutoTokenizer
 
+from refrag.corpus import read_split
 from refrag.data import iter_windows, spread, tokenizer_id, write_shards
+from refrag.integrity import one_line_errors
 from refrag.utils import log_to
 
-with log_to(snakemake.log[0]):
+with log_to(snakemake.log[0]), one_line_errors():
     encoder = AutoTokenizer.from_pretrained(snakemake.input.encoder)
     decoder = AutoTokenizer.from_pretrained(snakemake.input.decoder)
-    documents = pd.read_parquet(snakemake.input.corpus).to_dict("records")
+    documents = read_split(
+        snakemake.input.corpus, snakemake.input.manifest, rule="prepare_corpus"
+    ).to_dict("records")
     p = snakemake.params
     windows = spread(
         list(

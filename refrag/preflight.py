@@ -1,0 +1,229 @@
+"""The whole experiment config checked before the first job runs, one line per problem.
+
+:func:`check_config` returns every error it finds (an empty list when the config is good):
+
+- the JSON schema (unknown keys anywhere, types, ranges), one line per error naming the key;
+- numbers that YAML 1.1 reads as strings (``1e-3``: PyYAML wants a dot, ``1.0e-3``) are
+  converted in place to the number the schema asks for, so they validate and reach the rules
+  as numbers;
+- every run names models of ``models``, and every model spec resolves (a known embedded name,
+  an ``hf:<repo>`` of the right shape, or a local folder holding ``config.json``) without
+  fetching or deleting anything;
+- every k fits the encoder: a chunk row is ``k`` tokens plus CLS and SEP, so
+  ``k + 2 <= max_position_embeddings`` (less the padding offset of RoBERTa-like encoders);
+- a local corpus folder exists, holds documents, and at least one of them is long enough for a
+  window (``min_chars``, and at least ``context_tokens + target_tokens`` UTF-8 bytes: no
+  byte-level tokenizer makes more tokens than bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from refrag.models import EMBEDDED_MODELS, ModelSpecError, cache_name, check_spec
+
+POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
+CORPUS_SUFFIXES = (".txt", ".parquet", ".jsonl")
+
+
+def load_schema(path: str | os.PathLike) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def check_config(
+    config: dict,
+    schema: dict | str | os.PathLike,
+    cache_dir: str | os.PathLike = "resources/models",
+) -> list[str]:
+    """Every problem of ``config`` (coerced in place, see the module doc), one line each."""
+    if not isinstance(schema, dict):
+        schema = load_schema(schema)
+    coerce_numbers(config, schema, schema)
+    errors = schema_errors(config, schema)
+    for more in (lambda: model_errors(config, Path(cache_dir)), lambda: corpus_errors(config)):
+        # a value of the wrong shape is skipped here: the schema has said so already
+        with contextlib.suppress(KeyError, TypeError, AttributeError, ValueError):
+            errors += more()
+    return errors
+
+
+# -- schema ----------------------------------------------------------------------------------
+def _resolve(node: dict, root: dict) -> dict:
+    while isinstance(node, dict) and "$ref" in node:
+        node = root["$defs"][node["$ref"].rsplit("/", 1)[1]]
+    return node
+
+
+def coerce_numbers(value: Any, node: dict, root: dict) -> Any:
+    """Convert, in place, strings where the schema wants a number (``"1e-3"`` → ``0.001``)."""
+    node = _resolve(node, root)
+    if not isinstance(node, dict):
+        return value
+    if isinstance(value, dict):
+        props = node.get("properties", {})
+        extra = node.get("additionalProperties")
+        for key in list(value):
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                value[key] = coerce_numbers(value[key], sub, root)
+    elif isinstance(value, list) and isinstance(node.get("items"), dict):
+        value[:] = [coerce_numbers(v, node["items"], root) for v in value]
+    elif isinstance(value, str) and node.get("type") in ("number", "integer"):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return value
+        if node["type"] == "integer":
+            return int(number) if number.is_integer() else value
+        return number
+    return value
+
+
+def schema_errors(config: dict, schema: dict) -> list[str]:
+    """One line per schema error, naming the key (``runs[0].train.cpt.lr``)."""
+    from jsonschema import Draft202012Validator
+
+    lines = []
+    errors = Draft202012Validator(schema).iter_errors(config)
+    for error in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
+        where = key_path(error.absolute_path)
+        if error.validator == "additionalProperties":
+            allowed = sorted(_resolve(error.schema, schema).get("properties", {}))
+            for key in sorted(set(error.instance) - set(allowed)):
+                lines.append(
+                    f"config {key_path([*error.absolute_path, key])}: unknown key"
+                    + (f" (known here: {', '.join(allowed)})" if allowed else "")
+                )
+        elif error.validator == "type" and isinstance(error.instance, str):
+            lines.append(f"config {where}: {error.instance!r} is not a {error.validator_value}")
+        else:
+            lines.append(f"config {where or '(top level)'}: {error.message}")
+    return lines
+
+
+def key_path(parts) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# -- models and k ----------------------------------------------------------------------------
+def model_errors(config: dict, cache_dir: Path) -> list[str]:
+    errors = []
+    models = config["models"]
+    for name, spec in models.items():
+        try:
+            check_spec(spec)
+        except ModelSpecError as err:
+            errors.append(f"config models.{name}: {err}")
+    for i, run in enumerate(config["runs"]):
+        for role in ("decoder", "encoder"):
+            if run[role] not in models:
+                errors.append(
+                    f"config runs[{i}].{role}: {run[role]!r} is not a key of `models` "
+                    f"({', '.join(models)})"
+                )
+        if run["encoder"] not in models:
+            continue
+        limit = chunk_limit(models[run["encoder"]], cache_dir / cache_name(models[run["encoder"]]))
+        for j, k in enumerate(run["k"]):
+            if limit is not None and k > limit:
+                errors.append(
+                    f"config runs[{i}].k[{j}]: k={k} does not fit encoder "
+                    f"{run['encoder']!r}: a chunk row is k + 2 tokens (CLS, SEP) and it has "
+                    f"positions for {limit + 2}; use k <= {limit}"
+                )
+    return errors
+
+
+def chunk_limit(spec: str, fetched: Path | None = None) -> int | None:
+    """The largest k whose chunk rows fit the encoder's positions, or ``None`` if unknown
+    without fetching (an ``hf:`` model not downloaded yet)."""
+    config_file = None
+    if fetched is not None and (fetched / "config.json").is_file():
+        config_file = fetched / "config.json"
+    elif not spec.startswith(("hf:", "embedded:")) and (Path(spec) / "config.json").is_file():
+        config_file = Path(spec) / "config.json"
+    if config_file is not None:
+        return compression_limit(json.loads(config_file.read_text()))
+    name = spec.removeprefix("embedded:")
+    if spec.startswith("embedded:") and EMBEDDED_MODELS.get(name) is not None:
+        positions = EMBEDDED_MODELS[name].max_positions
+        return None if positions is None else positions - 2
+    return None
+
+
+def compression_limit(encoder_config: dict | Any) -> int | None:
+    """The largest k an encoder (its config, as a dict or object) can read as one chunk row."""
+    get = encoder_config.get if isinstance(encoder_config, dict) else encoder_config.__dict__.get
+    positions = get("max_position_embeddings")
+    if positions is None:
+        return None
+    return positions - POSITION_OFFSET.get(get("model_type"), 0) - 2
+
+
+def check_compression(encoder_config: Any, k: int) -> None:
+    """Raise ``ValueError`` naming k when chunk rows of k tokens do not fit the encoder."""
+    limit = compression_limit(encoder_config)
+    if limit is not None and k > limit:
+        raise ValueError(
+            f"k={k} does not fit the encoder: a chunk row is k + 2 tokens (CLS, SEP) and it "
+            f"has positions for {limit + 2}; use k <= {limit}"
+        )
+
+
+# -- corpus ----------------------------------------------------------------------------------
+def corpus_errors(config: dict) -> list[str]:
+    from refrag.corpus import EMBEDDED_CORPORA
+
+    corpus = config["corpus"]
+    source = corpus["source"]
+    if source.startswith("embedded:"):
+        name = source.removeprefix("embedded:")
+        if name in EMBEDDED_CORPORA:
+            return []
+        known = ", ".join("embedded:" + n for n in EMBEDDED_CORPORA)
+        return [f"config corpus.source: unknown embedded corpus {name!r} (known: {known})"]
+    if source.startswith("hf:"):
+        if re.fullmatch(r"[\w.-]+(/[\w.-]+)?(@[\w./-]+)?", source.removeprefix("hf:")):
+            return []
+        return [f"config corpus.source: {source!r} is not hf:<dataset>[@revision]"]
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return [
+            f"config corpus.source: {source!r} is not a folder (nor embedded:<name>, hf:<dataset>)"
+        ]
+    files = [p for p in folder.rglob("*") if p.suffix in CORPUS_SUFFIXES and p.is_file()]
+    if not files:
+        return [f"config corpus.source: folder {source!r} holds no .txt, .parquet or .jsonl file"]
+    data = config.get("data", {})
+    window = data.get("context_tokens", 256) + data.get("target_tokens", 64)
+    min_chars = corpus.get("min_chars", 2000)
+    for text in _texts(folder):
+        if len(text) >= min_chars and len(text.encode("utf-8", "replace")) >= window:
+            return []
+    return [
+        f"config corpus.source: no document in {source!r} is long enough: documents need "
+        f"corpus.min_chars={min_chars} characters and room for a window of data.context_tokens "
+        f"+ data.target_tokens = {window} tokens"
+    ]
+
+
+def _texts(folder: Path) -> Iterator[str]:
+    from refrag.corpus import read_documents
+
+    try:
+        for doc in read_documents(str(folder)):
+            if isinstance(doc.get("text"), str):
+                yield doc["text"]
+    except (OSError, ValueError, KeyError, UnicodeDecodeError):
+        return

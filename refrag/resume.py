@@ -1,0 +1,104 @@
+"""Trainer checkpoints that resume without hands.
+
+A checkpoint counts as complete only when :class:`SealCheckpoints` has checked its files
+(``trainer_state.json`` parses, every safetensors file has a whole header and body) and then
+written ``integrity.json`` (sha256 of every file) into it, last. :func:`last_complete_checkpoint`
+returns the newest checkpoint whose seal still verifies and removes the others, so a save cut
+by a power loss, or a file damaged since, falls back to the previous checkpoint. The callback
+also keeps the previous checkpoint until the new one is sealed (the Trainer's own rotation
+would delete it first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from refrag.integrity import IntegrityError, verify_folder, write_manifest
+
+
+def check_checkpoint_files(folder: str | os.PathLike) -> None:
+    """Raise :class:`IntegrityError` if a Trainer checkpoint's state or weights are incomplete."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise IntegrityError(folder / "trainer_state.json", f"is unreadable ({err})") from None
+    weights = sorted(folder.rglob("*.safetensors"))
+    if not weights:
+        raise IntegrityError(folder, "holds no *.safetensors weights")
+    for path in weights:
+        try:
+            with safe_open(str(path), "pt") as fh:
+                for name in fh.keys():  # noqa: SIM118 - safe_open is not a dict
+                    fh.get_slice(name)
+        except Exception as err:  # noqa: BLE001 - any safetensors failure: unusable
+            raise IntegrityError(path, f"is unreadable ({type(err).__name__})") from None
+
+
+def _checkpoints(work_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders, oldest first."""
+    found = [p for p in work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()]
+    return sorted(
+        (p for p in found if p.name.rsplit("-", 1)[1].isdigit()),
+        key=lambda p: int(p.name.rsplit("-", 1)[1]),
+    )
+
+
+def last_complete_checkpoint(work_dir: str | os.PathLike) -> str | None:
+    """Newest sealed checkpoint under ``work_dir`` whose files still match their seal.
+
+    Unsealed or damaged checkpoints are reported and (by rank 0 only) removed.
+    """
+    work_dir = Path(work_dir)
+    if not work_dir.is_dir():
+        return None
+    is_rank0 = int(os.environ.get("RANK", "0")) == 0
+    for path in reversed(_checkpoints(work_dir)):
+        try:
+            verify_folder(path)
+            return str(path)
+        except IntegrityError as err:
+            print(f"skipping checkpoint {path.name}: {err.problem}", flush=True)
+            if is_rank0:
+                shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+class SealCheckpoints(TrainerCallback):
+    """After each Trainer save: check the new checkpoint's files, seal it, and only then remove
+    older ones (keep ``save_total_limit=None`` in the TrainingArguments)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        work_dir = Path(args.output_dir)
+        new = work_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        check_checkpoint_files(new)
+        write_manifest(new)
+        for old in _checkpoints(work_dir):
+            if old != new:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def resumed_train_loss(
+    log_history: list[dict], resumed_mean: float, resumed_from: int, final_step: int
+) -> float:
+    """Mean training loss over every step of a resumed run: the Trainer's mean over the steps
+    after ``resumed_from``, combined with the losses logged up to it (each a mean over the
+    steps since the previous log entry)."""
+    before, covered, previous = 0.0, 0, 0
+    for entry in log_history:
+        step = entry.get("step", 0)
+        if "loss" in entry and step <= resumed_from:
+            before += entry["loss"] * (step - previous)
+            covered, previous = step, step
+    after = final_step - resumed_from
+    return (before + resumed_mean * after) / max(covered + after, 1)

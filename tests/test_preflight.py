@@ -1,0 +1,210 @@
+"""The whole config is checked before the first job: one line per problem, naming the key."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from refrag.models import ModelSpecError, fetch_model
+from refrag.preflight import check_config, compression_limit
+
+from .conftest import ROOT
+
+SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+DEFAULT = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+
+
+def config(**changes) -> dict:
+    out = copy.deepcopy(DEFAULT)
+    for dotted, value in changes.items():
+        node, *path = out, *dotted.split("__")
+        for key in path[:-1]:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[path[-1]] = value
+    return out
+
+
+def check(cfg: dict, tmp_path) -> list[str]:
+    return check_config(cfg, SCHEMA, cache_dir=tmp_path / "models")
+
+
+def test_the_default_config_passes(tmp_path):
+    assert check(config(), tmp_path) == []
+
+
+def test_unknown_keys_anywhere_are_refused_one_line_each(tmp_path):
+    cfg = config(hello_dist__nprocs=2)
+    cfg["runs"][0]["train"] = {"cpt": {"lrr": 1e-3}}
+    assert check(cfg, tmp_path) == [
+        "config hello_dist.nprocs: unknown key (known here: nproc)",
+        "config runs[0].train.cpt.lrr: unknown key (known here: batch_size, curriculum, grad_accum, "
+        "logging_steps, loss_weights, lr, max_pairs, save_steps, seed, steps, train_decoder, "
+        "train_encoder, train_projector, warmup_ratio, weight_decay)",
+    ]
+
+
+def test_numbers_yaml_reads_as_strings_are_accepted_as_numbers(tmp_path):
+    cfg = config()
+    cfg["train"]["cpt"] |= yaml.safe_load("{lr: 1e-3, steps: 2e2}")
+    assert cfg["train"]["cpt"]["lr"] == "1e-3"  # PyYAML (YAML 1.1) wants 1.0e-3
+    assert check(cfg, tmp_path) == []
+    assert cfg["train"]["cpt"]["lr"] == 0.001 and cfg["train"]["cpt"]["steps"] == 200
+
+
+def test_a_non_number_string_names_its_key(tmp_path):
+    cfg = config()
+    cfg["train"]["align"]["lr"] = "fast"
+    assert check(cfg, tmp_path) == ["config train.align.lr: 'fast' is not a number"]
+
+
+def test_k_that_overflows_the_encoder_positions_is_named(tmp_path):
+    errors = check(config(runs__0__k=[16, 600]), tmp_path)
+    assert errors == [
+        "config runs[0].k[1]: k=600 does not fit encoder 'all-minilm-l6-v2': a chunk row is "
+        "k + 2 tokens (CLS, SEP) and it has positions for 512; use k <= 510"
+    ]
+    assert check(config(runs__0__k=[510]), tmp_path) == []
+
+
+def test_k_limit_reads_a_local_encoder_and_knows_roberta_offsets(tmp_path, encoder_dir):
+    cfg = config(runs__0__k=[511])
+    cfg["models"]["all-minilm-l6-v2"] = str(encoder_dir)
+    assert "runs[0].k[0]: k=511" in check(cfg, tmp_path)[0]
+    assert compression_limit({"model_type": "roberta", "max_position_embeddings": 514}) == 510
+    assert compression_limit({"model_type": "bert", "max_position_embeddings": 512}) == 510
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("embedded:no-such-model", "unknown embedded model 'no-such-model'"),
+        ("hf:not a repo", "is not hf:<repo>[@revision]"),
+        ("/no/such/folder", "nor a folder holding config.json"),
+    ],
+)
+def test_model_specs_that_cannot_resolve_are_named(tmp_path, spec, message):
+    cfg = config()
+    cfg["models"]["all-minilm-l6-v2"] = spec
+    (error,) = check(cfg, tmp_path)
+    assert error.startswith("config models.all-minilm-l6-v2: ") and message in error
+
+
+def test_runs_must_name_configured_models(tmp_path):
+    assert check(config(runs__0__encoder="bert"), tmp_path) == [
+        "config runs[0].encoder: 'bert' is not a key of `models` "
+        "(smollm2-135m-instruct, all-minilm-l6-v2)"
+    ]
+
+
+def test_a_bad_spec_never_deletes_the_model_folder_it_would_replace(tmp_path):
+    out = tmp_path / "all-minilm-l6-v2"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(ModelSpecError):
+        fetch_model("embedded:typo", out)
+    with pytest.raises(ModelSpecError):
+        fetch_model(str(tmp_path / "missing"), out)
+    assert (out / "config.json").read_text() == "{}"
+
+
+def test_corpus_problems_are_found_before_any_job(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "a.txt").write_text("too short " * 10)
+    assert check(config(corpus__source=str(tmp_path / "nowhere")), tmp_path) == [
+        f"config corpus.source: {str(tmp_path / 'nowhere')!r} is not a folder "
+        "(nor embedded:<name>, hf:<dataset>)"
+    ]
+    assert "holds no .txt" in check(config(corpus__source=str(empty)), tmp_path)[0]
+    (error,) = check(config(corpus__source=str(short), corpus__min_chars=0), tmp_path)
+    assert "no document" in error and "320 tokens" in error
+    (short / "b.txt").write_text("long enough " * 40)
+    assert check(config(corpus__source=str(short), corpus__min_chars=0), tmp_path) == []
+    assert check(config(corpus__source="embedded:nope"), tmp_path)[0].startswith(
+        "config corpus.source: unknown embedded corpus 'nope'"
+    )
+
+
+# -- properties ---------------------------------------------------------------------------------
+def _objects(cfg: dict, path=()):  # every object of the config where the schema forbids extras
+    for key, value in cfg.items():
+        if isinstance(value, dict) and key != "models":
+            yield (*path, key)
+            yield from _objects(value, (*path, key))
+
+
+OBJECT_PATHS = [()] + list(_objects(DEFAULT))
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    where=st.sampled_from(OBJECT_PATHS),
+    key=st.text(st.characters(codec="utf-8", categories=["L", "N", "Pc"]), min_size=1, max_size=12),
+)
+def test_any_unknown_key_in_any_object_gives_exactly_one_line_naming_it(where, key, tmp_path):
+    cfg = config()
+    node = cfg
+    for part in where:
+        node = node[part]
+    if key in node:
+        return
+    node[key] = 1
+    errors = check(cfg, tmp_path)
+    dotted = ".".join([*where, key])
+    assert errors == [errors[0]] and errors[0].startswith(f"config {dotted}: unknown key")
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    lr=st.floats(min_value=1e-12, max_value=10, allow_nan=False),
+    fmt=st.sampled_from(["e", "g", "r"]),
+)
+def test_any_positive_number_written_as_a_string_is_read_as_that_number(lr, fmt, tmp_path):
+    text = repr(lr) if fmt == "r" else format(lr, fmt)
+    cfg = config()
+    cfg["train"]["cpt"]["lr"] = text
+    assert check(cfg, tmp_path) == []
+    assert cfg["train"]["cpt"]["lr"] == float(text)
+
+
+# -- in the workflow ------------------------------------------------------------------------------
+def test_snakemake_stops_before_any_job_with_one_line_per_config_error(tmp_path):
+    for name in ("Snakefile", "workflow", "config"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    override = tmp_path / "bad.yaml"
+    override.write_text(
+        "hello_dist: {nprocs: 2}\nruns: [{decoder: smollm2-135m-instruct, "
+        "encoder: all-minilm-l6-v2, k: [600]}]\ntrain:\n  align: {steps: 20, batch_size: 8, lr: 1e-3}\n"
+        "  reconstruct: {steps: 30, batch_size: 8, lr: 2e-4}\n  cpt: {steps: 150, batch_size: 4, lr: 2e-4}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "eval_report", "--configfile", str(override)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    lines = [line.strip() for line in (result.stdout + result.stderr).splitlines()]
+    start = lines.index("refrag-workflow: config errors, nothing was run:")
+    assert lines[start + 1 : start + 3] == [
+        "config hello_dist.nprocs: unknown key (known here: nproc)",
+        "config runs[0].k[0]: k=600 does not fit encoder 'all-minilm-l6-v2': a chunk row is "
+        "k + 2 tokens (CLS, SEP) and it has positions for 512; use k <= 510",
+    ]
+    assert not any("lr" in line for line in lines)  # 1e-3 is read as a number
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
