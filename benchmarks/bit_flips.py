@@ -67,11 +67,24 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     prepare_corpus(docs, tmp / "corpus", validation_fraction=0.2, test_fraction=0.2)
     write_shards(
-        list(iter_windows([{"doc_id": "llama", "text": text}], dec, enc, 256, 64)),
+        list(
+            iter_windows(
+                [{"doc_id": "llama", "text": text}],
+                encoder_tokenizer=enc,
+                decoder_tokenizer=dec,
+                context_tokens=256,
+                target_tokens=64,
+            )
+        ),
         tmp / "shards",
         metadata={},
     )
-    build_alignment_cache(read_shards(tmp / "shards"), dec, enc, tmp / "align.parquet")
+    build_alignment_cache(
+        read_shards(tmp / "shards"),
+        encoder_tokenizer=enc,
+        decoder_tokenizer=dec,
+        out=tmp / "align.parquet",
+    )
     split = tmp / "corpus" / "train.parquet"
     shard = tmp / "shards" / "shard-00000.parquet"
     for name, path, read in [

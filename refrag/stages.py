@@ -167,6 +167,22 @@ def stage_config_schema(defaults: StageConfig | None = None) -> dict[str, Any]:
     }
 
 
+def with_stage_schemas(schema: dict[str, Any]) -> dict[str, Any]:
+    """The workflow's config ``schema`` (a dict, changed in place and returned) with its stage
+    sections filled from :data:`STAGES`: ``train.NAME`` (with defaults), each run's
+    ``train.NAME`` overrides, and the stage names ``eval.stages`` may list."""
+    props = schema["properties"]
+    props["train"]["properties"] = {
+        name: stage_config_schema(stage.defaults) | {"default": {}}
+        for name, stage in STAGES.items()
+    }
+    props["runs"]["items"]["properties"]["train"]["properties"] = {
+        name: stage_config_schema() for name in STAGES
+    }
+    props["eval"]["properties"]["stages"]["items"] = {"enum": list(STAGES)}
+    return schema
+
+
 def _json_type(hint: Any) -> dict[str, Any]:
     scalar = {int: "integer", float: "number", bool: "boolean", str: "string"}
     if hint in scalar:

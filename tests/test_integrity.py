@@ -50,7 +50,15 @@ def flip(path, pos: int) -> None:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, decoder_tokenizer, encoder_tokenizer):
     docs = [{"doc_id": f"d{i}", "title": "", "text": TEXT[i * 11 :]} for i in range(3)]
-    rows = list(iter_windows(docs, decoder_tokenizer, encoder_tokenizer, 24, 8))
+    rows = list(
+        iter_windows(
+            docs,
+            encoder_tokenizer=encoder_tokenizer,
+            decoder_tokenizer=decoder_tokenizer,
+            context_tokens=24,
+            target_tokens=8,
+        )
+    )
     out = tmp_path_factory.mktemp("shards") / "train"
     write_shards(rows, out, metadata={}, shard_rows=4)
     return out
@@ -140,7 +148,12 @@ def test_random_byte_flips_in_the_alignment_cache_never_pass_silently(
     shards, decoder_tokenizer, encoder_tokenizer, tmp_path
 ):
     cache = tmp_path / "train.parquet"
-    build_alignment_cache(read_shards(shards), decoder_tokenizer, encoder_tokenizer, cache)
+    build_alignment_cache(
+        read_shards(shards),
+        encoder_tokenizer=encoder_tokenizer,
+        decoder_tokenizer=decoder_tokenizer,
+        out=cache,
+    )
     intact = read_alignment_cache(cache)
     pristine = cache.read_bytes()
     rng = random.Random(0)

@@ -14,10 +14,13 @@ from hypothesis import strategies as st
 
 from refrag.models import ModelSpecError, fetch_model
 from refrag.preflight import check_config, compression_limit
+from refrag.stages import with_stage_schemas
 
 from .conftest import ROOT
 
-SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+SCHEMA = with_stage_schemas(
+    yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+)
 DEFAULT = yaml.safe_load((ROOT / "config/config.yaml").read_text())
 
 
@@ -52,7 +55,7 @@ def test_unknown_keys_anywhere_are_refused_one_line_each(tmp_path):
 
 def test_numbers_yaml_reads_as_strings_are_accepted_as_numbers(tmp_path):
     cfg = config()
-    cfg["train"]["cpt"] |= yaml.safe_load("{lr: 1e-3, steps: 2e2}")
+    cfg["train"]["cpt"] = yaml.safe_load("{lr: 1e-3, steps: 2e2}")
     assert cfg["train"]["cpt"]["lr"] == "1e-3"  # PyYAML (YAML 1.1) wants 1.0e-3
     assert check(cfg, tmp_path) == []
     assert cfg["train"]["cpt"]["lr"] == 0.001 and cfg["train"]["cpt"]["steps"] == 200
@@ -60,7 +63,7 @@ def test_numbers_yaml_reads_as_strings_are_accepted_as_numbers(tmp_path):
 
 def test_a_non_number_string_names_its_key(tmp_path):
     cfg = config()
-    cfg["train"]["align"]["lr"] = "fast"
+    cfg["train"]["align"] = {"lr": "fast"}
     assert check(cfg, tmp_path) == ["config train.align.lr: 'fast' is not a number"]
 
 
@@ -175,7 +178,7 @@ def test_any_unknown_key_in_any_object_gives_exactly_one_line_naming_it(where, k
 def test_any_positive_number_written_as_a_string_is_read_as_that_number(lr, fmt, tmp_path):
     text = repr(lr) if fmt == "r" else format(lr, fmt)
     cfg = config()
-    cfg["train"]["cpt"]["lr"] = text
+    cfg["train"]["cpt"] = {"lr": text}
     assert check(cfg, tmp_path) == []
     assert cfg["train"]["cpt"]["lr"] == float(text)
 

@@ -7,14 +7,12 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Trainer
+from transformers import Trainer
 
 from refrag.data import iter_windows, write_shards
 from refrag.integrity import MANIFEST, IntegrityError, write_manifest
 from refrag.resume import check_checkpoint_files, last_complete_checkpoint, resumed_train_loss
 from refrag.training import train_stage
-
-from .conftest import tiny_config
 
 TEXT = (
     "Charles Babbage designed the Analytical Engine, a mechanical general-purpose computer with "
@@ -24,31 +22,29 @@ HP = {"steps": 4, "batch_size": 2, "save_steps": 2, "logging_steps": 1}
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory, decoder_dir, encoder_dir):
-    root = tmp_path_factory.mktemp("tiny")
-    config = tiny_config()
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config.decoder).save_pretrained(root / "dec")
-    AutoModel.from_config(config.encoder).save_pretrained(root / "enc")
-    AutoTokenizer.from_pretrained(decoder_dir).save_pretrained(root / "dec")
-    AutoTokenizer.from_pretrained(encoder_dir).save_pretrained(root / "enc")
-    return root / "enc", root / "dec"
-
-
-@pytest.fixture(scope="module")
 def shards(tmp_path_factory, decoder_tokenizer, encoder_tokenizer):
     docs = [{"doc_id": f"d{i}", "title": "", "text": TEXT[i * 5 :]} for i in range(3)]
     out = tmp_path_factory.mktemp("shards") / "train"
     write_shards(
-        list(iter_windows(docs, decoder_tokenizer, encoder_tokenizer, 32, 8)), out, metadata={}
+        list(
+            iter_windows(
+                docs,
+                encoder_tokenizer=encoder_tokenizer,
+                decoder_tokenizer=decoder_tokenizer,
+                context_tokens=32,
+                target_tokens=8,
+            )
+        ),
+        out,
+        metadata={},
     )
     return out
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_dirs, shards, tmp_path_factory):
+def uninterrupted(tiny_model_dirs, shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "cpt"
-    metrics = train_stage("cpt", init=tiny_dirs, data=shards, out=out, compression=4, hp=HP)
+    metrics = train_stage("cpt", **tiny_model_dirs, data=shards, out=out, compression=4, hp=HP)
     return metrics, json.loads((out / "training_log.json").read_text())
 
 
@@ -113,7 +109,7 @@ def test_the_seal_is_refused_to_incomplete_files(tmp_path, damage, name):
 
 
 def test_a_kill_during_a_save_resumes_from_the_previous_checkpoint_with_the_whole_log(
-    tiny_dirs, shards, tmp_path, monkeypatch, capsys, uninterrupted
+    tiny_model_dirs, shards, tmp_path, monkeypatch, capsys, uninterrupted
 ):
     out = tmp_path / "cpt"
     real_save = Trainer._save_optimizer_and_scheduler
@@ -125,13 +121,13 @@ def test_a_kill_during_a_save_resumes_from_the_previous_checkpoint_with_the_whol
 
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", killed_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        train_stage("cpt", init=tiny_dirs, data=shards, out=out, compression=4, hp=HP)
+        train_stage("cpt", **tiny_model_dirs, data=shards, out=out, compression=4, hp=HP)
     work = tmp_path / "cpt.work"
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert (work / "checkpoint-4" / "model.safetensors").is_file()
 
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", real_save)
-    metrics = train_stage("cpt", init=tiny_dirs, data=shards, out=out, compression=4, hp=HP)
+    metrics = train_stage("cpt", **tiny_model_dirs, data=shards, out=out, compression=4, hp=HP)
     printed = capsys.readouterr().out
     assert "skipping checkpoint checkpoint-4" in printed and "checkpoint-2" in printed
     log = json.loads((out / "training_log.json").read_text())
@@ -149,8 +145,8 @@ def test_resumed_loss_weights_each_logged_loss_by_its_steps():
     assert resumed_train_loss(history, 2.0, 3, 6) == pytest.approx((8 + 1 + 6) / 6)
 
 
-def test_checkpoints_of_a_finished_stage_are_removed(tiny_dirs, shards, tmp_path):
+def test_checkpoints_of_a_finished_stage_are_removed(tiny_model_dirs, shards, tmp_path):
     out = tmp_path / "cpt"
-    train_stage("cpt", init=tiny_dirs, data=shards, out=out, compression=4, hp=HP | {"steps": 2})
+    train_stage("cpt", **tiny_model_dirs, data=shards, out=out, compression=4, hp=HP | {"steps": 2})
     assert not (tmp_path / "cpt.work").exists() and (out / MANIFEST).is_file()
     shutil.rmtree(out)

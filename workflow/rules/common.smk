@@ -35,7 +35,7 @@ def _check_environment():
 
 _check_environment()
 
-from refrag.stages import STAGES, stage_config_schema  # noqa: E402  (after the guard)
+from refrag.stages import STAGES, with_stage_schemas  # noqa: E402  (after the guard)
 
 
 def config_schema():
@@ -44,16 +44,7 @@ def config_schema():
     schema = yaml.safe_load(
         Path(workflow.basedir, "workflow/schemas/config.schema.yaml").read_text()
     )
-    props = schema["properties"]
-    props["train"]["properties"] = {
-        name: stage_config_schema(stage.defaults) | {"default": {}}
-        for name, stage in STAGES.items()
-    }
-    props["runs"]["items"]["properties"]["train"]["properties"] = {
-        name: stage_config_schema() for name in STAGES
-    }
-    props["eval"]["properties"]["stages"]["items"] = {"enum": list(STAGES)}
-    return schema
+    return with_stage_schemas(schema)
 
 
 def validate_config(config):
