@@ -73,19 +73,13 @@ def load_refrag(
         else:
             tok = _tokenizer_from_specs(encoder, decoder, model.config.compression, cache_dir)
     else:
-        from transformers import AutoModel, AutoModelForCausalLM
-
-        from refrag.modeling import RefragConfig
-
-        enc_dir, dec_dir = resolve_model(encoder, cache_dir), resolve_model(decoder, cache_dir)
-        enc = AutoModel.from_pretrained(
-            enc_dir, dtype=dtype, attn_implementation=attn_implementation
+        model = RefragModel.from_encoder_decoder_pretrained(
+            str(resolve_model(encoder, cache_dir)),
+            str(resolve_model(decoder, cache_dir)),
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            compression=compression,
         )
-        dec = AutoModelForCausalLM.from_pretrained(
-            dec_dir, dtype=dtype, attn_implementation=attn_implementation
-        )
-        config = RefragConfig(encoder=enc.config, decoder=dec.config, compression=compression)
-        model = RefragModel(config, encoder=enc, decoder=dec).to(dtype)
         tok = _tokenizer_from_specs(encoder, decoder, compression, cache_dir)
     return model.to(device).eval(), tok
 

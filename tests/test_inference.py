@@ -8,7 +8,9 @@ from transformers import BertConfig, LlamaConfig
 
 from refrag.chunk_cache import ChunkEmbeddingCache, model_fingerprint
 from refrag.inference import greedy_generate, prefill, stream_generate
-from refrag.modeling import RefragConfig, RefragModel
+from refrag.modeling import RefragConfig, RefragModel, attn_implementations
+
+from .attention_spy import eager_attention_calls
 
 VOCAB, ENC_VOCAB, K = 97, 53, 4
 
@@ -201,3 +203,18 @@ def test_stream_generate_streams_the_greedy_tokens(model):
     assert run.token_ids == want
     assert text.split() == [chr(65 + i % 26) for i in want]
     assert 0 < run.ttft_s < 60
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_loading_without_checkpoint_runs_the_requested_attention(attn, encoder_dir, decoder_dir):
+    from refrag.inference import load_refrag
+
+    model, tok = load_refrag(
+        decoder=str(decoder_dir), encoder=str(encoder_dir), attn_implementation=attn
+    )
+    assert model.decoder.config._attn_implementation == attn
+    assert attn_implementations(model) == {attn}
+    batch = tok("<doc id='1'>The Eiffel Tower is a lattice tower in Paris.</doc> It is in")
+    with eager_attention_calls() as eager_calls:
+        prefill(model, **{k: v for k, v in batch.items() if k not in ("labels", "attention_mask")})
+    assert set(eager_calls) == ({"bert", "llama"} if attn == "eager" else set())
