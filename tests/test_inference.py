@@ -218,3 +218,37 @@ def test_loading_without_checkpoint_runs_the_requested_attention(attn, encoder_d
     with eager_attention_calls() as eager_calls:
         prefill(model, **{k: v for k, v in batch.items() if k not in ("labels", "attention_mask")})
     assert set(eager_calls) == ({"bert", "llama"} if attn == "eager" else set())
+
+
+@pytest.mark.parametrize("encode", [False, True])
+def test_static_runner_gives_the_dynamic_path_tokens_and_logits(model, encode):
+    from refrag.inference import StaticRunner, decode_step
+
+    batch = mixed_batch()
+    batch.pop("attention_mask")
+    state = prefill(model, **batch)
+    want_tokens, want_logits = [state.next_token], [state.logits]
+    for _ in range(5):
+        want_logits.append(decode_step(model, want_tokens[-1], state.cache))
+        want_tokens.append(want_logits[-1].argmax(-1))
+    rows, mask = batch["chunk_input_ids"], batch["chunk_attention_mask"]
+    runner = StaticRunner(
+        model,
+        batch["input_ids"].shape[1],
+        batch["chunk_mask"][0].nonzero().view(-1),
+        encode=encode,
+        row_width=rows.shape[1],
+        max_new_tokens=8,
+    )
+    with torch.inference_mode():
+        embeds = None if encode else model.encode_chunks(rows, mask)
+    for _ in range(2):  # a second prompt through the same buffers starts from a clean cache
+        got_tokens = [runner.prefill(batch["input_ids"], embeds, rows, mask).clone()]
+        got_logits = [runner.logits.clone()]
+        for _ in range(5):
+            got_tokens.append(runner.decode().clone())
+            got_logits.append(runner.logits.clone())
+        assert [int(t) for t in got_tokens] == [int(t) for t in want_tokens]
+        torch.testing.assert_close(
+            torch.cat(got_logits), torch.cat(want_logits), rtol=1e-4, atol=1e-4
+        )
