@@ -30,6 +30,9 @@ TTFT_COLUMNS = [
     "context",
     "k",
     "baseline_ms",
+    "baseline_attn",
+    "baseline_graph",
+    "cache_lookup_ms",
     "refrag_cached_ms",
     "refrag_recomputed_ms",
     "speedup_cached",
@@ -149,7 +152,7 @@ def write_report(
         figures["TTFT speedup"] = plot_ttft(ttft, fig_dir / "ttft.png")
 
     shown = table.round(4).astype(object).where(table.notna(), "")
-    ttft_table = pd.DataFrame(ttft)[TTFT_COLUMNS].round(2) if ttft else None
+    ttft_table = pd.DataFrame(ttft).reindex(columns=TTFT_COLUMNS).round(2) if ttft else None
     md = [
         "# REFRAG experiment report",
         "",
