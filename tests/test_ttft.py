@@ -47,7 +47,11 @@ def test_rows_record_the_settings_that_ran(tiny_rows):
     assert eager_calls == []  # --baseline-attn sdpa and REFRAG on sdpa: no eager kernel ran
     for r in rows:
         assert (r["attn"], r["encoder_attn"], r["baseline_attn"]) == ("sdpa",) * 3
-        assert (r["dtype"], r["device"], r["threads"]) == ("float32", "cpu", torch.get_num_threads())
+        assert (r["dtype"], r["device"], r["threads"]) == (
+            "float32",
+            "cpu",
+            torch.get_num_threads(),
+        )
         assert r["baseline_graph"] is r["refrag_graph"] is False  # no CUDA here
         assert set(r["baseline_candidates_ms"]) == {"sdpa"}
 
