@@ -577,6 +577,14 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             chunk_attention_mask=warm["row_mask"].to(device),
         )
     args.cuda_graph = args.cuda_graph and device.type == "cuda"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device.type == "cpu" and load > (os.cpu_count() or 1) - torch.get_num_threads() + 0.5:
+        print(
+            f"WARNING: load average {load:.2f} on {os.cpu_count()} cores before the"
+            f" {torch.get_num_threads()}-thread benchmark: other work shares the CPU, and the"
+            " timings (the short REFRAG prefills most) will be slow and noisy",
+            file=sys.stderr,
+        )
     rows: list[dict[str, Any]] = []
     for s in tqdm(args.contexts, desc="ttft", unit="context", file=sys.stderr, disable=args.quiet):
         with torch.inference_mode():
