@@ -77,19 +77,13 @@ def load_refrag(
                 encoder=encoder, decoder=decoder, k=model.config.compression, cache_dir=cache_dir
             )
     else:
-        from transformers import AutoModel, AutoModelForCausalLM
-
-        from refrag.modeling import RefragConfig
-
-        enc_dir, dec_dir = resolve_model(encoder, cache_dir), resolve_model(decoder, cache_dir)
-        enc = AutoModel.from_pretrained(
-            enc_dir, dtype=dtype, attn_implementation=attn_implementation
+        model = RefragModel.from_encoder_decoder_pretrained(
+            encoder_name_or_path=str(resolve_model(encoder, cache_dir)),
+            decoder_name_or_path=str(resolve_model(decoder, cache_dir)),
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            compression=compression,
         )
-        dec = AutoModelForCausalLM.from_pretrained(
-            dec_dir, dtype=dtype, attn_implementation=attn_implementation
-        )
-        config = RefragConfig(encoder=enc.config, decoder=dec.config, compression=compression)
-        model = RefragModel(config, encoder=enc, decoder=dec).to(dtype)
         tok = _tokenizer_from_specs(
             encoder=encoder, decoder=decoder, k=compression, cache_dir=cache_dir
         )
@@ -264,59 +258,156 @@ def stream_generate(
     return result
 
 
-class CudaGraphPrefill:
-    """The decoder prefill for one fixed input length, captured once as a CUDA graph.
+class StaticRunner:
+    """Prefill of one fixed prompt shape, then decode steps, against a static KV cache.
 
-    ``graph(embeds)`` copies ``(1, T, d)`` embeddings into the static input, replays and
-    returns the greedy next token (a static tensor: read it before the next replay); the KV
-    cache is ``graph.cache`` (a :class:`transformers.StaticCache` of length ``T``).
+    Every tensor the hot path touches is allocated here once: the prompt ids ``(1, T)``, the
+    chunk embeddings ``(n, d)`` (or, with ``encode=True``, the chunk rows ``(n, W)`` that
+    the encoder and projector turn into them inside the step), the positions, the next token
+    and a :class:`transformers.StaticCache` of ``T + max_new_tokens``. ``prefill`` copies
+    new inputs into those buffers and runs one step; ``decode`` feeds the last token back.
+    With ``graph=True`` (CUDA) both steps are captured once as CUDA graphs and replayed: no
+    Python, no allocation and no host sync until the caller reads the token. On a CPU (or
+    with ``graph=False``) the same steps run eagerly, which is what the tests compare with
+    :func:`prefill` / :func:`decode_step`.
+
+    Args:
+        model: the REFRAG model (its decoder alone for a plain prompt: ``chunk_positions``
+            empty).
+        length: T, prompt positions (chunk positions included).
+        chunk_positions: ``(n,)`` indices of the chunk positions in the prompt (batch 1).
+        row_width: W, set for ``encode=True``.
     """
 
-    def __init__(self, decoder: torch.nn.Module, length: int, warmup: int = 2):
+    def __init__(
+        self,
+        model: RefragModel,
+        length: int,
+        chunk_positions: torch.Tensor | None = None,
+        *,
+        encode: bool = False,
+        row_width: int | None = None,
+        max_new_tokens: int = 16,
+        graph: bool = False,
+        warmup: int = 2,
+    ):
         from transformers import StaticCache
 
-        device = next(decoder.parameters()).device
-        dtype = decoder.get_input_embeddings().weight.dtype
-        self.embeds = torch.zeros(1, length, decoder.config.hidden_size, device=device, dtype=dtype)
-        self.position_ids = torch.arange(length, device=device).unsqueeze(0)
-        self.cache = StaticCache(config=decoder.config, max_cache_len=length)
+        self.model, self.decoder = model, model.decoder
+        device = next(self.decoder.parameters()).device
+        dtype = self.decoder.get_input_embeddings().weight.dtype
+        n = 0 if chunk_positions is None else int(chunk_positions.numel())
+        self.ids = torch.zeros(1, length, dtype=torch.long, device=device)
+        self.positions = torch.arange(length, device=device).unsqueeze(0)
+        self.chunk_positions = (
+            chunk_positions.to(device) if n else torch.zeros(0, dtype=torch.long, device=device)
+        )
+        self.chunk_embeds = torch.zeros(
+            n, self.decoder.config.hidden_size, dtype=dtype, device=device
+        )
+        self.encode = encode and n > 0
+        if self.encode:
+            self.rows = torch.zeros(n, row_width, dtype=torch.long, device=device)
+            self.row_mask = torch.ones(n, row_width, dtype=torch.long, device=device)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.logits = torch.zeros(1, self.decoder.config.vocab_size, dtype=dtype, device=device)
+        self.step_position = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.cache = StaticCache(config=self.decoder.config, max_cache_len=length + max_new_tokens)
+        self.graph = graph and device.type == "cuda"
+        self._prefill_graph = self._decode_graph = None
+        if self.graph:
+            self._prefill_graph = self._capture(self._prefill_step, warmup)
+            self._decode_graph = self._capture(self._decode_step, warmup)
 
-        def step() -> torch.Tensor:
-            for layer in self.cache.layers:  # rewrite the cache from position 0 on every replay
-                if getattr(layer, "is_initialized", False):
-                    layer.cumulative_length.zero_()
-            out = decoder(
-                inputs_embeds=self.embeds,
-                position_ids=self.position_ids,
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            return out.logits[:, -1].argmax(-1)
+    @torch.inference_mode()
+    def _prefill_step(self) -> None:
+        for layer in self.cache.layers:  # rewrite the cache from position 0
+            if getattr(layer, "is_initialized", False):
+                layer.cumulative_length.zero_()
+        embeds = self.decoder.get_input_embeddings()(self.ids)
+        if self.chunk_positions.numel():
+            chunks = self.chunk_embeds
+            if self.encode:
+                chunks = self.model.encode_chunks(self.rows, self.row_mask)
+            embeds[0].index_copy_(0, self.chunk_positions, chunks.to(embeds.dtype))
+        out = self.decoder(
+            inputs_embeds=embeds,
+            position_ids=self.positions,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._finish(out.logits[:, -1])
+        self.step_position.fill_(self.ids.shape[1])
 
+    @torch.inference_mode()
+    def _decode_step(self) -> None:
+        out = self.decoder(
+            input_ids=self.token,
+            position_ids=self.step_position,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._finish(out.logits[:, -1])
+        self.step_position.add_(1)
+
+    def _finish(self, logits: torch.Tensor) -> None:
+        self.logits.copy_(logits)
+        self.token.copy_(logits.argmax(-1, keepdim=True))
+
+    def _capture(self, step, warmup: int) -> torch.cuda.CUDAGraph:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.inference_mode(), torch.cuda.stream(stream):
+        with torch.cuda.stream(stream):
             for _ in range(warmup):
-                step()
+                self._prefill_step()  # a decode step needs a filled cache before it
+                if step is self._decode_step:
+                    step()
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph):
-            self.next_token = step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph
 
-    def __call__(self, embeds: torch.Tensor) -> torch.Tensor:
-        self.embeds.copy_(embeds)
-        self.graph.replay()
-        return self.next_token
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        chunk_embeds: torch.Tensor | None = None,
+        chunk_input_ids: torch.Tensor | None = None,
+        chunk_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Read a prompt of the captured shape; returns the next token ``(1, 1)`` (a static
+        buffer: read it before the next call). Chunk inputs: embeddings, or rows with
+        ``encode=True``."""
+        self.ids.copy_(input_ids, non_blocking=True)
+        if chunk_embeds is not None:
+            self.chunk_embeds.copy_(chunk_embeds, non_blocking=True)
+        if self.encode and chunk_input_ids is not None:
+            self.rows.copy_(chunk_input_ids, non_blocking=True)
+            self.row_mask.copy_(chunk_attention_mask, non_blocking=True)
+        if self._prefill_graph is not None:
+            self._prefill_graph.replay()
+        else:
+            self._prefill_step()
+        return self.token
+
+    def decode(self) -> torch.Tensor:
+        """One decode step from the last token; returns the next one (static buffer)."""
+        if self._decode_graph is not None:
+            self._decode_graph.replay()
+        else:
+            self._decode_step()
+        return self.token
 
 
-def try_cuda_graph(decoder: torch.nn.Module, length: int) -> CudaGraphPrefill | None:
-    """A :class:`CudaGraphPrefill`, or ``None`` (with a warning) where capture fails."""
+def try_static_runner(model: RefragModel, length: int, **kwargs: Any) -> StaticRunner | None:
+    """A :class:`StaticRunner`, or ``None`` (with a warning) where CUDA-graph capture fails."""
     try:
-        return CudaGraphPrefill(decoder, length)
+        return StaticRunner(model, length, **kwargs)
     except Exception as exc:  # capture is best effort: the eager path stays correct
         warnings.warn(
-            f"CUDA-graph capture of a {length}-position prefill failed ({exc}); running eager",
+            f"CUDA-graph capture of a {length}-position prompt failed ({exc}); running eager",
             stacklevel=2,
         )
         return None
@@ -324,8 +415,8 @@ def try_cuda_graph(decoder: torch.nn.Module, length: int) -> CudaGraphPrefill | 
 
 __all__ = [
     "ChunkEmbeddingCache",
-    "CudaGraphPrefill",
     "Prefill",
+    "StaticRunner",
     "StreamedGeneration",
     "TimedTextStreamer",
     "decode_step",
@@ -335,5 +426,5 @@ __all__ = [
     "model_inputs",
     "prefill",
     "stream_generate",
-    "try_cuda_graph",
+    "try_static_runner",
 ]

@@ -8,7 +8,9 @@ from transformers import BertConfig, LlamaConfig
 
 from refrag.chunk_cache import ChunkEmbeddingCache, model_fingerprint
 from refrag.inference import greedy_generate, prefill, stream_generate
-from refrag.modeling import RefragConfig, RefragModel
+from refrag.modeling import RefragConfig, RefragModel, attn_implementations
+
+from .attention_spy import eager_attention_calls
 
 VOCAB, ENC_VOCAB, K = 97, 53, 4
 
@@ -201,3 +203,52 @@ def test_stream_generate_streams_the_greedy_tokens(model):
     assert run.token_ids == want
     assert text.split() == [chr(65 + i % 26) for i in want]
     assert 0 < run.ttft_s < 60
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_loading_without_checkpoint_runs_the_requested_attention(attn, encoder_dir, decoder_dir):
+    from refrag.inference import load_refrag
+
+    model, tok = load_refrag(
+        decoder=str(decoder_dir), encoder=str(encoder_dir), attn_implementation=attn
+    )
+    assert model.decoder.config._attn_implementation == attn
+    assert attn_implementations(model) == {attn}
+    batch = tok("<doc id='1'>The Eiffel Tower is a lattice tower in Paris.</doc> It is in")
+    with eager_attention_calls() as eager_calls:
+        prefill(model, **{k: v for k, v in batch.items() if k not in ("labels", "attention_mask")})
+    assert set(eager_calls) == ({"bert", "llama"} if attn == "eager" else set())
+
+
+@pytest.mark.parametrize("encode", [False, True])
+def test_static_runner_gives_the_dynamic_path_tokens_and_logits(model, encode):
+    from refrag.inference import StaticRunner, decode_step
+
+    batch = mixed_batch()
+    batch.pop("attention_mask")
+    state = prefill(model, **batch)
+    want_tokens, want_logits = [state.next_token], [state.logits]
+    for _ in range(5):
+        want_logits.append(decode_step(model, want_tokens[-1], state.cache))
+        want_tokens.append(want_logits[-1].argmax(-1))
+    rows, mask = batch["chunk_input_ids"], batch["chunk_attention_mask"]
+    runner = StaticRunner(
+        model,
+        batch["input_ids"].shape[1],
+        batch["chunk_mask"][0].nonzero().view(-1),
+        encode=encode,
+        row_width=rows.shape[1],
+        max_new_tokens=8,
+    )
+    with torch.inference_mode():
+        embeds = None if encode else model.encode_chunks(rows, mask)
+    for _ in range(2):  # a second prompt through the same buffers starts from a clean cache
+        got_tokens = [runner.prefill(batch["input_ids"], embeds, rows, mask).clone()]
+        got_logits = [runner.logits.clone()]
+        for _ in range(5):
+            got_tokens.append(runner.decode().clone())
+            got_logits.append(runner.logits.clone())
+        assert [int(t) for t in got_tokens] == [int(t) for t in want_tokens]
+        torch.testing.assert_close(
+            torch.cat(got_logits), torch.cat(want_logits), rtol=1e-4, atol=1e-4
+        )

@@ -1,10 +1,13 @@
+import copy
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from refrag.modeling import RefragConfig, RefragModel
+from refrag.modeling import RefragConfig, RefragModel, attn_implementations
 from refrag.tokenization import IGNORE_INDEX
 
+from .attention_spy import eager_attention_calls
 from .conftest import tiny_config
 
 TEXTS = [
@@ -194,3 +197,84 @@ def test_real_default_models_end_to_end(encoder_dir, decoder_dir):
     plain = tok("The Eiffel Tower is in")
     ref = model.decoder(input_ids=plain["input_ids"]).logits
     assert torch.allclose(model(**plain).logits, ref)
+
+
+def tiny_parts(attn: str | None) -> tuple:
+    """A live tiny encoder and decoder, built with ``attn`` (``None``: transformers' default)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config()
+    torch.manual_seed(0)
+    kw = {} if attn is None else {"attn_implementation": attn}
+    encoder = AutoModel.from_config(copy.deepcopy(config.encoder), **kw)
+    decoder = AutoModelForCausalLM.from_config(copy.deepcopy(config.decoder), **kw)
+    return encoder, decoder
+
+
+def eager_calls_of_a_forward(model: RefragModel, refrag_tokenizer) -> list[str]:
+    """Run one forward; the model families whose eager attention it called."""
+    with torch.no_grad(), eager_attention_calls() as calls:
+        model(**refrag_tokenizer(TEXTS))
+    return calls
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_building_from_live_configs_changes_nothing_in_the_given_models(attn, refrag_tokenizer):
+    encoder, decoder = tiny_parts(attn)
+    before = (encoder.config.to_dict(), decoder.config.to_dict())
+    config = RefragConfig(encoder=encoder.config, decoder=decoder.config, compression=4)
+    assert (encoder.config._attn_implementation, decoder.config._attn_implementation) == (attn,) * 2
+    model = RefragModel(config, encoder=encoder, decoder=decoder).eval()
+    assert (encoder.config.to_dict(), decoder.config.to_dict()) == before
+    assert model.config.decoder._attn_implementation == attn
+    assert attn_implementations(model.decoder) == attn_implementations(model.encoder) == {attn}
+    eager_calls = eager_calls_of_a_forward(model, refrag_tokenizer)
+    assert set(eager_calls) == (
+        {"bert", "llama"} if attn == "eager" else set()
+    )  # the kernel that ran is the one recorded
+
+
+def test_models_built_from_dicts_run_sdpa(refrag_tokenizer):
+    config = RefragConfig.from_dict(tiny_config().to_dict())
+    model = RefragModel(config).eval()
+    assert attn_implementations(model) == {"sdpa"}
+    assert model.decoder.config._attn_implementation == "sdpa"
+    assert eager_calls_of_a_forward(model, refrag_tokenizer) == []
+
+
+@pytest.mark.parametrize("attn", [None, "sdpa", "eager"])
+def test_from_pretrained_runs_the_requested_attention(attn, tmp_path, tiny_model, refrag_tokenizer):
+    tiny_model.save_pretrained(tmp_path)
+    kw = {} if attn is None else {"attn_implementation": attn}
+    again = RefragModel.from_pretrained(tmp_path, **kw).eval()
+    want = attn or "sdpa"
+    assert attn_implementations(again) == {want}
+    eager_calls = eager_calls_of_a_forward(again, refrag_tokenizer)
+    assert set(eager_calls) == ({"bert", "llama"} if want == "eager" else set())
+
+
+@pytest.mark.parametrize("attn", [None, "eager"])
+def test_from_encoder_decoder_pretrained_runs_the_requested_attention(
+    attn, tmp_path, refrag_tokenizer
+):
+    encoder, decoder = tiny_parts(None)
+    encoder.save_pretrained(tmp_path / "enc")
+    decoder.save_pretrained(tmp_path / "dec")
+    model = RefragModel.from_encoder_decoder_pretrained(
+        encoder_name_or_path=str(tmp_path / "enc"),
+        decoder_name_or_path=str(tmp_path / "dec"),
+        attn_implementation=attn,
+        compression=4,
+    )
+    want = attn or "sdpa"
+    assert model.decoder.config._attn_implementation == want
+    assert attn_implementations(model) == {want}
+    eager_calls = eager_calls_of_a_forward(model, refrag_tokenizer)
+    assert set(eager_calls) == ({"bert", "llama"} if want == "eager" else set())
+
+
+def test_switching_the_composite_attention_reaches_every_layer(tiny_model):
+    tiny_model.set_attn_implementation("eager")
+    assert attn_implementations(tiny_model) == {"eager"}
+    tiny_model.set_attn_implementation("sdpa")
+    assert attn_implementations(tiny_model) == {"sdpa"}

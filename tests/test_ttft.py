@@ -1,46 +1,169 @@
-"""The TTFT benchmark's command line, JSON rows and plot, on tiny random shapes."""
+"""The TTFT benchmark (refrag.ttft): what it runs, computes and reports; never how fast."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from refrag import ttft
+
+from .attention_spy import eager_attention_calls
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = "--device cpu --decoder-shape tiny --encoder-shape tiny --repeats 1 --warmup 0"
+TINY += " --new-tokens 3 --quiet"
 
 
 @pytest.fixture(scope="module")
-def ttft():
-    spec = importlib.util.spec_from_file_location("bench_ttft", ROOT / "benchmarks" / "ttft.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_ttft"] = module
-    spec.loader.exec_module(module)
-    return module
+def tiny_rows(tmp_path_factory) -> tuple[list[dict], Path, list[str]]:
+    """One run of the benchmark's script on tiny random shapes: JSON rows, plot, eager calls."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = [*f"{TINY} --contexts 64,128 --k 8,16".split()]
+    argv += ["--json", str(out / "ttft.json"), "--plot", str(out / "ttft.png")]
+    old = sys.argv
+    sys.argv = [str(ROOT / "benchmarks/ttft.py"), *argv, "--baseline-attn", "sdpa"]
+    try:
+        with eager_attention_calls() as calls:
+            runpy.run_path(str(ROOT / "benchmarks/ttft.py"), run_name="__main__")
+    finally:
+        sys.argv = old
+    return json.loads((out / "ttft.json").read_text()), out / "ttft.png", calls
 
 
-def test_benchmark_writes_rows_and_plot_for_every_context_and_k(ttft, tmp_path, capsys):
-    out, fig = tmp_path / "bench" / "ttft.json", tmp_path / "bench" / "ttft.png"
-    args = "--device cpu --decoder-shape tiny --encoder-shape tiny --contexts 64,128 --k 8,16"
-    args += " --repeats 1 --warmup 0 --new-tokens 3 --quiet"
-    ttft.main([*args.split(), "--json", str(out), "--plot", str(fig)])
-    rows = json.loads(out.read_text())
+def test_script_writes_a_row_for_every_context_and_k_and_a_plot(tiny_rows):
+    rows, fig, _ = tiny_rows
     assert [(r["context"], r["k"]) for r in rows] == [(64, 8), (64, 16), (128, 8), (128, 16)]
+    assert all(set(ttft.ROW_KEYS) <= set(r) for r in rows)
+    assert fig.stat().st_size > 0
+
+
+def test_rows_record_the_settings_that_ran(tiny_rows):
+    rows, _, eager_calls = tiny_rows
+    assert eager_calls == []  # --baseline-attn sdpa and REFRAG on sdpa: no eager kernel ran
     for r in rows:
-        assert set(ttft.ROW_KEYS) <= set(r)
+        assert (r["attn"], r["encoder_attn"], r["baseline_attn"]) == ("sdpa",) * 3
+        assert (r["dtype"], r["device"], r["threads"]) == (
+            "float32",
+            "cpu",
+            torch.get_num_threads(),
+        )
+        assert r["baseline_graph"] is r["refrag_graph"] is False  # no CUDA here
+        assert set(r["baseline_candidates_ms"]) == {"sdpa"}
+
+
+def test_rows_compute_ratios_and_the_limit_from_the_positions_fed(tiny_rows):
+    rows, _, _ = tiny_rows
+    d = ttft.DECODER_SHAPES["tiny"]["hidden_size"]
+    for r in rows:
         assert r["refrag_positions"] == 1 + r["context"] // r["k"] + 16
         assert r["baseline_positions"] == 1 + r["context"] + 16
-        assert r["speedup_cached"] == pytest.approx(
-            r["baseline_ms"] / r["refrag_cached_ms"], rel=1e-2
+        assert r["analytic_limit"] == pytest.approx(
+            ttft.analytic_limit(d, r["baseline_positions"], r["refrag_positions"]), abs=0.01
         )
-        assert r["decoder"] == "shape:tiny" and r["dtype"] == "float32"
-    assert fig.stat().st_size > 0
-    assert "x cached" in capsys.readouterr().out
+        for mode in ("cached", "recomputed"):
+            ratio = r["baseline_ms"] / r[f"refrag_{mode}_ms"]
+            if r[f"speedup_{mode}"] is None:  # over the limit: flagged, not reported
+                assert ratio > r["analytic_limit"] and f"speedup_{mode}" in r["suspect"]
+            else:
+                assert r[f"speedup_{mode}"] == pytest.approx(ratio, rel=1e-2)
+                assert r[f"speedup_{mode}"] <= r["analytic_limit"]
 
 
-def test_shape_overrides_and_the_paper_limit(ttft):
+def test_the_limit_counts_bos_and_question_tokens():
+    # default models (d=576), s=2048, k=16, q=16: 2,065 positions against 1 + 128 + 16
+    assert ttft.analytic_limit(576, 2065, 145) == pytest.approx(21.84, abs=0.01)
+    assert ttft.paper_limit(16, 576, 2048) == pytest.approx(24.57, abs=0.01)
+    assert ttft.paper_limit(16, 4096, 16384) == pytest.approx(25.6, abs=0.05)
+    assert ttft.paper_limit(32, 4096, 16384) == pytest.approx(52.2, abs=0.1)
+
+
+def over_limit_row(**extra) -> dict:
+    row = {
+        "context": 2048,
+        "k": 16,
+        "baseline_ms": 5000.0,
+        "baseline_candidates_ms": {"sdpa": 4900.0, "eager": 16000.0},
+        "speedup_cached": 30.0,
+        "speedup_recomputed": 10.0,
+        "analytic_limit": 21.84,
+        "suspect": {},
+        "threads": 2,
+        "load_avg": 0.5,
+    }
+    return row | extra
+
+
+def test_a_ratio_over_the_limit_is_a_warning_not_a_result(capsys):
+    row = over_limit_row()
+    ttft.flag_over_limit(row)
+    assert row["speedup_cached"] is None and row["speedup_recomputed"] == 10.0
+    assert "30.0x above the analytic limit 21.84x" in row["suspect"]["speedup_cached"]
+    assert "WARNING s=2048 k=16 cached" in capsys.readouterr().err
+    assert "suspect" in ttft.format_table([row | _table_fields()])
+
+
+def test_the_warning_names_a_busy_machine_or_a_noisy_baseline():
+    busy = over_limit_row(load_avg=4.5)
+    ttft.flag_over_limit(busy)
+    assert "busy machine (load 4.5 on 2 threads)" in busy["suspect"]["speedup_cached"]
+    noisy = over_limit_row(baseline_ms=9000.0)
+    ttft.flag_over_limit(noisy)
+    assert "slower than its selection run" in noisy["suspect"]["speedup_cached"]
+
+
+def _table_fields() -> dict:
+    keys = ("refrag_cached_ms", "refrag_recomputed_ms", "cache_lookup_ms")
+    return {key: 1.0 for key in keys} | {
+        "baseline_attn": "sdpa",
+        "baseline_graph": False,
+        "baseline_ttit_ms": 1.0,
+        "refrag_ttit_ms": 1.0,
+    }
+
+
+@pytest.mark.parametrize("fast", ["sdpa", "eager"])
+def test_the_baseline_is_the_fastest_candidate_and_runs_with_its_kernel(fast, monkeypatch):
+    args = ttft.parse_args([*TINY.split(), "--contexts", "64", "--k", "8"])
+    model = ttft.build_model(args, torch.device("cpu"), torch.float32)
+    x = ttft.make_inputs(model, 64, 8, 16, torch.Generator().manual_seed(0))
+    seen = []
+
+    def fake_timed_ms(fn, device):  # the candidate running `fast` attention is the quick one
+        fn()
+        seen.append(ttft.attn_of(model.decoder))
+        return 1.0 if seen[-1] == fast else 2.0
+
+    monkeypatch.setattr(ttft, "timed_ms", fake_timed_ms)
+    candidates = ttft.baseline_candidates(torch.device("cpu"), None)
+    assert [c.label for c in candidates] == ["sdpa", "eager"]
+    prompt, attn, times = ttft.choose_baseline(model, x, torch.device("cpu"), candidates, args)
+    assert attn == fast and times == {fast: 1.0, ({"sdpa", "eager"} - {fast}).pop(): 2.0}
+    assert seen == ["sdpa", "eager"]  # each candidate timed with its own kernel
+    assert ttft.attn_of(model.decoder) == "sdpa"  # the model's own setting is restored
+    with ttft.decoder_attn(model, attn), eager_attention_calls() as calls:
+        prompt.plain()
+    assert bool(calls) == (fast == "eager")
+
+
+def test_requested_attention_is_what_the_rows_say_ran(tmp_path):
+    argv = [*TINY.split(), "--contexts", "64", "--k", "16", "--attn", "eager"]
+    with eager_attention_calls() as calls:
+        (row,) = ttft.main([*argv, "--baseline-attn", "sdpa", "--json", str(tmp_path / "t.json")])
+    assert (row["attn"], row["encoder_attn"], row["baseline_attn"]) == ("eager", "eager", "sdpa")
+    assert {"llama", "bert"} <= set(calls)
+
+
+def test_context_must_divide_by_k():
+    with pytest.raises(SystemExit):
+        ttft.parse_args(["--contexts", "100", "--k", "16"])
+
+
+def test_shape_overrides_reach_the_config():
     config = ttft.shape_config(
         "llama2-7b:num_hidden_layers=2,rope_theta=5e5", ttft.DECODER_SHAPES, 16448
     )
@@ -49,21 +172,18 @@ def test_shape_overrides_and_the_paper_limit(ttft):
         2,
         16448,
     )
-    assert ttft.analytic_limit(16, 4096, 16384) == pytest.approx(25.6, abs=0.05)
-    assert ttft.analytic_limit(32, 4096, 16384) == pytest.approx(52.2, abs=0.1)
-
-
-def test_context_must_divide_by_k(ttft):
-    with pytest.raises(SystemExit):
-        ttft.parse_args(["--contexts", "100", "--k", "16"])
 
 
 @pytest.mark.slow
-def test_default_models_on_cpu_are_much_faster_cached(ttft, tmp_path):
+def test_default_models_run_sdpa_and_report_their_settings(tmp_path):
     if not (ROOT / "resources/models/smollm2-135m-instruct/model.safetensors").is_file():
         pytest.skip("run `refrag fetch-models` first")
-    args = ["--device", "cpu", "--contexts", "2048", "--k", "16", "--quiet", "--repeats", "1"]
-    args += ["--warmup", "0", "--new-tokens", "2"]
-    (row,) = ttft.main([*args, "--json", str(tmp_path / "t.json")])
-    assert row["speedup_cached"] > 5  # ≥ 10× on an idle machine; loose for shared CI runners
-    assert row["speedup_cached"] > row["speedup_recomputed"]
+    argv = "--device cpu --contexts 256 --k 16 --quiet --repeats 1 --warmup 0 --new-tokens 2"
+    with eager_attention_calls() as calls:
+        (row,) = ttft.main([*argv.split(), "--json", str(tmp_path / "t.json")])
+    assert (row["attn"], row["encoder_attn"]) == ("sdpa", "sdpa")
+    assert set(row["baseline_candidates_ms"]) == {"sdpa", "eager"}
+    assert row["baseline_attn"] in {"sdpa", "eager"}
+    assert row["decoder"] == "embedded:smollm2-135m-instruct"
+    # eager attention ran only for the eager baseline candidate (30 decoder layers per call)
+    assert "bert" not in calls and len(calls) % 30 == 0 and calls

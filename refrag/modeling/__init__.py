@@ -3,9 +3,9 @@
 from transformers import AutoConfig, AutoModel
 
 from refrag.modeling.configuration_refrag import RefragConfig
-from refrag.modeling.modeling_refrag import RefragModel, RefragProjector
+from refrag.modeling.modeling_refrag import RefragModel, RefragProjector, attn_implementations
 
 AutoConfig.register("refrag", RefragConfig, exist_ok=True)
 AutoModel.register(RefragConfig, RefragModel, exist_ok=True)
 
-__all__ = ["RefragConfig", "RefragModel", "RefragProjector"]
+__all__ = ["RefragConfig", "RefragModel", "RefragProjector", "attn_implementations"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -36,7 +38,19 @@ class RefragConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        # The base class resets the sub-configs' attention implementation (recursively, in
+        # place): work on copies, so the configs of live models passed in are never changed,
+        # and keep the implementation each one had unless one is requested for the whole.
+        given = {}
+        for name in ("encoder", "decoder"):
+            sub = getattr(self, name)
+            if isinstance(sub, PreTrainedConfig):
+                given[name] = sub._attn_implementation
+                setattr(self, name, copy.deepcopy(sub))
         super().__post_init__(**kwargs)
+        if self._attn_implementation is None:
+            for name, implementation in given.items():
+                getattr(self, name)._attn_implementation = implementation
         if self.compression < 1:
             raise ValueError(f"compression must be >= 1, got {self.compression}")
         if self.projector_hidden_size is None:

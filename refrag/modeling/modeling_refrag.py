@@ -19,6 +19,16 @@ from refrag.modeling.configuration_refrag import RefragConfig
 IGNORE_INDEX = -100
 
 
+def attn_implementations(module: nn.Module) -> set[str | None]:
+    """The attention implementations the layers of ``module`` dispatch on (read from the
+    config object each layer holds, which is what the attention forward reads)."""
+    return {
+        m.config._attn_implementation
+        for m in module.modules()
+        if "Attention" in type(m).__name__ and hasattr(getattr(m, "config", None), "model_type")
+    }
+
+
 class RefragProjector(nn.Module):
     """Two-layer MLP from the encoder's hidden size to the decoder's embedding size."""
 
@@ -56,10 +66,11 @@ class RefragModel(PreTrainedModel):
         )
         if getattr(self.encoder, "pooler", None) is not None:
             self.encoder.pooler = None  # the chunk embedding is the first position's raw state
-        for name in ("encoder", "decoder"):  # sub-models share the composite config's objects
-            sub_config = getattr(self.config, name)
-            sub_config._attn_implementation = getattr(self, name).config._attn_implementation
-            getattr(self, name).config = sub_config
+        # The composite config holds the sub-models' own config objects (which their layers
+        # read): nothing of a given encoder/decoder changes, and a later
+        # ``set_attn_implementation`` on the composite reaches the layers.
+        for name in ("encoder", "decoder"):
+            setattr(self.config, name, getattr(self, name).config)
         self.projector = RefragProjector(config)
         self.post_init()
         self.set_trainable()
@@ -71,15 +82,17 @@ class RefragModel(PreTrainedModel):
         encoder_name_or_path: str,
         decoder_name_or_path: str,
         dtype: torch.dtype | str = "auto",
+        attn_implementation: str | None = None,
         **config_kwargs,
     ) -> RefragModel:
-        """Assemble a model from two pretrained folders; the projector starts random."""
-        encoder = AutoModel.from_pretrained(encoder_name_or_path, dtype=dtype)
-        decoder = AutoModelForCausalLM.from_pretrained(decoder_name_or_path, dtype=dtype)
-        # copies: building the composite config resets its sub-configs' attention implementation
-        config = RefragConfig(
-            encoder=encoder.config.to_dict(), decoder=decoder.config.to_dict(), **config_kwargs
-        )
+        """Assemble a model from two pretrained folders; the projector starts random.
+
+        ``attn_implementation`` (``None``: transformers' default, SDPA where supported) goes to
+        both sub-models; ``config_kwargs`` (``compression`` …) to :class:`RefragConfig`."""
+        model_kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
+        encoder = AutoModel.from_pretrained(encoder_name_or_path, **model_kwargs)
+        decoder = AutoModelForCausalLM.from_pretrained(decoder_name_or_path, **model_kwargs)
+        config = RefragConfig(encoder=encoder.config, decoder=decoder.config, **config_kwargs)
         return cls(config, encoder=encoder, decoder=decoder).eval()
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -26,7 +26,7 @@ rule bench_ttft:
         "results/bench/{decoder}/{encoder}/ttft.json",
     log:
         "logs/bench_ttft/{decoder}/{encoder}.log",
-    threads: 2
+    threads: workflow.cores  # the whole machine: nothing runs beside a timing
     params:
         python=PYTHON,
         device=config["bench"]["device"],
@@ -35,7 +35,7 @@ rule bench_ttft:
         repeats=config["bench"]["repeats"],
     shell:
         "OMP_NUM_THREADS={threads} {params.python} benchmarks/ttft.py --device {params.device} --contexts {params.contexts} "
-        "--k {params.k} --repeats {params.repeats} --decoder {input.decoder} "
+        "--k {params.k} --repeats {params.repeats} --threads {threads} --decoder {input.decoder} "
         "--encoder {input.encoder} --json {output} > {log} 2>&1"
 
 
