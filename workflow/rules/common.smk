@@ -1,6 +1,10 @@
 import importlib.metadata
 import json
+import os
 import sys
+from pathlib import Path
+
+import yaml
 
 from snakemake.utils import validate
 
@@ -130,7 +134,17 @@ def gpu_resources(gpus, vcpu_per_gpu=8, mem_mb_per_gpu=61440, timeout_s=86400):
             8192, mem_mb_per_gpu * count(wildcards)
         ),
         "aws_batch_task_timeout": timeout_s,
-        "aws_batch_job_definition": lambda wildcards: (
-            "refrag-gpu" if count(wildcards) else "refrag-cpu"
+        "aws_batch_job_definition": lambda wildcards: aws_job_definition(
+            "gpu" if count(wildcards) else "cpu"
         ),
     }
+
+
+def aws_job_definition(kind):
+    """The `kind` (cpu/gpu) job definition deploy/aws/setup_batch.py recorded."""
+    path = Path(
+        os.environ.get("REFRAG_AWS_DEPLOYMENT", "profiles/aws-batch/deployment.yaml")
+    )
+    if path.exists():
+        return yaml.safe_load(path.read_text())["job_definitions"][kind]
+    return f"refrag-{kind}"  # the set-up's default --name
