@@ -201,18 +201,31 @@ def test_a_failing_job_fails_the_run(run):
     assert leftover == []
 
 
-def fake_docker(tmp_path: Path) -> Path:
-    """A `docker` that records its arguments and calls every container running."""
+def fake_docker(tmp_path: Path, version: str = "Docker version 28.2.2", inspect: str = "") -> Path:
+    """A `docker` that records its arguments; `inspect` is the shell code answering inspect."""
     script = tmp_path / "docker"
     script.write_text(
-        f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\ncase "$1" in inspect) echo running;; esac\n'
+        f"""#!/bin/sh
+echo "$@" >> {tmp_path}/calls
+case "$1" in
+  --version) echo "{version}";;
+  inspect) {inspect or "echo running"};;
+esac
+"""
     )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return script
 
 
-def submit(tmp_path: Path, gpus: int, env: dict) -> subprocess.CompletedProcess:
-    props = {"rule": "train", "jobid": gpus, "resources": {"gpu": gpus}, "threads": 1}
+def submit(
+    tmp_path: Path, gpus: int, env: dict, threads: int = 1, mem_mb: int = 0
+) -> subprocess.CompletedProcess:
+    props = {
+        "rule": "train",
+        "jobid": gpus,
+        "resources": {"gpu": gpus, "mem_mb": mem_mb},
+        "threads": threads,
+    }
     jobscript = tmp_path / f"job{gpus}.sh"
     jobscript.write_text(f"#!/bin/sh\n# properties = {json.dumps(props)}\ntrue\n")
     return subprocess.run(
@@ -225,17 +238,93 @@ def submit(tmp_path: Path, gpus: int, env: dict) -> subprocess.CompletedProcess:
     )
 
 
+def status(tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(DOCKER_JOB), "status", "snakejob-x"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def run_calls(tmp_path: Path) -> list[str]:
+    calls = (tmp_path / "calls").read_text().splitlines()
+    return [line for line in calls if line.startswith("run ")]
+
+
 def test_gpu_jobs_get_distinct_devices_and_an_oversized_one_is_refused(tmp_path):
     env = os.environ | {"REFRAG_DOCKER": str(fake_docker(tmp_path)), "REFRAG_DOCKER_GPUS": "0,1,2"}
     assert submit(tmp_path, 2, env).returncode == 0
     assert submit(tmp_path, 1, env).returncode == 0
     assert submit(tmp_path, 0, env).returncode == 0
-    runs = [
-        line for line in (tmp_path / "calls").read_text().splitlines() if line.startswith("run ")
-    ]
+    runs = run_calls(tmp_path)
     assert '--gpus "device=0,1"' in runs[0]
     assert '--gpus "device=2"' in runs[1]
     assert "--gpus" not in runs[2]
     assert all("--shm-size 16g" in r and f"--volume {tmp_path}:{tmp_path}" in r for r in runs)
+    assert all("--pull=never" in r for r in runs)  # a missing image is never pulled
     refused = submit(tmp_path, 4, env)
     assert refused.returncode != 0 and "needs 4 GPU(s), this host offers 3" in refused.stderr
+
+
+def test_podman_gets_gpus_as_cdi_devices(tmp_path):
+    docker = fake_docker(tmp_path, version="podman version 4.3.1")
+    env = os.environ | {"REFRAG_DOCKER": str(docker), "REFRAG_DOCKER_GPUS": "0,1,2"}
+    assert submit(tmp_path, 2, env).returncode == 0
+    (run,) = run_calls(tmp_path)
+    assert "--device nvidia.com/gpu=0 --device nvidia.com/gpu=1" in run
+    assert "--gpus" not in run
+
+
+def test_threads_and_mem_mb_become_cpu_and_memory_limits(tmp_path):
+    env = os.environ | {"REFRAG_DOCKER": str(fake_docker(tmp_path))}
+    assert submit(tmp_path, 0, env, threads=3, mem_mb=3000).returncode == 0
+    (run,) = run_calls(tmp_path)
+    assert "--cpus 3 --memory 3000m" in run
+
+
+def test_a_missing_image_is_refused_in_one_line(tmp_path):
+    docker = fake_docker(tmp_path)
+    docker.write_text(
+        docker.read_text().replace(
+            "esac",
+            '  image) echo "Error: refrag-workflow:latest: image not known" >&2; exit 1;;\nesac',
+        )
+    )
+    proc = submit(tmp_path, 0, os.environ | {"REFRAG_DOCKER": str(docker)})
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "docker_job.py: image refrag-workflow:latest not found (never pulled): "
+        "build it with `docker build -t refrag-workflow:latest .`"
+    )
+    assert run_calls(tmp_path) == []
+
+
+def test_a_missing_cli_is_refused_in_one_line(tmp_path):
+    proc = submit(tmp_path, 0, os.environ | {"REFRAG_DOCKER": str(tmp_path / "no-docker")})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"docker_job.py: the container CLI `{tmp_path / 'no-docker'}` is not installed "
+        "(or set REFRAG_DOCKER, e.g. podman)"
+    ]
+
+
+def test_an_engine_error_is_not_a_failed_job_until_it_lasts(tmp_path):
+    down = 'echo "Cannot connect to the Docker daemon at unix:///var/run/docker.sock" >&2; exit 1'
+    env = os.environ | {"REFRAG_DOCKER": str(fake_docker(tmp_path, inspect=down))}
+    waiting = status(tmp_path, env)
+    assert waiting.stdout.strip() == "running" and "still waiting" in waiting.stderr
+    given_up = status(tmp_path, env | {"REFRAG_DOCKER_UNREACHABLE_S": "0"})
+    assert given_up.stdout.strip() == "failed" and "no answer about snakejob-x" in given_up.stderr
+    gone = 'echo "Error: no such container snakejob-x" >&2; exit 1'
+    env = os.environ | {"REFRAG_DOCKER": str(fake_docker(tmp_path, inspect=gone))}
+    assert status(tmp_path, env).stdout.strip() == "failed"
+
+
+def test_an_oom_kill_is_named_as_such(tmp_path):
+    env = os.environ | {"REFRAG_DOCKER": str(fake_docker(tmp_path, inspect="echo exited 137 true"))}
+    proc = status(tmp_path, env)
+    assert proc.stdout.strip() == "failed"
+    assert "was killed: out of memory" in proc.stderr
