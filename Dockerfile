@@ -33,8 +33,10 @@ RUN groupadd --gid 1000 refrag \
 WORKDIR /workflow
 
 # Dependencies first (cached while only the workflow changes), then the project itself.
-# PIP_FIND_LINKS (a build argument) may point at a folder of wheels, e.g. a CPU torch.
+# Build arguments for pip: PIP_FIND_LINKS, a folder of wheels (e.g. a CPU torch); PIP_CERT, a
+# CA bundle (behind a TLS-inspecting proxy). With podman, mount them: `podman build --volume`.
 ARG PIP_FIND_LINKS
+ARG PIP_CERT
 COPY requirements.lock pyproject.toml README.md ./
 COPY refrag/ refrag/
 RUN pip install --no-cache-dir -c requirements.lock . \

@@ -124,10 +124,14 @@ def checkpoints(stage):
 
 def gpu_resources(gpus, vcpu_per_gpu=8, mem_mb_per_gpu=61440, timeout_s=86400):
     """`resources:` of a job on `gpus` GPUs (an int or a function of the wildcards): `gpu`
-    for local/docker runs, the aws_batch_* request for AWS Batch (ignored elsewhere)."""
+    for local/docker/Slurm runs, with memory (mem_mb), time (runtime, minutes) and CPUs per
+    GPU for Slurm, the aws_batch_* request for AWS Batch (each ignored elsewhere)."""
     count = gpus if callable(gpus) else (lambda wildcards: gpus)
     return {
         "gpu": count,
+        "cpus_per_gpu": vcpu_per_gpu,  # Slurm (--gpus=N --cpus-per-gpu); CPU jobs use threads
+        "mem_mb": lambda wildcards: max(8192, mem_mb_per_gpu * count(wildcards)),
+        "runtime": timeout_s // 60,
         "aws_batch_gpu": count,
         "aws_batch_vcpu": lambda wildcards: max(2, vcpu_per_gpu * count(wildcards)),
         "aws_batch_mem_mb": lambda wildcards: max(
