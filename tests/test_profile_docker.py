@@ -51,6 +51,15 @@ rule fail_in_container:
         "results/probe/fail.txt",
     shell:
         "touch {output}.started && exit 3"
+
+
+rule oom_in_container:
+    output:
+        "results/probe/oom.txt",
+    resources:
+        mem_mb=64,
+    shell:
+        "python -c 'bytearray(512 * 2**20)' && touch {output}"
 """
 
 
@@ -156,6 +165,7 @@ def run(podman, tmp_path_factory):
             "hello_dist",
             "probe",
             "fail_in_container",
+            "oom_in_container",
         ],
         cwd=work,
         env=podman,
@@ -187,7 +197,15 @@ def test_jobs_run_inside_containers_of_the_image(run):
     assert len(ranks) == 2
     assert all("on snakejob-hello_dist-" in p.read_text() for p in ranks)  # torchrun inside
     assert leftover == []  # finished containers are removed, their output kept
-    assert len(list((work / ".snakemake/docker/logs").glob("snakejob-*.log"))) == 3
+    assert len(list((work / ".snakemake/docker/logs").glob("snakejob-*.log"))) == 4
+
+
+@pytest.mark.slow
+def test_mem_mb_is_the_containers_memory_limit(run):
+    work, proc, leftover = run
+    assert not (work / "results/probe/oom.txt").exists()
+    oom = [line for line in proc.stderr.splitlines() if "snakejob-oom_in_container-" in line]
+    assert any("out of memory" in line for line in oom), proc.stderr[-3000:]
 
 
 @pytest.mark.slow
