@@ -346,3 +346,96 @@ def test_an_oom_kill_is_named_as_such(tmp_path):
     proc = status(tmp_path, env)
     assert proc.stdout.strip() == "failed"
     assert "was killed: out of memory" in proc.stderr
+
+
+BUILD_STEPS = """\
+debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm {rootfs}
+tar -C {rootfs} -c . | podman import - {base}
+podman build --build-arg BASE_IMAGE={base} --build-arg GIT_COMMIT={commit} \\
+    --build-arg PIP_FIND_LINKS=/wheels --volume {wheels}:/wheels:ro \\
+    --build-arg PIP_CERT=/host-ca.crt --volume {ca}:/host-ca.crt:ro -t {image} {context}
+"""
+
+
+@pytest.fixture(scope="module")
+def built_image(podman, tmp_path_factory):
+    """./Dockerfile built for real, from a Debian base made by debootstrap (no registry).
+
+    About 10 minutes and 2.4 GB here, so only with REFRAG_TEST_DOCKERFILE=1 (the README's
+    backends table). The context is a copy of the work tree plus a stray .env and key, which
+    the allow-list .dockerignore must keep out. PyPI's torch==2.13.0 is a CUDA build of several
+    GB: a folder of wheels holding a CPU build (REFRAG_TEST_WHEELS, default /opt/wheels) is
+    mounted and passed as PIP_FIND_LINKS; the host's CA bundle as PIP_CERT (TLS-inspecting
+    proxies)."""
+    if os.environ.get("REFRAG_TEST_DOCKERFILE") != "1":
+        pytest.skip("set REFRAG_TEST_DOCKERFILE=1 to build ./Dockerfile (about 10 min)")
+    if not shutil.which("debootstrap"):
+        pytest.skip("debootstrap is not installed (apt-get install debootstrap)")
+    root = tmp_path_factory.mktemp("dockerfile")
+    context = copy_worktree(root / "context")
+    (context / ".env").write_text("AWS_SECRET_ACCESS_KEY=must-not-travel\n")
+    (context / "id_rsa").write_text("not a key\n")
+    tag = uuid.uuid4().hex[:8]
+    base, image = f"localhost/refrag-debian-base:{tag}", f"localhost/refrag-workflow:{tag}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    script = BUILD_STEPS.format(
+        rootfs=root / "rootfs",
+        base=base,
+        commit=commit,
+        wheels=os.environ.get("REFRAG_TEST_WHEELS", "/opt/wheels"),
+        ca="/etc/ssl/certs/ca-certificates.crt",
+        image=image,
+        context=context,
+    )
+    built = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env=podman,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    yield {"image": image, "commit": commit}
+    subprocess.run(["podman", "rmi", "--force", image, base], capture_output=True, env=podman)
+
+
+@pytest.mark.slow
+def test_the_dockerfile_image_runs_the_workflows_jobs(podman, built_image, tmp_path):
+    env = podman | {"REFRAG_DOCKER_IMAGE": built_image["image"], "REFRAG_DOCKER_ARGS": ""}
+    inside = subprocess.run(
+        ["docker", "run", "--rm", "--pull=never", built_image["image"], "ls", "-a", "/workflow"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.split()
+    assert "Snakefile" in inside and "refrag" in inside
+    assert ".env" not in inside and "id_rsa" not in inside and "tests" not in inside
+    label = subprocess.run(
+        [
+            "docker",
+            "inspect",
+            "--format",
+            '{{index .Labels "org.opencontainers.image.revision"}}',
+            built_image["image"],
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.strip()
+    assert label == built_image["commit"]
+    work = copy_worktree(tmp_path / "work")
+    proc = subprocess.run(
+        [str(VENV / "bin" / "snakemake"), "--profile", "docker", "hello_dist"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0 = (work / "logs/hello_dist/ranks/run-0.log").read_text()
+    assert "hello from rank 0/2 on snakejob-hello_dist-" in rank0
+    logs = "".join(p.read_text() for p in (work / ".snakemake/docker/logs").glob("*.log"))
+    assert "/opt/venv/bin/python -m torch.distributed.run" in logs  # the image's Python
