@@ -32,9 +32,9 @@ netns = "none"
 [engine]
 runtime = "runc"
 """
-TOOLS = (  # noqa: SIM905
+TOOLS = (  # noqa: SIM905 (`which`: the Slurm executor plugin calls it whenever Snakemake starts)
     "bash sh env cat touch mkdir rm ls id sleep true false echo test hostname readlink dirname "
-    "basename mktemp uname chmod cp mv ln head tail wc grep sed tr sort tee date"
+    "basename mktemp uname chmod cp mv ln head tail wc grep sed tr sort tee date which"
 ).split()
 PROBE = r"""include: "Snakefile"
 
@@ -339,6 +339,19 @@ def test_an_engine_error_is_not_a_failed_job_until_it_lasts(tmp_path):
     gone = 'echo "Error: no such container snakejob-x" >&2; exit 1'
     env = os.environ | {"REFRAG_DOCKER": str(fake_docker(tmp_path, inspect=gone))}
     assert status(tmp_path, env).stdout.strip() == "failed"
+
+
+def test_a_process_killed_under_the_memory_limit_is_named_as_oom(tmp_path):
+    inspect = "echo exited 1 false 67108864"  # podman: no OOMKilled, PID 1 exits 1
+    docker = fake_docker(tmp_path, inspect=inspect)
+    docker.write_text(
+        docker.read_text().replace(
+            "esac", '  logs) echo "/bin/sh: line 1:   7 Killed   python";;\nesac'
+        )
+    )
+    proc = status(tmp_path, os.environ | {"REFRAG_DOCKER": str(docker)})
+    assert proc.stdout.strip() == "failed"
+    assert "was killed: out of memory, most likely (SIGKILL under its 64 MiB limit)" in proc.stderr
 
 
 def test_an_oom_kill_is_named_as_such(tmp_path):

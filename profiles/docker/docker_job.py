@@ -197,7 +197,7 @@ def submit(jobscript: str) -> None:
 
 
 def status(name: str) -> None:
-    fmt = "{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}"
+    fmt = "{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}} {{.HostConfig.Memory}}"
     out = subprocess.run(
         [*client(), "inspect", "--format", fmt, name], capture_output=True, text=True
     )
@@ -223,7 +223,7 @@ def status(name: str) -> None:
         print("failed")
         return
     unreachable.unlink(missing_ok=True)
-    state, code, oom = (out.stdout.split() + ["1", "false"])[:3]
+    state, code, oom, limit = (out.stdout.split() + ["1", "false", "0"])[:4]
     if state in ("created", "running", "restarting", "paused", "configured", "initialized"):
         print("running")
         return
@@ -235,14 +235,26 @@ def status(name: str) -> None:
     if code == "0":
         print("success")
         return
+    limit_mib = int(limit) // 2**20 if limit.isdigit() else 0
     if oom.lower() == "true":
-        why = "was killed: out of memory (its mem_mb limit, `--memory`)"
+        why = f"was killed: out of memory (its mem_mb limit, {limit_mib} MiB)"
+    elif limit_mib and (code == "137" or killed_in(logs)):
+        # The kernel killed a process of the container under its limit (engines such as
+        # podman 4.3 do not always set OOMKilled, and a killed child leaves PID 1 exiting 1).
+        why = f"was killed: out of memory, most likely (SIGKILL under its {limit_mib} MiB limit)"
     elif code == "137":
         why = "was killed (exit 137, SIGKILL: out of memory, or stopped from outside)"
     else:
         why = f"exited with {code}"
     print(f"docker_job.py: {name} {why}; its output: {logs}", file=sys.stderr)
     print("failed")
+
+
+def killed_in(logs: Path) -> bool:
+    """Whether the container's output ends with a process killed by SIGKILL (the shell's
+    "Killed", snakemake's exit status -9/137)."""
+    tail = logs.read_text(errors="replace")[-20000:]
+    return bool(re.search(r"(^|\s)Killed(\s|$)|exit (status|code) (-9|137)\b", tail, re.MULTILINE))
 
 
 def cancel(names: list[str]) -> None:
