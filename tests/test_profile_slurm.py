@@ -99,6 +99,7 @@ def slurm_run(tmp_path_factory, decoder_dir, encoder_dir):
     (ws / "config/config.yaml").write_text(yaml.safe_dump(config))
     # The CI node has 2 CPUs and ~23 GB: fit the GPU training jobs onto it.
     fit = [f"{rule}:{r}" for rule in TRAIN_RULES for r in ("cpus_per_gpu=1", "mem_mb=6000")]
+    fit += [f"{rule}:mem_mb=3000" for rule in GROUPS["data"] + GROUPS["eval"]]
     env = os.environ | {"REFRAG_SLURM_PARTITION": "ci"}
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -118,6 +119,11 @@ def slurm_run(tmp_path_factory, decoder_dir, encoder_dir):
             *fit,
             "--groups",
             *[f"{rule}={group}" for group, rules in GROUPS.items() for rule in rules],
+            # a group job asks for what its jobs running side by side need: keep it on the node
+            "--cores",
+            "2",
+            "--resources",
+            "mem_mb=16000",
             "--keep-going",
             "eval_report",
             "hello_dist",
@@ -155,9 +161,11 @@ def slurm_run(tmp_path_factory, decoder_dir, encoder_dir):
 
 
 def submissions(output: str) -> dict[str, list[str]]:
-    """Slurm job ids by their log folder (rule_<rule> or group_<group>)."""
+    """Slurm job ids by rule_<rule> or group_<group> (the start of their log folder's name)."""
     found: dict[str, list[str]] = {}
     for job, where in re.findall(r"SLURM jobid (\d+) \(log: \S+/logs/slurm/(\w+)/", output):
+        if where.startswith("group_"):  # group_<group>_<its rules>
+            where = "_".join(where.split("_")[:2])
         found.setdefault(where, []).append(job)
     return found
 
