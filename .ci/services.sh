@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# CI services for the profile tests: podman (standing in for the Docker client, see
-# tests/test_profile_docker.py) and its runtime. Installs only; starts nothing persistent
-# (the moto server of tests/test_profile_aws_batch.py is started and stopped by the test).
+# CI services for the profile tests, on loopback only:
+# - podman + runc (+ uidmap): stand in for the Docker client (tests/test_profile_docker.py);
+#   installed only, nothing persistent is started;
+# - a single-node Slurm (slurmctld, slurmd, munge; tests/test_profile_slurm.py): installed and
+#   started by .ci/slurm.sh (munged, slurmctld, slurmd run as daemons; `bash .ci/slurm.sh stop`).
+# The moto server of tests/test_profile_aws_batch.py is started and stopped by that test.
+# Without root or apt-get it installs nothing, and those tests skip.
 set -euo pipefail
-if command -v podman >/dev/null && command -v runc >/dev/null; then
-    exit 0
+cd "$(dirname "$0")/.."
+PACKAGES=(podman runc uidmap slurmctld slurmd slurm-client munge)
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo ".ci/services.sh: not root with apt-get: podman and Slurm tests will be skipped" >&2
+        exit 0
+    fi
+    echo "==> installing ${missing[*]} (apt)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-    echo ".ci/services.sh: not root with apt-get: podman tests will be skipped" >&2
-    exit 0
+if [ "$(id -u)" = 0 ]; then
+    echo "==> starting a single-node Slurm"
+    bash .ci/slurm.sh
 fi
-echo "==> installing podman, runc, uidmap (apt)"
-apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    podman runc uidmap >/dev/null

@@ -103,9 +103,9 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(checkpoint, tmp_path, d
     shutil.copytree(checkpoint, copy)
     damage(copy)
     with pytest.raises(IntegrityError, match=problem) as err:
-        verify_folder(copy, rule="train_cpt")
+        verify_folder(copy, rule="train")
     assert str(copy) in str(err.value) and "\n" not in str(err.value)
-    assert str(err.value).endswith("rerun rule train_cpt")
+    assert str(err.value).endswith("rerun rule train")
 
 
 def test_every_checkpoint_reader_verifies_before_loading(checkpoint, shards, tmp_path):

@@ -24,13 +24,14 @@ import boto3
 import pytest
 import yaml
 
-from .conftest_profiles import VENV, copy_worktree
+from .conftest_profiles import REPO, VENV, copy_worktree
 
 REGION = "eu-west-1"
 BUCKET = "refrag-test-bucket"
 PREFIX = "refrag-workflow"
 IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/refrag-workflow:test"
 SECRET = "test-secret-key-must-not-travel"
+NAME = "rf"  # not the default: the job definitions' names must come from deployment.yaml
 
 DRIVER = '''
 """snakemake, with the AWS Batch client patched to run each submitted job here."""
@@ -69,6 +70,7 @@ def run_locally(self, **kwargs):
 
 def describe_with_local_result(self, **kwargs):
     out = describe(self, **kwargs)
+    out["jobs"] = [j for j in out["jobs"] if "-lost_probe-" not in j["jobName"]]  # never found
     for job in out["jobs"]:
         if job["jobId"] in failed:
             job["status"] = "FAILED"
@@ -97,8 +99,17 @@ rule gpu_probe:
 rule fail_probe:
     output:
         "results/probe/fail.txt",
+    log:
+        "logs/probe/fail.log",
     shell:
-        "exit 3"
+        "echo the probe fails on purpose > {{log}}; exit 3"
+
+
+rule lost_probe:
+    output:
+        "results/probe/lost.txt",
+    shell:
+        "touch {{output}}"
 """
 
 
@@ -188,6 +199,8 @@ def deployed(tmp_path_factory, aws_env):
             IMAGE,
             "--compute-environment",
             "test-ce",
+            "--name",
+            NAME,
         ],
         cwd=work,
         env=env,
@@ -196,7 +209,9 @@ def deployed(tmp_path_factory, aws_env):
     return {"work": work, "image": image, "root": root, "env": env}
 
 
-def run_snakemake(deployed, runs: Path, *args: str) -> subprocess.CompletedProcess:
+def run_snakemake(
+    deployed, runs: Path, *args: str, env: dict | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     runs.mkdir(exist_ok=True)
     (deployed["root"] / "driver.py").write_text(DRIVER)
     job_base_env = {  # the "instance": its PATH and network, the job role's credentials
@@ -204,7 +219,7 @@ def run_snakemake(deployed, runs: Path, *args: str) -> subprocess.CompletedProce
         "HOME": str(runs),
         **{k: v for k, v in deployed["env"].items() if k.startswith("AWS_")},
     }
-    env = deployed["env"] | {
+    env = (env or deployed["env"]) | {
         "REFRAG_TEST_IMAGE_DIR": str(deployed["image"]),
         "REFRAG_TEST_RUNS": str(runs),
         "REFRAG_TEST_JOB_BASE_ENV": json.dumps(job_base_env),
@@ -219,7 +234,7 @@ def run_snakemake(deployed, runs: Path, *args: str) -> subprocess.CompletedProce
             "aws_probe.smk",
             *args,
         ],
-        cwd=deployed["work"],
+        cwd=cwd or deployed["work"],
         env=env,
         capture_output=True,
         text=True,
@@ -227,10 +242,15 @@ def run_snakemake(deployed, runs: Path, *args: str) -> subprocess.CompletedProce
     )
 
 
+def submissions(runs: Path) -> list[dict]:
+    """The recorded submissions, in order."""
+    paths = sorted(runs.glob("job-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    return [json.loads(p.read_text()) for p in paths]
+
+
 def submitted(runs: Path) -> dict[str, dict]:
-    """The recorded submissions, by rule name."""
-    records = [json.loads(p.read_text()) for p in sorted(runs.glob("job-*.json"))]
-    return {r["submit"]["jobName"].split("-")[1]: r for r in records}
+    """The recorded submissions, by rule name (the last one of a rule)."""
+    return {r["submit"]["jobName"].split("-")[1]: r for r in submissions(runs)}
 
 
 def requirements(items: list[dict]) -> dict[str, str]:
@@ -269,11 +289,11 @@ def test_setup_registers_gpu_and_cpu_job_definitions(deployed):
         d["jobDefinitionName"]: d
         for d in batch.describe_job_definitions(status="ACTIVE")["jobDefinitions"]
     }
-    gpu, cpu = defs["refrag-gpu"], defs["refrag-cpu"]
+    gpu, cpu = defs[f"{NAME}-gpu"], defs[f"{NAME}-cpu"]
     for d in (gpu, cpu):
         props = d["containerProperties"]
         assert props["image"] == IMAGE
-        assert props["jobRoleArn"].endswith("role/refrag-batch-job")
+        assert props["jobRoleArn"].endswith(f"role/{NAME}-batch-job")
         assert not props.get("privileged")
         env = {e["name"]: e["value"] for e in props["environment"]}
         assert not [k for k in env if any(w in k for w in ("SECRET", "TOKEN", "KEY", "PASS"))]
@@ -286,8 +306,8 @@ def test_setup_registers_gpu_and_cpu_job_definitions(deployed):
     deployment = yaml.safe_load(
         (deployed["work"] / "profiles/aws-batch/deployment.yaml").read_text()
     )
-    assert deployment["job_definitions"] == {"cpu": "refrag-cpu", "gpu": "refrag-gpu"}
-    assert deployment["job_queue"] == "refrag-queue"
+    assert deployment["job_definitions"] == {"cpu": f"{NAME}-cpu", "gpu": f"{NAME}-gpu"}
+    assert deployment["job_queue"] == f"{NAME}-queue"
 
 
 @pytest.mark.slow
@@ -304,8 +324,8 @@ def test_bucket_has_safeguards(deployed):
 @pytest.mark.slow
 def test_gpu_rule_gets_gpus_cpus_memory_a_day_and_the_gpu_definition(workflow_run):
     job = workflow_run["gpu_probe"]["submit"]
-    assert job["jobDefinition"] == "refrag-gpu"
-    assert job["jobQueue"] == "refrag-queue"
+    assert job["jobDefinition"] == f"{NAME}-gpu"  # read from deployment.yaml
+    assert job["jobQueue"] == f"{NAME}-queue"
     assert requirements(job["containerOverrides"]["resourceRequirements"]) == {
         "VCPU": "64",
         "MEMORY": str(8 * 61440),
@@ -323,7 +343,7 @@ def test_gpu_rule_gets_gpus_cpus_memory_a_day_and_the_gpu_definition(workflow_ru
 @pytest.mark.slow
 def test_cpu_rule_gets_profile_defaults_not_one_vcpu(workflow_run):
     job = workflow_run["hello_dist"]["submit"]
-    assert job["jobDefinition"] == "refrag-cpu"
+    assert job["jobDefinition"] == f"{NAME}-cpu"
     assert requirements(job["containerOverrides"]["resourceRequirements"]) == {
         "VCPU": "2",
         "MEMORY": "8192",
@@ -351,12 +371,219 @@ def test_outputs_land_in_s3(workflow_run, deployed):
 
 
 @pytest.mark.slow
-def test_a_failing_job_fails_the_run(deployed):
+def test_job_definitions_retry_lost_hosts_and_pulls_but_not_job_errors(deployed):
+    batch = boto3.client(
+        "batch",
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key=SECRET,
+        endpoint_url=deployed["env"]["AWS_ENDPOINT_URL"],
+    )
+    for kind in ("cpu", "gpu"):
+        (definition,) = batch.describe_job_definitions(
+            jobDefinitionName=f"{NAME}-{kind}", status="ACTIVE"
+        )["jobDefinitions"][-1:]
+        strategy = definition["retryStrategy"]
+        assert strategy["attempts"] >= 2
+        conditions = strategy["evaluateOnExit"]
+        retried = {
+            c.get("onStatusReason") or c.get("onReason")
+            for c in conditions
+            if c["action"].upper() == "RETRY"
+        }
+        assert {"Host EC2*", "CannotPullContainerError*"} <= retried
+        last = conditions[-1]  # anything else, i.e. the job's own failure, is not retried
+        assert (last["onReason"], last["action"].upper()) == ("*", "EXIT")
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_retried_then_fails_the_run_naming_its_log(deployed):
     runs = deployed["root"] / "runs-fail"
     proc = run_snakemake(deployed, runs, "fail_probe")
+    output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert submitted(runs)["fail_probe"]["returncode"] != 0
-    assert "AWS Batch job failed" in proc.stdout + proc.stderr
+    attempts = [r for r in submissions(runs) if "-fail_probe-" in r["submit"]["jobName"]]
+    assert len(attempts) == 2 and all(r["returncode"] != 0 for r in attempts)  # retries: 1
+    assert "AWS Batch job failed. Code: 1" in output
+    assert f"s3://{BUCKET}/{PREFIX}/logs/probe/fail.log" in output  # where its log is
+    log = s3(deployed).get_object(Bucket=BUCKET, Key=f"{PREFIX}/logs/probe/fail.log")
+    assert log["Body"].read() == b"the probe fails on purpose\n"
+
+
+@pytest.mark.slow
+def test_a_job_the_status_check_cannot_find_fails_after_the_limit(deployed):
+    runs = deployed["root"] / "runs-lost"
+    env = deployed["env"] | {"REFRAG_AWS_UNKNOWN_LIMIT_S": "3"}
+    proc = run_snakemake(deployed, runs, "lost_probe", "--retries", "0", env=env)
+    assert proc.returncode != 0
+    assert "no status for 3 s" in proc.stdout + proc.stderr
+    assert "aws batch terminate-job --job-id" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_missing_credentials_stop_the_run_in_one_line(deployed, tmp_path):
+    env = {k: v for k, v in deployed["env"].items() if not k.startswith("AWS_")}
+    env |= {
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ENDPOINT_URL": deployed["env"]["AWS_ENDPOINT_URL"],
+    }
+    proc = subprocess.run(
+        [str(VENV / "bin" / "snakemake"), "--profile", "aws-batch", "-n", "eval_report"],
+        cwd=deployed["work"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) <= 2  # Snakemake's "Using profiles …", then ours: no traceback
+    assert lines[-1:] == [
+        "aws-batch: no AWS credentials found (set AWS_PROFILE, run `aws sso login`, or export "
+        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY); nothing was submitted"
+    ]
+
+
+def test_expired_credentials_are_named_in_one_line():
+    from botocore.stub import Stubber
+
+    sys.path.insert(0, str(REPO / "deploy" / "aws"))
+    import preflight
+
+    sts = boto3.client("sts", region_name=REGION, aws_access_key_id="a", aws_secret_access_key="b")
+    with Stubber(sts) as stub:
+        stub.add_client_error(
+            "get_caller_identity",
+            service_error_code="ExpiredToken",
+            service_message="The security token included in the request is expired",
+            http_status_code=403,
+        )
+        with pytest.raises(SystemExit) as stopped:
+            preflight.check_credentials(sts)
+    assert str(stopped.value).startswith("aws-batch: AWS refused the credentials (ExpiredToken: ")
+
+
+def git(work: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+@pytest.mark.slow
+def test_a_work_tree_the_image_was_not_built_from_is_refused(deployed, tmp_path):
+    work = copy_worktree(tmp_path / "work")
+    deployment_path = work / "profiles/aws-batch/deployment.yaml"
+    deployment = yaml.safe_load(
+        (deployed["work"] / "profiles/aws-batch/deployment.yaml").read_text()
+    )
+    git(work, "init", "-q")
+    git(work, "add", "-A")
+    git(work, "commit", "-q", "-m", "image")
+    built = git(work, "rev-parse", "HEAD")
+
+    def dry_run(image_commit):
+        deployment_path.write_text(yaml.safe_dump(deployment | {"image_commit": image_commit}))
+        return subprocess.run(
+            [str(VENV / "bin" / "snakemake"), "--profile", "aws-batch", "-n", "hello_dist"],
+            cwd=work,
+            env=deployed["env"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    assert dry_run(built).returncode == 0
+    stale = dry_run("0" * 40)
+    assert stale.returncode == 1
+    assert f"holds commit 000000000000, the work tree is at {built[:12]}" in stale.stderr
+    (work / "workflow/rules/common.smk").write_text(
+        (work / "workflow/rules/common.smk").read_text() + "\n# changed\n"
+    )
+    dirty = dry_run(built)
+    assert dirty.returncode == 1
+    assert "uncommitted changes the image does not hold (workflow/rules/common.smk)" in dirty.stderr
+
+
+@pytest.mark.slow
+def test_setup_keeps_the_users_bucket_policy_lifecycle_encryption_and_keys(deployed, tmp_path):
+    client = s3(deployed)
+    bucket = "users-own-bucket"
+    client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+    client.put_object(Bucket=bucket, Key="unrelated/data.csv", Body=b"a,b\n1,2\n")
+    users_statement = {
+        "Sid": "UsersReadOnlyRole",
+        "Effect": "Allow",
+        "Principal": {"AWS": "arn:aws:iam::123456789012:role/reader"},
+        "Action": "s3:GetObject",
+        "Resource": f"arn:aws:s3:::{bucket}/unrelated/*",
+    }
+    client.put_bucket_policy(
+        Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [users_statement]})
+    )
+    users_rule = {
+        "ID": "users-archive",
+        "Status": "Enabled",
+        "Filter": {"Prefix": "unrelated/"},
+        "Transitions": [{"Days": 90, "StorageClass": "GLACIER"}],
+    }
+    client.put_bucket_lifecycle_configuration(
+        Bucket=bucket, LifecycleConfiguration={"Rules": [users_rule]}
+    )
+    kms = {
+        "Rules": [
+            {
+                "ApplyServerSideEncryptionByDefault": {
+                    "SSEAlgorithm": "aws:kms",
+                    "KMSMasterKeyID": "arn:aws:kms:eu-west-1:123456789012:key/users-key",
+                }
+            }
+        ]
+    }
+    client.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration=kms)
+    for _ in range(2):  # idempotent: a rerun adds nothing twice
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "deploy/aws/setup_batch.py",
+                "--region",
+                REGION,
+                "--bucket",
+                bucket,
+                "--image",
+                IMAGE,
+                "--compute-environment",
+                "test-ce",
+                "--name",
+                "users",
+                "--deployment",
+                str(tmp_path / "deployment.yaml"),
+            ],
+            cwd=deployed["work"],
+            env=deployed["env"],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        client.get_object(Bucket=bucket, Key="unrelated/data.csv")["Body"].read() == b"a,b\n1,2\n"
+    )
+    statements = json.loads(client.get_bucket_policy(Bucket=bucket)["Policy"])["Statement"]
+    assert users_statement["Sid"] in [s["Sid"] for s in statements]
+    assert sorted(s["Sid"] for s in statements) == sorted(
+        ["UsersReadOnlyRole", "RefragNeverDeleteBucket", "RefragKeepSentinel"]
+    )
+    rules = client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+    assert sorted(r["ID"] for r in rules) == ["refrag-expire-old-versions", "users-archive"]
+    encryption = client.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]
+    default = encryption["Rules"][0]["ApplyServerSideEncryptionByDefault"]
+    assert default["SSEAlgorithm"] == "aws:kms" and default["KMSMasterKeyID"].endswith("users-key")
+    client.head_object(Bucket=bucket, Key=".refrag-bucket-sentinel")
 
 
 @pytest.mark.slow

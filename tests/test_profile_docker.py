@@ -31,9 +31,9 @@ netns = "none"
 [engine]
 runtime = "runc"
 """
-TOOLS = (  # noqa: SIM905
+TOOLS = (  # noqa: SIM905 (`which`: the Slurm executor plugin calls it whenever Snakemake starts)
     "bash sh env cat touch mkdir rm ls id sleep true false echo test hostname readlink dirname "
-    "basename mktemp uname chmod cp mv ln head tail wc grep sed tr sort tee date"
+    "basename mktemp uname chmod cp mv ln head tail wc grep sed tr sort tee date which"
 ).split()
 PROBE = r"""include: "Snakefile"
 
@@ -50,6 +50,15 @@ rule fail_in_container:
         "results/probe/fail.txt",
     shell:
         "touch {output}.started && exit 3"
+
+
+rule oom_in_container:
+    output:
+        "results/probe/oom.txt",
+    resources:
+        mem_mb=64,
+    shell:
+        "python -c 'bytearray(512 * 2**20)' && touch {output}"
 """
 
 
@@ -155,6 +164,7 @@ def run(podman, tmp_path_factory):
             "hello_dist",
             "probe",
             "fail_in_container",
+            "oom_in_container",
         ],
         cwd=work,
         env=podman,
@@ -186,7 +196,15 @@ def test_jobs_run_inside_containers_of_the_image(run):
     assert len(ranks) == 2
     assert all("on snakejob-hello_dist-" in p.read_text() for p in ranks)  # torchrun inside
     assert leftover == []  # finished containers are removed, their output kept
-    assert len(list((work / ".snakemake/docker/logs").glob("snakejob-*.log"))) == 3
+    assert len(list((work / ".snakemake/docker/logs").glob("snakejob-*.log"))) == 4
+
+
+@pytest.mark.slow
+def test_mem_mb_is_the_containers_memory_limit(run):
+    work, proc, leftover = run
+    assert not (work / "results/probe/oom.txt").exists()
+    oom = [line for line in proc.stderr.splitlines() if "snakejob-oom_in_container-" in line]
+    assert any("out of memory" in line for line in oom), proc.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -200,18 +218,31 @@ def test_a_failing_job_fails_the_run(run):
     assert leftover == []
 
 
-def fake_docker(tmp_path: Path) -> Path:
-    """A `docker` that records its arguments and calls every container running."""
+def fake_docker(tmp_path: Path, version: str = "Docker version 28.2.2", inspect: str = "") -> Path:
+    """A `docker` that records its arguments; `inspect` is the shell code answering inspect."""
     script = tmp_path / "docker"
     script.write_text(
-        f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\ncase "$1" in inspect) echo running;; esac\n'
+        f"""#!/bin/sh
+echo "$@" >> {tmp_path}/calls
+case "$1" in
+  --version) echo "{version}";;
+  inspect) {inspect or "echo running"};;
+esac
+"""
     )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return script
 
 
-def submit(tmp_path: Path, gpus: int, env: dict) -> subprocess.CompletedProcess:
-    props = {"rule": "train", "jobid": gpus, "resources": {"gpu": gpus}, "threads": 1}
+def submit(
+    tmp_path: Path, gpus: int, env: dict, threads: int = 1, mem_mb: int = 0
+) -> subprocess.CompletedProcess:
+    props = {
+        "rule": "train",
+        "jobid": gpus,
+        "resources": {"gpu": gpus, "mem_mb": mem_mb},
+        "threads": threads,
+    }
     jobscript = tmp_path / f"job{gpus}.sh"
     jobscript.write_text(f"#!/bin/sh\n# properties = {json.dumps(props)}\ntrue\n")
     return subprocess.run(
@@ -224,17 +255,199 @@ def submit(tmp_path: Path, gpus: int, env: dict) -> subprocess.CompletedProcess:
     )
 
 
+def status(tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(DOCKER_JOB), "status", "snakejob-x"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def run_calls(tmp_path: Path) -> list[str]:
+    calls = (tmp_path / "calls").read_text().splitlines()
+    return [line for line in calls if line.startswith("run ")]
+
+
 def test_gpu_jobs_get_distinct_devices_and_an_oversized_one_is_refused(tmp_path):
     env = os.environ | {"REFRAG_DOCKER": str(fake_docker(tmp_path)), "REFRAG_DOCKER_GPUS": "0,1,2"}
     assert submit(tmp_path, 2, env).returncode == 0
     assert submit(tmp_path, 1, env).returncode == 0
     assert submit(tmp_path, 0, env).returncode == 0
-    runs = [
-        line for line in (tmp_path / "calls").read_text().splitlines() if line.startswith("run ")
-    ]
+    runs = run_calls(tmp_path)
     assert '--gpus "device=0,1"' in runs[0]
     assert '--gpus "device=2"' in runs[1]
     assert "--gpus" not in runs[2]
     assert all("--shm-size 16g" in r and f"--volume {tmp_path}:{tmp_path}" in r for r in runs)
+    assert all("--pull=never" in r for r in runs)  # a missing image is never pulled
     refused = submit(tmp_path, 4, env)
     assert refused.returncode != 0 and "needs 4 GPU(s), this host offers 3" in refused.stderr
+
+
+def test_podman_gets_gpus_as_cdi_devices(tmp_path):
+    docker = fake_docker(tmp_path, version="podman version 4.3.1")
+    env = os.environ | {"REFRAG_DOCKER": str(docker), "REFRAG_DOCKER_GPUS": "0,1,2"}
+    assert submit(tmp_path, 2, env).returncode == 0
+    (run,) = run_calls(tmp_path)
+    assert "--device nvidia.com/gpu=0 --device nvidia.com/gpu=1" in run
+    assert "--gpus" not in run
+
+
+def test_threads_and_mem_mb_become_cpu_and_memory_limits(tmp_path):
+    env = os.environ | {"REFRAG_DOCKER": str(fake_docker(tmp_path))}
+    assert submit(tmp_path, 0, env, threads=3, mem_mb=3000).returncode == 0
+    (run,) = run_calls(tmp_path)
+    assert "--cpus 3 --memory 3000m" in run
+
+
+def test_a_missing_image_is_refused_in_one_line(tmp_path):
+    docker = fake_docker(tmp_path)
+    docker.write_text(
+        docker.read_text().replace(
+            "esac",
+            '  image) echo "Error: refrag-workflow:latest: image not known" >&2; exit 1;;\nesac',
+        )
+    )
+    proc = submit(tmp_path, 0, os.environ | {"REFRAG_DOCKER": str(docker)})
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "docker_job.py: image refrag-workflow:latest not found (never pulled): "
+        "build it with `docker build -t refrag-workflow:latest .`"
+    )
+    assert run_calls(tmp_path) == []
+
+
+def test_a_missing_cli_is_refused_in_one_line(tmp_path):
+    proc = submit(tmp_path, 0, os.environ | {"REFRAG_DOCKER": str(tmp_path / "no-docker")})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"docker_job.py: the container CLI `{tmp_path / 'no-docker'}` is not installed "
+        "(or set REFRAG_DOCKER, e.g. podman)"
+    ]
+
+
+def test_an_engine_error_is_not_a_failed_job_until_it_lasts(tmp_path):
+    down = 'echo "Cannot connect to the Docker daemon at unix:///var/run/docker.sock" >&2; exit 1'
+    env = os.environ | {"REFRAG_DOCKER": str(fake_docker(tmp_path, inspect=down))}
+    waiting = status(tmp_path, env)
+    assert waiting.stdout.strip() == "running" and "still waiting" in waiting.stderr
+    given_up = status(tmp_path, env | {"REFRAG_DOCKER_UNREACHABLE_S": "0"})
+    assert given_up.stdout.strip() == "failed" and "no answer about snakejob-x" in given_up.stderr
+    gone = 'echo "Error: no such container snakejob-x" >&2; exit 1'
+    env = os.environ | {"REFRAG_DOCKER": str(fake_docker(tmp_path, inspect=gone))}
+    assert status(tmp_path, env).stdout.strip() == "failed"
+
+
+def test_a_process_killed_under_the_memory_limit_is_named_as_oom(tmp_path):
+    inspect = "echo exited 1 false 67108864"  # podman: no OOMKilled, PID 1 exits 1
+    docker = fake_docker(tmp_path, inspect=inspect)
+    docker.write_text(
+        docker.read_text().replace(
+            "esac", '  logs) echo "/bin/sh: line 1:   7 Killed   python";;\nesac'
+        )
+    )
+    proc = status(tmp_path, os.environ | {"REFRAG_DOCKER": str(docker)})
+    assert proc.stdout.strip() == "failed"
+    assert "was killed: out of memory, most likely (SIGKILL under its 64 MiB limit)" in proc.stderr
+
+
+def test_an_oom_kill_is_named_as_such(tmp_path):
+    env = os.environ | {"REFRAG_DOCKER": str(fake_docker(tmp_path, inspect="echo exited 137 true"))}
+    proc = status(tmp_path, env)
+    assert proc.stdout.strip() == "failed"
+    assert "was killed: out of memory" in proc.stderr
+
+
+BUILD_STEPS = """\
+debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm {rootfs}
+tar -C {rootfs} -c . | podman import - {base}
+podman build --build-arg BASE_IMAGE={base} --build-arg GIT_COMMIT={commit} \\
+    --build-arg PIP_FIND_LINKS=/wheels --volume {wheels}:/wheels:ro \\
+    --build-arg PIP_CERT=/host-ca.crt --volume {ca}:/host-ca.crt:ro -t {image} {context}
+"""
+
+
+@pytest.fixture(scope="module")
+def built_image(podman, tmp_path_factory):
+    """./Dockerfile built for real, from a Debian base made by debootstrap (no registry).
+
+    About 10 minutes and 2.4 GB here, so only with REFRAG_TEST_DOCKERFILE=1 (the README's
+    backends table). The context is a copy of the work tree plus a stray .env and key, which
+    the allow-list .dockerignore must keep out. PyPI's torch==2.13.0 is a CUDA build of several
+    GB: a folder of wheels holding a CPU build (REFRAG_TEST_WHEELS, default /opt/wheels) is
+    mounted and passed as PIP_FIND_LINKS; the host's CA bundle as PIP_CERT (TLS-inspecting
+    proxies)."""
+    if os.environ.get("REFRAG_TEST_DOCKERFILE") != "1":
+        pytest.skip("set REFRAG_TEST_DOCKERFILE=1 to build ./Dockerfile (about 10 min)")
+    if not shutil.which("debootstrap"):
+        pytest.skip("debootstrap is not installed (apt-get install debootstrap)")
+    root = tmp_path_factory.mktemp("dockerfile")
+    context = copy_worktree(root / "context")
+    (context / ".env").write_text("AWS_SECRET_ACCESS_KEY=must-not-travel\n")
+    (context / "id_rsa").write_text("not a key\n")
+    tag = uuid.uuid4().hex[:8]
+    base, image = f"localhost/refrag-debian-base:{tag}", f"localhost/refrag-workflow:{tag}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    script = BUILD_STEPS.format(
+        rootfs=root / "rootfs",
+        base=base,
+        commit=commit,
+        wheels=os.environ.get("REFRAG_TEST_WHEELS", "/opt/wheels"),
+        ca="/etc/ssl/certs/ca-certificates.crt",
+        image=image,
+        context=context,
+    )
+    built = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env=podman,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    yield {"image": image, "commit": commit}
+    subprocess.run(["podman", "rmi", "--force", image, base], capture_output=True, env=podman)
+
+
+@pytest.mark.slow
+def test_the_dockerfile_image_runs_the_workflows_jobs(podman, built_image, tmp_path):
+    env = podman | {"REFRAG_DOCKER_IMAGE": built_image["image"], "REFRAG_DOCKER_ARGS": ""}
+    inside = subprocess.run(
+        ["docker", "run", "--rm", "--pull=never", built_image["image"], "ls", "-a", "/workflow"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.split()
+    assert "Snakefile" in inside and "refrag" in inside
+    assert ".env" not in inside and "id_rsa" not in inside and "tests" not in inside
+    label = subprocess.run(
+        [
+            "docker",
+            "inspect",
+            "--format",
+            '{{index .Labels "org.opencontainers.image.revision"}}',
+            built_image["image"],
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.strip()
+    assert label == built_image["commit"]
+    work = copy_worktree(tmp_path / "work")
+    proc = subprocess.run(
+        [str(VENV / "bin" / "snakemake"), "--profile", "docker", "hello_dist"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0 = (work / "logs/hello_dist/ranks/run-0.log").read_text()
+    assert "hello from rank 0/2 on snakejob-hello_dist-" in rank0
+    logs = "".join(p.read_text() for p in (work / ".snakemake/docker/logs").glob("*.log"))
+    assert "/opt/venv/bin/python -m torch.distributed.run" in logs  # the image's Python

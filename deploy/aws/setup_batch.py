@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 DEPLOYMENT = REPO / "profiles" / "aws-batch" / "deployment.yaml"
 SENTINEL_KEY = ".refrag-bucket-sentinel"  # outside the workflow prefix: see ensure_bucket
+LIFECYCLE_RULE_ID = "refrag-expire-old-versions"
 
 # Shapes of the two job definitions. Each submitted job overrides vCPU, memory and GPU count
 # (profiles/aws-batch: the per-rule aws_batch_* resources), and the timeout.
@@ -37,6 +39,21 @@ JOB_ENVIRONMENT = {  # plain settings only: never credentials (HF_TOKEN: --hf-to
     "HF_HOME": "/tmp/huggingface",
 }
 GPU_ENVIRONMENT = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+# Batch retries an attempt lost to the infrastructure (a Spot reclaim or a dead host, an image
+# that failed to pull, a container that could not start) and gives up at once on anything else,
+# i.e. the job's own non-zero exit: Snakemake's `retries` (the profile) decides those. Batch
+# matches the conditions in order; with none matching it would retry, hence the final EXIT.
+RETRY_ATTEMPTS = 3
+RETRY_ON = [
+    {"onStatusReason": "Host EC2*", "action": "RETRY"},
+    {"onReason": "CannotPullContainerError*", "action": "RETRY"},
+    {"onReason": "CannotStartContainerError*", "action": "RETRY"},
+    {"onReason": "CannotInspectContainerError*", "action": "RETRY"},
+    {"onReason": "CannotCreateContainerError*", "action": "RETRY"},
+    {"onReason": "DockerTimeoutError*", "action": "RETRY"},
+    {"onReason": "ResourceInitializationError*", "action": "RETRY"},
+    {"onReason": "*", "action": "EXIT"},
+]
 
 
 def job_definitions(
@@ -78,7 +95,7 @@ def job_definitions(
             "platformCapabilities": ["EC2"],
             "containerProperties": container,
             "timeout": {"attemptDurationSeconds": shape["timeout_s"]},
-            "retryStrategy": {"attempts": 1},  # Snakemake's --retries decides
+            "retryStrategy": {"attempts": RETRY_ATTEMPTS, "evaluateOnExit": RETRY_ON},
             "propagateTags": True,
             "tags": {"project": "refrag-workflow"},
         }
@@ -127,25 +144,17 @@ def ensure_bucket(s3, bucket: str, region: str, prefix: str) -> None:
             "RestrictPublicBuckets": True,
         },
     )
-    s3.put_bucket_encryption(
-        Bucket=bucket,
-        ServerSideEncryptionConfiguration={
-            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
-        },
-    )
+    keep_or_set_encryption(s3, bucket)
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     # Old versions of overwritten/deleted workflow outputs expire after 30 days.
-    s3.put_bucket_lifecycle_configuration(
-        Bucket=bucket,
-        LifecycleConfiguration={
-            "Rules": [
-                {
-                    "ID": "refrag-expire-old-versions",
-                    "Status": "Enabled",
-                    "Filter": {"Prefix": f"{prefix}/"},
-                    "NoncurrentVersionExpiration": {"NoncurrentDays": 30},
-                }
-            ]
+    merge_lifecycle_rule(
+        s3,
+        bucket,
+        {
+            "ID": LIFECYCLE_RULE_ID,
+            "Status": "Enabled",
+            "Filter": {"Prefix": f"{prefix}/"},
+            "NoncurrentVersionExpiration": {"NoncurrentDays": 30},
         },
     )
     s3.put_object(
@@ -154,30 +163,70 @@ def ensure_bucket(s3, bucket: str, region: str, prefix: str) -> None:
         Body=b"Keeps this bucket non-empty: the Snakemake S3 storage plugin deletes a bucket "
         b"whose last object it removes. Do not delete (see deploy/aws/README.md).\n",
     )
-    s3.put_bucket_policy(
-        Bucket=bucket,
-        Policy=json.dumps(
+    merge_policy_statements(
+        s3,
+        bucket,
+        [
             {
-                "Version": "2012-10-17",
-                "Statement": [
-                    {
-                        "Sid": "RefragNeverDeleteBucket",
-                        "Effect": "Deny",
-                        "Principal": "*",
-                        "Action": "s3:DeleteBucket",
-                        "Resource": f"arn:aws:s3:::{bucket}",
-                    },
-                    {
-                        "Sid": "RefragKeepSentinel",
-                        "Effect": "Deny",
-                        "Principal": "*",
-                        "Action": "s3:DeleteObject",
-                        "Resource": f"arn:aws:s3:::{bucket}/{SENTINEL_KEY}",
-                    },
-                ],
-            }
-        ),
+                "Sid": "RefragNeverDeleteBucket",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:DeleteBucket",
+                "Resource": f"arn:aws:s3:::{bucket}",
+            },
+            {
+                "Sid": "RefragKeepSentinel",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:DeleteObject",
+                "Resource": f"arn:aws:s3:::{bucket}/{SENTINEL_KEY}",
+            },
+        ],
     )
+
+
+def keep_or_set_encryption(s3, bucket: str) -> None:
+    """SSE-S3 by default, unless the bucket already has its own (e.g. SSE-KMS): that stays."""
+    try:
+        rules = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]
+        print(f"bucket s3://{bucket}: keeps its encryption {rules['Rules']}")
+        return
+    except ClientError as err:
+        if err.response["Error"]["Code"] != "ServerSideEncryptionConfigurationNotFoundError":
+            raise
+    s3.put_bucket_encryption(
+        Bucket=bucket,
+        ServerSideEncryptionConfiguration={
+            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+        },
+    )
+
+
+def merge_lifecycle_rule(s3, bucket: str, rule: dict) -> None:
+    """Add (or update) our lifecycle rule, keeping the bucket's other rules."""
+    try:
+        rules = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+    except ClientError as err:
+        if err.response["Error"]["Code"] != "NoSuchLifecycleConfiguration":
+            raise
+        rules = []
+    rules = [r for r in rules if r.get("ID") != rule["ID"]] + [rule]
+    s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
+
+
+def merge_policy_statements(s3, bucket: str, statements: list[dict]) -> None:
+    """Add (or update, by Sid) our statements, keeping the bucket policy's other statements."""
+    try:
+        policy = json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"])
+    except ClientError as err:
+        if err.response["Error"]["Code"] != "NoSuchBucketPolicy":
+            raise
+        policy = {"Version": "2012-10-17", "Statement": []}
+    ours = {s["Sid"] for s in statements}
+    kept = policy.get("Statement", [])
+    kept = [kept] if isinstance(kept, dict) else kept
+    policy["Statement"] = [s for s in kept if s.get("Sid") not in ours] + statements
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
 
 
 def ensure_job_role(iam, name: str, bucket: str, prefix: str) -> str:
@@ -247,7 +296,9 @@ def ensure_compute_environment(batch, args) -> str:
 
 def ensure_queue(batch, name: str, compute_environment: str) -> str:
     queue = f"{name}-queue"
-    order = [{"order": 1, "computeEnvironment": compute_environment}]
+    found = batch.describe_compute_environments(computeEnvironments=[compute_environment])
+    arns = [c["computeEnvironmentArn"] for c in found["computeEnvironments"]]
+    order = [{"order": 1, "computeEnvironment": (arns or [compute_environment])[0]}]
     found = batch.describe_job_queues(jobQueues=[queue])["jobQueues"]
     if found:
         batch.update_job_queue(jobQueue=queue, state="ENABLED", computeEnvironmentOrder=order)
@@ -259,6 +310,12 @@ def ensure_queue(batch, name: str, compute_environment: str) -> str:
     return queue
 
 
+def head_commit() -> str | None:
+    """This checkout's HEAD, or None outside a git checkout."""
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--region", required=True)
@@ -266,6 +323,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prefix", default="refrag-workflow", help="key prefix of all files")
     parser.add_argument("--image", required=True, help="image URI built from ./Dockerfile")
     parser.add_argument("--name", default="refrag", help="prefix of every AWS resource name")
+    parser.add_argument(
+        "--image-commit",
+        help="git commit the image was built from (its GIT_COMMIT build argument); "
+        "default: this checkout's HEAD. Snakemake refuses to run a different work tree.",
+    )
     parser.add_argument("--job-role-arn", help="use this job role instead of creating one")
     parser.add_argument("--execution-role-arn", help="needed with --hf-token-secret-arn")
     parser.add_argument("--hf-token-secret-arn", help="Secrets Manager ARN injected as HF_TOKEN")
@@ -310,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bucket": args.bucket,
         "prefix": prefix,
         "image": args.image,
+        "image_commit": args.image_commit or head_commit(),
         "job_queue": queue,
         "job_definitions": registered,
     }

@@ -8,7 +8,11 @@
 The work tree is bind-mounted at its own path and is the working directory, so the job reads
 and writes the same files as on the host, as the invoking user. A job whose rule declares
 `resources: gpu=N` gets N GPUs of its own: free devices are claimed under a lock in
-.snakemake/docker/ and handed to `docker run --gpus "device=…"`.
+.snakemake/docker/ and handed to `docker run --gpus "device=…"` (podman: CDI,
+`--device nvidia.com/gpu=…`). `threads` become `--cpus`, a `mem_mb` above 0 `--memory`.
+The image is never pulled (`--pull=never`): a missing image or CLI is refused in one line.
+A container the engine cannot report on (daemon down) counts as running, for at most
+REFRAG_DOCKER_UNREACHABLE_S seconds (default 600), not as a failed job.
 
 Environment (all optional):
   REFRAG_DOCKER          the client command (default: docker; podman works too)
@@ -16,6 +20,7 @@ Environment (all optional):
   REFRAG_DOCKER_GPUS     host GPU indices jobs may use, e.g. 0,1,2,3 (default: nvidia-smi's)
   REFRAG_DOCKER_SHM      /dev/shm size of each container (default: 16g; NCCL needs it large)
   REFRAG_DOCKER_ARGS     extra `docker run` arguments (shell syntax), e.g. cache mounts
+  REFRAG_DOCKER_UNREACHABLE_S  how long a container may stay unreachable (default: 600)
 Only the standard library: this runs on the host, in or outside the project's environment.
 """
 
@@ -26,6 +31,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -36,8 +42,52 @@ STATE_DIR = Path(".snakemake/docker")  # relative to the work tree (the cwd of s
 PASSED_ENV = ("HF_TOKEN", "HF_ENDPOINT", "WANDB_API_KEY")  # passed by name, never written down
 
 
+GONE = ("no such container", "no such object", "no container with name or id")
+
+
+def fail(message: str) -> None:
+    raise SystemExit(f"docker_job.py: {message}")
+
+
 def client() -> list[str]:
-    return shlex.split(os.environ.get("REFRAG_DOCKER", "docker"))
+    cmd = shlex.split(os.environ.get("REFRAG_DOCKER", "docker"))
+    if not shutil.which(cmd[0]):
+        fail(f"the container CLI `{cmd[0]}` is not installed (or set REFRAG_DOCKER, e.g. podman)")
+    return cmd
+
+
+def is_podman(cmd: list[str]) -> bool:
+    """podman (also behind a `docker` name) takes GPUs as CDI devices, not `--gpus`."""
+    out = subprocess.run([*cmd, "--version"], capture_output=True, text=True)
+    return "podman" in out.stdout.lower()
+
+
+def gpu_args(cmd: list[str], gpus: list[str]) -> list[str]:
+    if not gpus:
+        return []
+    if is_podman(cmd):
+        return [arg for g in gpus for arg in ("--device", f"nvidia.com/gpu={g}")]
+    return ["--gpus", f'"device={",".join(gpus)}"']  # docker's CSV syntax needs the quotes
+
+
+def limit_args(props: dict) -> list[str]:
+    """`threads` as --cpus; `mem_mb` (when above 0) as --memory, the container's hard limit."""
+    args = ["--cpus", str(max(1, int(props.get("threads") or 1)))]
+    mem_mb = int(props.get("resources", {}).get("mem_mb") or 0)
+    if mem_mb > 0:
+        args += ["--memory", f"{mem_mb}m"]
+    return args
+
+
+def check_image(cmd: list[str], image: str) -> None:
+    """One line when the image is missing (it is never pulled) or the engine cannot answer."""
+    out = subprocess.run([*cmd, "image", "inspect", image], capture_output=True, text=True)
+    if out.returncode == 0:
+        return
+    error = (out.stderr.strip().splitlines() or ["no answer"])[-1]
+    if re.search(r"no such image|image not known|not found", error, re.IGNORECASE):
+        fail(f"image {image} not found (never pulled): build it with `docker build -t {image} .`")
+    fail(f"the container engine did not answer ({error})")
 
 
 def job_properties(jobscript: str) -> dict:
@@ -108,7 +158,8 @@ def claim_gpus(n: int, name: str, poll_s: float = 5.0) -> list[str]:
 
 def run_command(jobscript: str, props: dict, gpus: list[str], name: str) -> list[str]:
     workdir = os.getcwd()
-    cmd = [*client(), "run", "--detach", "--name", name, "--hostname", name[:63]]
+    engine = client()
+    cmd = [*engine, "run", "--detach", "--pull=never", "--name", name, "--hostname", name[:63]]
     cmd += ["--label", f"refrag.workdir={workdir}", "--label", f"refrag.rule={props.get('rule')}"]
     cmd += ["--user", f"{os.getuid()}:{os.getgid()}", "--volume", f"{workdir}:{workdir}"]
     cmd += ["--workdir", workdir, "--shm-size", os.environ.get("REFRAG_DOCKER_SHM", "16g")]
@@ -116,35 +167,64 @@ def run_command(jobscript: str, props: dict, gpus: list[str], name: str) -> list
     # work tree's `refrag` wins over the copy installed in the image.
     cmd += ["--env", "HOME=/tmp", "--env", f"PYTHONPATH={workdir}"]
     cmd += [arg for var in PASSED_ENV if var in os.environ for arg in ("--env", var)]
-    if gpus:
-        cmd += ["--gpus", f'"device={",".join(gpus)}"']
+    cmd += gpu_args(engine, gpus) + limit_args(props)
     cmd += shlex.split(os.environ.get("REFRAG_DOCKER_ARGS", ""))
-    image = os.environ.get("REFRAG_DOCKER_IMAGE", "refrag-workflow:latest")
-    return [*cmd, image, "/bin/sh", os.path.abspath(jobscript)]
+    return [*cmd, image_name(), "/bin/sh", os.path.abspath(jobscript)]
+
+
+def image_name() -> str:
+    return os.environ.get("REFRAG_DOCKER_IMAGE", "refrag-workflow:latest")
 
 
 def submit(jobscript: str) -> None:
     props = job_properties(jobscript)
     rule = re.sub(r"[^a-zA-Z0-9_.-]", "_", str(props.get("rule", "job")))
     name = f"snakejob-{rule}-{props.get('jobid', 0)}-{uuid.uuid4().hex[:8]}"
+    check_image(client(), image_name())
     gpus = int(props.get("resources", {}).get("gpu", 0) or 0)
     claimed = claim_gpus(gpus, name) if gpus > 0 else []
-    subprocess.run(run_command(jobscript, props, claimed, name), check=True, stdout=sys.stderr)
+    started = subprocess.run(
+        run_command(jobscript, props, claimed, name),
+        stdout=sys.stderr,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if started.returncode != 0:  # the engine refused: no job ran; leave nothing behind
+        subprocess.run([*client(), "rm", "--force", name], capture_output=True)
+        error = (started.stderr.strip().splitlines() or ["no output"])[-1]
+        fail(f"the container engine could not start {name} (exit {started.returncode}): {error}")
     print(name)
 
 
 def status(name: str) -> None:
+    fmt = "{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}} {{.HostConfig.Memory}}"
     out = subprocess.run(
-        [*client(), "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", name],
-        capture_output=True,
-        text=True,
+        [*client(), "inspect", "--format", fmt, name], capture_output=True, text=True
     )
+    unreachable = STATE_DIR / "unreachable" / name
     if out.returncode != 0:
-        print(f"docker_job.py: container {name} is gone: {out.stderr.strip()}", file=sys.stderr)
+        error = out.stderr.strip()
+        if any(word in error.lower() for word in GONE):
+            print(f"docker_job.py: container {name} is gone: {error}", file=sys.stderr)
+            print("failed")
+            return
+        # The engine did not answer: the container may well still run. Not a failed job,
+        # unless this lasts (the first such answer is remembered).
+        unreachable.parent.mkdir(parents=True, exist_ok=True)
+        if not unreachable.exists():
+            unreachable.write_text(str(time.time()))
+        waited = time.time() - float(unreachable.read_text())
+        limit = float(os.environ.get("REFRAG_DOCKER_UNREACHABLE_S", "600"))
+        if waited <= limit:
+            print(f"docker_job.py: engine error on {name}, still waiting: {error}", file=sys.stderr)
+            print("running")
+            return
+        print(f"docker_job.py: no answer about {name} for {waited:.0f} s: {error}", file=sys.stderr)
         print("failed")
         return
-    state, code = (out.stdout.split() + ["1"])[:2]
-    if state in ("created", "running", "restarting", "paused"):
+    unreachable.unlink(missing_ok=True)
+    state, code, oom, limit = (out.stdout.split() + ["1", "false", "0"])[:4]
+    if state in ("created", "running", "restarting", "paused", "configured", "initialized"):
         print("running")
         return
     logs = STATE_DIR / "logs" / f"{name}.log"
@@ -154,9 +234,27 @@ def status(name: str) -> None:
     subprocess.run([*client(), "rm", "--force", name], capture_output=True)
     if code == "0":
         print("success")
+        return
+    limit_mib = int(limit) // 2**20 if limit.isdigit() else 0
+    if oom.lower() == "true":
+        why = f"was killed: out of memory (its mem_mb limit, {limit_mib} MiB)"
+    elif limit_mib and (code == "137" or killed_in(logs)):
+        # The kernel killed a process of the container under its limit (engines such as
+        # podman 4.3 do not always set OOMKilled, and a killed child leaves PID 1 exiting 1).
+        why = f"was killed: out of memory, most likely (SIGKILL under its {limit_mib} MiB limit)"
+    elif code == "137":
+        why = "was killed (exit 137, SIGKILL: out of memory, or stopped from outside)"
     else:
-        print(f"docker_job.py: {name} exited with {code}; its output: {logs}", file=sys.stderr)
-        print("failed")
+        why = f"exited with {code}"
+    print(f"docker_job.py: {name} {why}; its output: {logs}", file=sys.stderr)
+    print("failed")
+
+
+def killed_in(logs: Path) -> bool:
+    """Whether the container's output ends with a process killed by SIGKILL (the shell's
+    "Killed", snakemake's exit status -9/137)."""
+    tail = logs.read_text(errors="replace")[-20000:]
+    return bool(re.search(r"(^|\s)Killed(\s|$)|exit (status|code) (-9|137)\b", tail, re.MULTILINE))
 
 
 def cancel(names: list[str]) -> None:

@@ -1,5 +1,6 @@
 import importlib.metadata
 import json
+import os
 import re
 import shlex
 import sys
@@ -196,17 +197,31 @@ def checkpoint_labels(stages=STAGES):
 
 def gpu_resources(gpus, vcpu_per_gpu=8, mem_mb_per_gpu=61440, timeout_s=86400):
     """`resources:` of a job on `gpus` GPUs (an int or a function of the wildcards): `gpu`
-    for local/docker runs, the aws_batch_* request for AWS Batch (ignored elsewhere)."""
+    for local/docker/Slurm runs, with memory (mem_mb), time (runtime, minutes) and CPUs per
+    GPU for Slurm, the aws_batch_* request for AWS Batch (each ignored elsewhere)."""
     count = gpus if callable(gpus) else (lambda wildcards: gpus)
     return {
         "gpu": count,
+        "cpus_per_gpu": vcpu_per_gpu,  # Slurm (--gpus=N --cpus-per-gpu); CPU jobs use threads
+        "mem_mb": lambda wildcards: max(8192, mem_mb_per_gpu * count(wildcards)),
+        "runtime": timeout_s // 60,
         "aws_batch_gpu": count,
         "aws_batch_vcpu": lambda wildcards: max(2, vcpu_per_gpu * count(wildcards)),
         "aws_batch_mem_mb": lambda wildcards: max(
             8192, mem_mb_per_gpu * count(wildcards)
         ),
         "aws_batch_task_timeout": timeout_s,
-        "aws_batch_job_definition": lambda wildcards: (
-            "refrag-gpu" if count(wildcards) else "refrag-cpu"
+        "aws_batch_job_definition": lambda wildcards: aws_job_definition(
+            "gpu" if count(wildcards) else "cpu"
         ),
     }
+
+
+def aws_job_definition(kind):
+    """The `kind` (cpu/gpu) job definition deploy/aws/setup_batch.py recorded."""
+    path = Path(
+        os.environ.get("REFRAG_AWS_DEPLOYMENT", "profiles/aws-batch/deployment.yaml")
+    )
+    if path.exists():
+        return yaml.safe_load(path.read_text())["job_definitions"][kind]
+    return f"refrag-{kind}"  # the set-up's default --name

@@ -1,0 +1,225 @@
+"""profiles/slurm against a real single-node Slurm (slurmctld, slurmd, munged from Debian's
+packages; .ci/slurm.sh starts it, .ci/services.sh runs that in CI).
+
+One `snakemake --profile slurm --keep-going` runs the tiny workflow (tiny random-weight models,
+a small local corpus) to its report through `sbatch` (rules grouped into a few Slurm jobs to
+keep it short: GROUPS; run one by one, the same test took 17 min on a loaded 2-core machine,
+all checks passing), its run on 1 GPU: the
+cluster declares 2 GPUs as generic resources (no devices), so Slurm allocates the training jobs
+a GPU (`--gpus=1`, from gpu_resources) while they train on the CPU. `hello_dist` runs torchrun
+with 2 ranks inside its allocation, one log per rank. (Training itself under torchrun is not
+run here: the align stage fails under DDP, refrag/training.py's alignment_losses reads
+`model.encoder` of the DDP wrapper.)
+In the same run a job is cancelled by Slurm (`scancel`) while it runs: it must be reported as
+failed, with its log. The CI cluster has no accounting database, so job states come from
+squeue (`--slurm-status-command squeue`; slurmctld keeps finished jobs for MinJobAge = 900 s).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from refrag.stages import STAGES
+
+from .test_workflow import make_workspace, tiny_corpus, tiny_model_folders
+
+PROBE = """include: "Snakefile"
+
+
+rule gpu_probe:
+    output:
+        "results/probe/slurm.txt",
+    log:
+        "logs/probe/slurm.log",
+    resources:
+        gpu=1,
+    shell:
+        "env | grep -E '^SLURM_(JOB_PARTITION|JOB_ID)=' | sort > {output} 2> {log}"
+
+
+rule cancelled_probe:
+    output:
+        "results/probe/cancelled.txt",
+    log:
+        "logs/probe/cancelled.log",
+    shell:
+        "echo running as Slurm job $SLURM_JOB_ID > {log}; sleep 600; touch {output}"
+"""
+TRAIN_RULES = ("train",)  # one rule, a job per stage (refrag.stages)
+# Rules grouped into one sbatch job per group (and connected part): fewer Slurm jobs, so the
+# test stays short on 2 cores. The workflow's localrules (perplexity_table, rulegraph,
+# eval_report) run on the submitting host, as on a real cluster.
+GROUPS = {
+    "data": ("fetch_model", "prepare_corpus", "tokenize", "align_pairs"),
+    "train": TRAIN_RULES,
+    "eval": ("eval_baselines", "eval_refrag", "bench_ttft"),
+}
+
+
+def slurm_is_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    out = subprocess.run(["sinfo", "--noheader"], capture_output=True, text=True, timeout=10)
+    return out.returncode == 0 and " up " in out.stdout
+
+
+@pytest.fixture(scope="module")
+def slurm_run(tmp_path_factory, decoder_dir, encoder_dir):
+    if not slurm_is_up():
+        pytest.skip("no Slurm here (CI starts one: bash .ci/services.sh, or bash .ci/slurm.sh)")
+    ws = make_workspace(tmp_path_factory.mktemp("slurm") / "work")
+    (ws / "slurm_probe.smk").write_text(PROBE)
+    models = tiny_model_folders(ws.parent / "models", decoder_dir, encoder_dir)
+    config = yaml.safe_load((ws / "config/config.yaml").read_text())
+    config["models"] = models
+    config["corpus"] = {
+        "name": "tiny",
+        "source": tiny_corpus(ws.parent / "corpus"),
+        "validation_fraction": 0.2,
+        "test_fraction": 0.25,
+        "min_chars": 1000,
+    }
+    config["runs"] = [{"decoder": "tiny-decoder", "encoder": "tiny-encoder", "k": [4], "gpus": 1}]
+    config["data"] = {
+        "context_tokens": 32,
+        "target_tokens": 8,
+        "max_windows": {"train": 32, "validation": 8, "test": 8},
+    }
+    small = {"steps": 2, "batch_size": 4, "save_steps": 2, "logging_steps": 1}
+    config["train"] = dict.fromkeys(STAGES, small)
+    config["bench"] = {"device": "cpu", "contexts": [256], "k": [8], "repeats": 1}
+    (ws / "config/config.yaml").write_text(yaml.safe_dump(config))
+    # The CI node has 2 CPUs and ~23 GB: fit the GPU training jobs onto it.
+    fit = [f"{rule}:{r}" for rule in TRAIN_RULES for r in ("cpus_per_gpu=1", "mem_mb=6000")]
+    fit += [f"{rule}:mem_mb=3000" for rule in GROUPS["data"] + GROUPS["eval"]]
+    env = os.environ | {"REFRAG_SLURM_PARTITION": "ci"}
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            "slurm_probe.smk",
+            "--profile",
+            "profiles/slurm",
+            "--slurm-status-command",
+            "squeue",
+            "--slurm-init-seconds-before-status-checks",
+            "5",
+            "--set-resources",
+            *fit,
+            "--groups",
+            *[f"{rule}={group}" for group, rules in GROUPS.items() for rule in rules],
+            # a group job asks for what its jobs running side by side need: keep it on the node
+            "--cores",
+            "2",
+            "--resources",
+            "mem_mb=16000",
+            "--keep-going",
+            "eval_report",
+            "hello_dist",
+            "gpu_probe",
+            "cancelled_probe",
+        ],
+        cwd=ws,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    cancelled = None
+    log = ws / "logs/probe/cancelled.log"
+    try:
+        for _ in range(600):  # cancel the sleeping job as soon as it runs
+            if proc.poll() is not None:
+                break
+            if log.exists() and (found := re.search(r"Slurm job (\d+)", log.read_text())):
+                cancelled = found[1]
+                subprocess.run(["scancel", cancelled], check=True)
+                break
+            time.sleep(1)
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return {
+        "ws": ws,
+        "returncode": proc.returncode,
+        "output": output,
+        "cancelled": cancelled,
+        "seconds": time.monotonic() - started,
+    }
+
+
+def submissions(output: str) -> dict[str, list[str]]:
+    """Slurm job ids by rule_<rule> or group_<group> (the start of their log folder's name)."""
+    found: dict[str, list[str]] = {}
+    for job, where in re.findall(r"SLURM jobid (\d+) \(log: \S+/logs/slurm/(\w+)/", output):
+        if where.startswith("group_"):  # group_<group>_<its rules>
+            where = "_".join(where.split("_")[:2])
+        found.setdefault(where, []).append(job)
+    return found
+
+
+def slurm_jobs(*fields: str) -> dict[str, list[str]]:
+    """squeue's fields of every job slurmctld remembers, by job id."""
+    out = subprocess.run(
+        ["squeue", "--states=all", "--noheader", "--Format=" + ",".join(f"{f}:40" for f in fields)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+
+
+@pytest.mark.slow
+def test_the_tiny_workflow_runs_to_its_report_through_sbatch(slurm_run):
+    ws, output = slurm_run["ws"], slurm_run["output"]
+    assert (ws / "results/report.html").exists(), output[-6000:]
+    assert (ws / "results/eval/perplexity.csv").exists()
+    jobs = submissions(output)
+    assert {"group_data", "group_train", "group_eval", "rule_hello_dist"} <= set(jobs)
+    states = slurm_jobs("JobID", "State", "Partition")
+    for job in (j for ids in jobs.values() for j in ids if j != slurm_run["cancelled"]):
+        assert states[job] == ["COMPLETED", "ci"], (job, states[job])
+
+
+@pytest.mark.slow
+def test_gpu_rules_get_slurm_gpus_in_the_profiles_partition(slurm_run):
+    jobs = submissions(slurm_run["output"])
+    tres = slurm_jobs("JobID", "tres-per-job")
+    for job in jobs["rule_gpu_probe"] + jobs["group_train"]:  # resources: gpu=1, gpu_resources(1)
+        assert tres[job] == ["gres:gpu:1"]
+    probe = (slurm_run["ws"] / "results/probe/slurm.txt").read_text().split()
+    assert "SLURM_JOB_PARTITION=ci" in probe  # REFRAG_SLURM_PARTITION through the profile
+    assert (slurm_run["ws"] / "results/checkpoints/tiny/tiny-decoder/tiny-encoder/k4/cpt").is_dir()
+
+
+@pytest.mark.slow
+def test_torchrun_runs_inside_the_allocation_with_one_log_per_rank(slurm_run):
+    ranks = sorted((slurm_run["ws"] / "logs/hello_dist/ranks").glob("run-*.log"))
+    assert [p.name for p in ranks] == ["run-0.log", "run-1.log"]
+    world = (slurm_run["ws"] / "results/hello_dist/world.json").read_text()
+    assert '"world_size": 2' in world
+
+
+@pytest.mark.slow
+def test_a_job_cancelled_by_slurm_is_reported_failed_with_its_log(slurm_run):
+    ws, output, job = slurm_run["ws"], slurm_run["output"], slurm_run["cancelled"]
+    assert job is not None, output[-4000:]
+    assert slurm_run["returncode"] != 0
+    assert f"SLURM-job '{job}' failed, SLURM status is: 'CANCELLED'" in output
+    assert "Error in rule cancelled_probe" in output
+    slurm_log = ws / f"logs/slurm/rule_cancelled_probe/{job}.log"
+    assert str(slurm_log) in output and slurm_log.exists()
+    assert (ws / "logs/probe/cancelled.log").read_text().startswith(f"running as Slurm job {job}")
+    assert not (ws / "results/probe/cancelled.txt").exists()
