@@ -15,10 +15,8 @@ import torch
 
 from refrag.data import (
     build_alignment_cache,
-    iter_windows,
     read_alignment_cache,
     read_shards,
-    write_shards,
 )
 from refrag.integrity import (
     MANIFEST,
@@ -35,33 +33,11 @@ from refrag.training import save_model_folder
 
 from .conftest import tiny_config
 
-TEXT = (
-    "Ada Lovelace was an English mathematician and writer, chiefly known for her work on "
-    "Charles Babbage's proposed mechanical general-purpose computer, the Analytical Engine. "
-) * 6
-
 
 def flip(path, pos: int) -> None:
     data = bytearray(path.read_bytes())
     data[pos] ^= 0xFF
     path.write_bytes(bytes(data))
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, decoder_tokenizer, encoder_tokenizer):
-    docs = [{"doc_id": f"d{i}", "title": "", "text": TEXT[i * 11 :]} for i in range(3)]
-    rows = list(
-        iter_windows(
-            docs,
-            encoder_tokenizer=encoder_tokenizer,
-            decoder_tokenizer=decoder_tokenizer,
-            context_tokens=24,
-            target_tokens=8,
-        )
-    )
-    out = tmp_path_factory.mktemp("shards") / "train"
-    write_shards(rows, out, metadata={}, shard_rows=4)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -9,36 +9,11 @@ import pytest
 import torch
 from transformers import Trainer
 
-from refrag.data import iter_windows, write_shards
 from refrag.integrity import MANIFEST, IntegrityError, write_manifest
 from refrag.resume import check_checkpoint_files, last_complete_checkpoint, resumed_train_loss
 from refrag.training import train_stage
 
-TEXT = (
-    "Charles Babbage designed the Analytical Engine, a mechanical general-purpose computer with "
-    "an arithmetic logic unit, conditional branching, loops and integrated memory. "
-) * 5
 HP = {"steps": 4, "batch_size": 2, "save_steps": 2, "logging_steps": 1}
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, decoder_tokenizer, encoder_tokenizer):
-    docs = [{"doc_id": f"d{i}", "title": "", "text": TEXT[i * 5 :]} for i in range(3)]
-    out = tmp_path_factory.mktemp("shards") / "train"
-    write_shards(
-        list(
-            iter_windows(
-                docs,
-                encoder_tokenizer=encoder_tokenizer,
-                decoder_tokenizer=decoder_tokenizer,
-                context_tokens=32,
-                target_tokens=8,
-            )
-        ),
-        out,
-        metadata={},
-    )
-    return out
 
 
 @pytest.fixture(scope="module")
