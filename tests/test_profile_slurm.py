@@ -25,11 +25,8 @@ import sys
 import time
 
 import pytest
-import yaml
 
-from refrag.stages import STAGES
-
-from .test_workflow import make_workspace, tiny_corpus, tiny_model_folders
+from .test_workflow import tiny_workspace
 
 PROBE = """include: "Snakefile"
 
@@ -75,28 +72,11 @@ def slurm_is_up() -> bool:
 def slurm_run(tmp_path_factory, decoder_dir, encoder_dir):
     if not slurm_is_up():
         pytest.skip("no Slurm here (CI starts one: bash .ci/services.sh, or bash .ci/slurm.sh)")
-    ws = make_workspace(tmp_path_factory.mktemp("slurm") / "work")
+    runs = [{"decoder": "tiny-decoder", "encoder": "tiny-encoder", "k": [4], "gpus": 1}]
+    ws = tiny_workspace(
+        tmp_path_factory.mktemp("slurm"), decoder_dir, encoder_dir, runs=runs, windows=32, steps=2
+    )
     (ws / "slurm_probe.smk").write_text(PROBE)
-    models = tiny_model_folders(ws.parent / "models", decoder_dir, encoder_dir)
-    config = yaml.safe_load((ws / "config/config.yaml").read_text())
-    config["models"] = models
-    config["corpus"] = {
-        "name": "tiny",
-        "source": tiny_corpus(ws.parent / "corpus"),
-        "validation_fraction": 0.2,
-        "test_fraction": 0.25,
-        "min_chars": 1000,
-    }
-    config["runs"] = [{"decoder": "tiny-decoder", "encoder": "tiny-encoder", "k": [4], "gpus": 1}]
-    config["data"] = {
-        "context_tokens": 32,
-        "target_tokens": 8,
-        "max_windows": {"train": 32, "validation": 8, "test": 8},
-    }
-    small = {"steps": 2, "batch_size": 4, "save_steps": 2, "logging_steps": 1}
-    config["train"] = dict.fromkeys(STAGES, small)
-    config["bench"] = {"device": "cpu", "contexts": [256], "k": [8], "repeats": 1}
-    (ws / "config/config.yaml").write_text(yaml.safe_dump(config))
     # The CI node has 2 CPUs and ~23 GB: fit the GPU training jobs onto it.
     fit = [f"{rule}:{r}" for rule in TRAIN_RULES for r in ("cpus_per_gpu=1", "mem_mb=6000")]
     fit += [f"{rule}:mem_mb=3000" for rule in GROUPS["data"] + GROUPS["eval"]]

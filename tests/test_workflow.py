@@ -198,29 +198,40 @@ def tiny_corpus(folder: Path) -> str:
     return str(folder)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, decoder_dir, encoder_dir) -> Path:
-    ws = make_workspace(tmp_path_factory.mktemp("e2e"))
-    models = tiny_model_folders(ws.parent / "models", decoder_dir, encoder_dir)
+def tiny_workspace(
+    root: Path, decoder_dir: Path, encoder_dir: Path, *, runs: list[dict], windows: int, steps: int
+) -> Path:
+    """A copy of the workflow under root/work, configured for the tiny models and corpus:
+    (32 + 8)-token windows, ``windows`` train windows, ``steps`` steps per stage."""
+    ws = make_workspace(root / "work")
     config = yaml.safe_load((ws / "config/config.yaml").read_text())
-    config["models"] = models
+    config["models"] = tiny_model_folders(root / "models", decoder_dir, encoder_dir)
     config["corpus"] = {
         "name": "tiny",
-        "source": tiny_corpus(ws.parent / "corpus"),
+        "source": tiny_corpus(root / "corpus"),
         "validation_fraction": 0.2,
         "test_fraction": 0.25,
         "min_chars": 1000,
     }
-    config["runs"] = [{"decoder": "tiny-decoder", "encoder": "tiny-encoder", "k": [4, 8]}]
+    config["runs"] = runs
     config["data"] = {
         "context_tokens": 32,
         "target_tokens": 8,
-        "max_windows": {"train": 64, "validation": 8, "test": 16},
+        "max_windows": {"train": windows, "validation": 8, "test": windows // 4},
     }
-    small = {"steps": 4, "batch_size": 4, "save_steps": 2, "logging_steps": 1}
-    config["train"] = {stage: small for stage in STAGES}
+    small = {"steps": steps, "batch_size": 4, "save_steps": 2, "logging_steps": 1}
+    config["train"] = dict.fromkeys(STAGES, small)
     config["bench"] = {"device": "cpu", "contexts": [256], "k": [8], "repeats": 1}
     (ws / "config/config.yaml").write_text(yaml.safe_dump(config))
+    return ws
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, decoder_dir, encoder_dir) -> Path:
+    runs = [{"decoder": "tiny-decoder", "encoder": "tiny-encoder", "k": [4, 8]}]
+    ws = tiny_workspace(
+        tmp_path_factory.mktemp("e2e"), decoder_dir, encoder_dir, runs=runs, windows=64, steps=4
+    )
     snakemake(ws, "--profile", "local", "--cores", "2", "eval_report")
     return ws
 
