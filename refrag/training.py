@@ -398,6 +398,11 @@ def main(argv: list[str] | None = None) -> None:
         "--hp", default="{}", help="overrides of the stage's defaults, as JSON (StageConfig)"
     )
     parser.add_argument(
+        "--rebuilt-by",
+        default="{}",
+        help="JSON {input path: the step that writes it}, named by a damaged input's error",
+    )
+    parser.add_argument(
         "--rank-log-dir", help="under torchrun, each rank writes DIR/run-{RANK}.log"
     )
     args = parser.parse_args(argv)
@@ -405,7 +410,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--encoder and --decoder go together")
     # the Trainer joins torchrun's process group itself (NCCL on GPUs, gloo on CPU)
     per_rank = args.rank_log_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    with log_to(rank_log_path(args.rank_log_dir) if per_rank else None), one_line_errors():
+    with (
+        log_to(rank_log_path(args.rank_log_dir) if per_rank else None),
+        one_line_errors(json.loads(args.rebuilt_by)),
+    ):
         metrics = train_stage(
             args.stage,
             init=args.init,

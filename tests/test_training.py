@@ -203,3 +203,22 @@ def test_cli_wants_the_encoder_with_the_decoder(capsys):
     with pytest.raises(SystemExit):
         main(["--stage", "cpt", "--k", "4", "--encoder", "e", "--data", "d", "--out", "o"])
     assert "--encoder and --decoder go together" in capsys.readouterr().err
+
+
+def test_a_damaged_init_stops_the_cli_in_one_line_naming_the_rule_that_rebuilds_it(
+    tiny_checkpoint, shards, tmp_path
+):
+    import shutil
+
+    from refrag.training import main
+
+    init = shutil.copytree(tiny_checkpoint, tmp_path / "reconstruct")
+    weights = init / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # truncated
+    args = ["--stage", "cpt", "--k", "4", "--init", str(init), "--data", str(shards)]
+    args += ["--out", str(tmp_path / "cpt"), "--rebuilt-by", json.dumps({str(init): "train"})]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    (line,) = str(stop.value).splitlines()
+    assert line.startswith("error: ") and str(weights) in line
+    assert line.endswith("rerun rule train")

@@ -116,6 +116,10 @@ STAGE_DATA = {
     "alignment": "results/alignment/{corpus}/{decoder}/{encoder}/train.parquet",
     "shards": "results/shards/{corpus}/{decoder}/{encoder}/train",
 }
+INPUT_RULE = {
+    "data": {"alignment": "align_pairs", "shards": "tokenize"},
+    "init": "train",
+}
 CHECKPOINT = "results/checkpoints/{corpus}/{decoder}/{encoder}/k{k}/{stage}"
 
 
@@ -140,6 +144,15 @@ def train_start(wildcards, input):
     return (
         f"--encoder {shlex.quote(input.encoder)} --decoder {shlex.quote(input.decoder)}"
     )
+
+
+def train_rebuilt_by(wildcards, input):
+    """JSON {input path: the rule that writes it}: a damaged input's one-line error names it."""
+    rules = {input.data: INPUT_RULE["data"][STAGES[wildcards.stage].data]}
+    for name in ("init", "encoder", "decoder"):
+        if name in input.keys():
+            rules[input[name]] = INPUT_RULE["init"] if name == "init" else "fetch_model"
+    return shlex.quote(json.dumps(rules))
 
 
 def run_gpus(wildcards):

@@ -20,9 +20,10 @@ rule train:
     params:
         hp=lambda wc: json.dumps(stage_hp(wc)),
         start=train_start,
+        rebuilt_by=train_rebuilt_by,
         launch=launcher,
         ranks="logs/train/{corpus}/{decoder}/{encoder}/k{k}/{stage}",
     shell:
         "OMP_NUM_THREADS={threads} {params.launch} -m refrag.training --stage {wildcards.stage} "
         "--k {wildcards.k} {params.start} --data {input.data} --out {output} "
-        "--hp {params.hp:q} --rank-log-dir {params.ranks} > {log} 2>&1"
+        "--hp {params.hp:q} --rebuilt-by {params.rebuilt_by} --rank-log-dir {params.ranks} > {log} 2>&1"
