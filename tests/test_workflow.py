@@ -344,7 +344,7 @@ def test_the_dag_is_drawn_from_the_runs_own_config(tmp_path):
     """An override that changes the DAG (an embedded corpus needs fetch_corpus, a local folder
     does not) reaches the rule graph drawn inside the job."""
     ws = make_workspace(tmp_path / "ws")
-    local = {"corpus": {"name": "local", "source": str(tmp_path)}}
+    local = {"corpus": {"name": "local", "source": tiny_corpus(tmp_path / "corpus")}}
     snakemake(ws, "--cores", "1", "results/dag.svg", *override(ws, local))
     assert "fetch_corpus" not in (ws / "results/dag.svg").read_text()
     snakemake(ws, "--cores", "1", "results/dag.svg")

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 
@@ -153,6 +154,14 @@ def train_rebuilt_by(wildcards, input):
         if name in input.keys():
             rules[input[name]] = INPUT_RULE["init"] if name == "init" else "fetch_model"
     return shlex.quote(json.dumps(rules))
+
+
+def whole_machine(wildcards):
+    """Every core of this run (--cores); 1 where none are given (--report, --rulegraph)."""
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return 1
 
 
 def run_gpus(wildcards):

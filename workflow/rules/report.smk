@@ -26,7 +26,7 @@ rule bench_ttft:
         "results/bench/{decoder}/{encoder}/ttft.json",
     log:
         "logs/bench_ttft/{decoder}/{encoder}.log",
-    threads: workflow.cores  # the whole machine: nothing runs beside a timing
+    threads: whole_machine  # nothing runs beside a timing
     params:
         python=PYTHON,
         device=config["bench"]["device"],
