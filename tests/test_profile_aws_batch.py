@@ -102,14 +102,14 @@ rule fail_probe:
     log:
         "logs/probe/fail.log",
     shell:
-        "echo the probe fails on purpose > {{log}}; exit 3"
+        "echo the probe fails on purpose > {log}; exit 3"
 
 
 rule lost_probe:
     output:
         "results/probe/lost.txt",
     shell:
-        "touch {{output}}"
+        "touch {output}"
 """
 
 
