@@ -148,7 +148,7 @@ def train_start(wildcards, input):
 
 
 def train_rebuilt_by(wildcards, input):
-    """JSON {input path: the rule that writes it}: a damaged input's one-line error names it."""
+    """JSON mapping each input path to the step that writes it (named by a damaged input's error)."""
     rules = {input.data: INPUT_RULE["data"][STAGES[wildcards.stage].data]}
     for name in ("init", "encoder", "decoder"):
         if name in input.keys():
