@@ -266,25 +266,24 @@ def workflow_run(deployed):
     return submitted(runs)
 
 
-def s3(deployed):
+def client(deployed, service: str):
+    """A boto3 client of the moto server."""
     return boto3.client(
-        "s3",
+        service,
         region_name=REGION,
         aws_access_key_id="testing",
         aws_secret_access_key=SECRET,
         endpoint_url=deployed["env"]["AWS_ENDPOINT_URL"],
     )
+
+
+def s3(deployed):
+    return client(deployed, "s3")
 
 
 @pytest.mark.slow
 def test_setup_registers_gpu_and_cpu_job_definitions(deployed):
-    batch = boto3.client(
-        "batch",
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key=SECRET,
-        endpoint_url=deployed["env"]["AWS_ENDPOINT_URL"],
-    )
+    batch = client(deployed, "batch")
     defs = {
         d["jobDefinitionName"]: d
         for d in batch.describe_job_definitions(status="ACTIVE")["jobDefinitions"]
@@ -372,13 +371,7 @@ def test_outputs_land_in_s3(workflow_run, deployed):
 
 @pytest.mark.slow
 def test_job_definitions_retry_lost_hosts_and_pulls_but_not_job_errors(deployed):
-    batch = boto3.client(
-        "batch",
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key=SECRET,
-        endpoint_url=deployed["env"]["AWS_ENDPOINT_URL"],
-    )
+    batch = client(deployed, "batch")
     for kind in ("cpu", "gpu"):
         (definition,) = batch.describe_job_definitions(
             jobDefinitionName=f"{NAME}-{kind}", status="ACTIVE"
