@@ -96,14 +96,23 @@ def stage_order(names: set[str]) -> list[str]:
 
 def plot_training(checkpoints: Sequence[tuple[str, PathLike]], out: PathLike) -> Path:
     """Training loss per step, one panel per stage (in :data:`refrag.stages.STAGES` order), one
-    line per run: ``checkpoints`` are (run label, stage folder holding training_log.json)."""
+    line per run: ``checkpoints`` are (run label, stage folder holding training_log.json).
+    Stages that logged a held-out curve (:mod:`refrag.heldout`) get a second panel below: the
+    share of the context's benefit retained on validation windows against training tokens."""
     logs = [
         (label, json.loads((Path(folder) / "training_log.json").read_text()))
         for label, folder in checkpoints
     ]
     stages = stage_order({log["stage"] for _, log in logs})
-    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
+    curves = {
+        log["stage"] for _, log in logs if any("heldout_retained" in e for e in log["log_history"])
+    }
+    rows = 2 if curves else 1
+    fig, axes = plt.subplots(
+        rows, len(stages), figsize=(5 * len(stages), 3.5 * rows), squeeze=False
+    )
+    for col, stage in enumerate(stages):
+        ax = axes[0][col]
         for run, log in logs:
             if log["stage"] != stage:
                 continue
@@ -114,10 +123,37 @@ def plot_training(checkpoints: Sequence[tuple[str, PathLike]], out: PathLike) ->
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.legend(fontsize=7)
+        if stage in curves:
+            _plot_heldout(axes[1][col], stage, logs)
+        elif rows == 2:
+            axes[1][col].axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return Path(out)
+
+
+def _plot_heldout(ax, stage: str, logs: list[tuple[str, dict]]) -> None:
+    for run, log in logs:
+        points = [e for e in log["log_history"] if "heldout_retained" in e]
+        if log["stage"] == stage and points:
+            ax.plot(
+                [p["heldout_tokens_seen"] for p in points],
+                [p["heldout_retained"] for p in points],
+                marker="o",
+                label=run,
+            )
+    windows = next(
+        e["heldout_windows"]
+        for _, log in logs
+        for e in log["log_history"]
+        if "heldout_windows" in e
+    )
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_title(f"{stage}: held-out curve ({windows} validation windows)")
+    ax.set_xlabel("training tokens (context + target)")
+    ax.set_ylabel("context benefit retained")
+    ax.legend(fontsize=7)
 
 
 def write_ttft_table(

@@ -62,6 +62,12 @@ class StageConfig:
         items={"minimum": 1},
         minItems=1,
     )
+    target_tokens: int = _hp(
+        0,
+        "target tokens per window trained on, the first ones (continuation stages; 0: all o); "
+        "evaluation always scores all o",
+        minimum=0,
+    )
     loss_weights: dict[str, float] = _hp(
         {"mse": 1.0, "kld": 1.0, "argmax": 1.0},
         "weights of the alignment losses",
@@ -72,6 +78,11 @@ class StageConfig:
         256,
         "aligned positions per alignment batch (each costs a vocabulary-wide softmax)",
         minimum=1,
+    )
+    eval_steps: int = _hp(
+        0,
+        "steps between held-out log-perplexity points (the stage's curve; 0: none)",
+        minimum=0,
     )
     save_steps: int = _hp(50, "steps between Trainer checkpoints (resume points)", minimum=1)
     logging_steps: int = _hp(5, "steps between logged losses", minimum=1)
@@ -93,6 +104,7 @@ class Stage:
     dataset: str  # "module:function" (data, tok, hp) -> (torch Dataset, collator)
     trainer: str  # "module:function" (hp, **trainer_kwargs) -> transformers.Trainer
     defaults: StageConfig
+    ablation: bool = False  # a variant of another stage, reported beside it, never built on
 
     def build_dataset(self, data: str | os.PathLike, tok: Any, hp: StageConfig) -> tuple:
         return _resolve(self.dataset)(data, tok, hp)
@@ -106,36 +118,68 @@ STAGES: dict[str, Stage] = {
     for stage in (
         Stage(
             name="align",
-            summary="the seed's alignment app: the projector maps encoder token states onto "
-            "the decoder's embeddings at aligned token positions (MSE + KL + argmax losses)",
+            summary="the seed's alignment app, read the way the model reads context: a span of "
+            "encoder tokens that is one decoder token, encoded as a chunk (CLS state, "
+            "projected), should become that token's embedding (MSE + KL + argmax losses)",
             data="alignment",
             previous=None,
             dataset="refrag.training:alignment_dataset",
             trainer="refrag.training:alignment_trainer",
-            defaults=StageConfig(steps=20, batch_size=8, lr=1e-3, train_encoder=False),
+            defaults=StageConfig(
+                steps=10, batch_size=8, lr=1e-3, max_pairs=128, train_encoder=False
+            ),
         ),
         Stage(
             name="reconstruct",
             summary="paper stage 1: decoder frozen; encoder + projector reproduce the context "
-            "from its chunk embeddings, with a curriculum from 1 chunk up",
+            "from its chunk embeddings, with a mixed-length curriculum from 1 chunk up to the "
+            "whole context",
             data="shards",
             previous="align",
             dataset="refrag.training:reconstruction_dataset",
             trainer="refrag.training:curriculum_trainer",
-            defaults=StageConfig(steps=30, batch_size=8, lr=2e-4, curriculum=[1, 2, 4]),
+            defaults=StageConfig(steps=25, batch_size=4, lr=2e-4, curriculum=[1, 2, 4, 8, 16, 32]),
         ),
         Stage(
             name="cpt",
-            summary="paper stage 2 (continual pretraining): read s context tokens as chunk "
-            "embeddings, predict the next o tokens",
+            summary="paper stage 2 (continual pretraining): encoder, projector and decoder "
+            "read s context tokens as chunk embeddings and predict the next o tokens",
             data="shards",
             previous="reconstruct",
             dataset="refrag.training:continuation_dataset",
             trainer="refrag.training:causal_lm_trainer",
-            defaults=StageConfig(steps=150, batch_size=4, lr=2e-4),
+            defaults=StageConfig(
+                steps=120,
+                batch_size=4,
+                lr=1e-4,
+                train_decoder=True,
+                target_tokens=32,
+                eval_steps=40,
+            ),
+        ),
+        Stage(
+            name="cpt_frozen",
+            summary="ablation of cpt with the decoder frozen (encoder and projector train)",
+            data="shards",
+            previous="reconstruct",
+            dataset="refrag.training:continuation_dataset",
+            trainer="refrag.training:causal_lm_trainer",
+            defaults=StageConfig(
+                steps=120, batch_size=4, lr=2e-4, target_tokens=32, eval_steps=40
+            ),
+            ablation=True,
         ),
     )
 }
+
+
+def final_stage(names: list[str]) -> str:
+    """The stage whose checkpoints are *the* REFRAG model among ``names``: the last one in
+    training order that is not an ablation."""
+    main = [name for name in STAGES if name in names and not STAGES[name].ablation]
+    if not main:
+        raise ValueError(f"no stage among {names} is a main (non-ablation) stage")
+    return main[-1]
 
 
 def get_stage(name: str) -> Stage:
@@ -169,17 +213,24 @@ def stage_config_schema(defaults: StageConfig | None = None) -> dict[str, Any]:
 
 def with_stage_schemas(schema: dict[str, Any]) -> dict[str, Any]:
     """The workflow's config ``schema`` (a dict, changed in place and returned) with its stage
-    sections filled from :data:`STAGES`: ``train.NAME`` (with defaults), each run's
+    sections filled from :data:`STAGES`: ``train.NAME`` (with defaults, but for ``seed``,
+    which comes from the config's top-level ``seed``), each run's
     ``train.NAME`` overrides, and the stage names ``eval.stages`` may list."""
     props = schema["properties"]
     props["train"]["properties"] = {
-        name: stage_config_schema(stage.defaults) | {"default": {}}
+        name: _without_seed_default(stage_config_schema(stage.defaults)) | {"default": {}}
         for name, stage in STAGES.items()
     }
     props["runs"]["items"]["properties"]["train"]["properties"] = {
         name: stage_config_schema() for name in STAGES
     }
     props["eval"]["properties"]["stages"]["items"] = {"enum": list(STAGES)}
+    return schema
+
+
+def _without_seed_default(schema: dict[str, Any]) -> dict[str, Any]:
+    """A stage's seed defaults to the config's top-level ``seed``, not to 0."""
+    schema["properties"]["seed"].pop("default")
     return schema
 
 

@@ -25,12 +25,15 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainingArguments
 
+from refrag.data import read_alignment_cache, read_shards
+from refrag.heldout import HeldOutCurve
 from refrag.integrity import one_line_errors, verify_folder, write_manifest
 from refrag.modeling import RefragModel
 from refrag.preflight import check_compression
@@ -38,8 +41,6 @@ from refrag.resume import SealCheckpoints, last_complete_checkpoint, resumed_tra
 from refrag.stages import STAGES, StageConfig, get_stage
 from refrag.tokenization import RefragTokenizer
 from refrag.utils import atomic_folder
-
-CURRICULUM_WEIGHTS = (1, 1, 1, 2, 2, 2, 4, 4, 4)  # the paper's 9-stage geometric sample counts
 
 
 class ExampleDataset(Dataset):
@@ -55,44 +56,70 @@ class ExampleDataset(Dataset):
         return self.examples[i]
 
 
+def shuffled_cycle(n: int, total: int, seed: int) -> list[int]:
+    """``total`` indices into ``range(n)``: every item once per pass, each pass in a fresh
+    seeded random order (so a stage reads all windows, not the first ``total`` in document
+    order)."""
+    rng = np.random.default_rng(seed)
+    passes = -(-total // n) if n else 0
+    return [int(i) for _ in range(passes) for i in rng.permutation(n)][:total]
+
+
+def curriculum_lengths(curriculum: list[int], total: int, seed: int) -> list[int]:
+    """Chunk counts of ``total`` reconstruction examples, in training order.
+
+    Training runs in ``len(curriculum)`` equal phases; phase ``p`` draws each example's chunk
+    count uniformly from ``curriculum[: p + 1]``, so lengths mix (short ones keep coming) while
+    the longest grows to ``curriculum[-1]``, as in the paper's curriculum (its Table 8)."""
+    rng = np.random.default_rng(seed)
+    phases = len(curriculum)
+    return [int(rng.choice(curriculum[: i * phases // total + 1])) for i in range(total)]
+
+
 def reconstruction_examples(
-    windows: pd.DataFrame, tok: RefragTokenizer, curriculum: list[int], total: int
+    windows: pd.DataFrame, tok: RefragTokenizer, curriculum: list[int], total: int, seed: int = 0
 ) -> list[dict]:
-    """``total`` examples ordered by curriculum stage: stage ``i`` reads ``curriculum[i]`` chunks
-    of a context and must reproduce the text they cover, as decoder tokens."""
+    """``total`` examples in curriculum order (:func:`curriculum_lengths`): an example reads
+    ``n`` chunks of a context (all its chunks where it has fewer) and must reproduce the text
+    they cover, as decoder tokens. Contexts come from all windows, in a seeded random order."""
     k = tok.compression
-    weights = [
-        CURRICULUM_WEIGHTS[min(i, len(CURRICULUM_WEIGHTS) - 1)] for i in range(len(curriculum))
-    ]
-    counts = [max(1, round(total * w / sum(weights))) for w in weights]
     rows = windows.to_dict("records")
-    examples, r = [], 0
-    for n_chunks, count in zip(curriculum, counts):
-        for _ in range(count):
-            row = rows[r % len(rows)]
-            r += 1
-            enc_ids = list(row["context_encoder_ids"])
-            n = min(n_chunks * k, len(enc_ids))
-            if n == 0:
-                continue
-            text = row["context_text"][: row["context_encoder_ends"][n - 1]]
-            target = tok.decoder_tokenizer(text, add_special_tokens=False)["input_ids"]
-            examples.append(tok.encode_parts([("chunks", enc_ids[:n]), ("text", target)]))
-    return examples[:total]
+    examples = []
+    lengths = curriculum_lengths(curriculum, total, seed)
+    for n_chunks, r in zip(lengths, shuffled_cycle(len(rows), total, seed)):
+        row = rows[r]
+        enc_ids = list(row["context_encoder_ids"])
+        n = min(n_chunks * k, len(enc_ids))
+        if n == 0:
+            continue
+        text = row["context_text"][: row["context_encoder_ends"][n - 1]]
+        target = tok.decoder_tokenizer(text, add_special_tokens=False)["input_ids"]
+        examples.append(tok.encode_parts([("chunks", enc_ids[:n]), ("text", target)]))
+    return examples
 
 
-def continuation_examples(windows: pd.DataFrame, tok: RefragTokenizer) -> list[dict]:
-    """Context as chunk embeddings, then the target tokens (labelled)."""
+def continuation_examples(
+    windows: pd.DataFrame, tok: RefragTokenizer, target_tokens: int | None = None
+) -> list[dict]:
+    """Context as chunk embeddings, then the target tokens (labelled): all of them, or the
+    first ``target_tokens``."""
     return [
         tok.encode_parts(
-            [("chunks", list(row["context_encoder_ids"])), ("text", list(row["target_ids"]))]
+            [
+                ("chunks", list(row["context_encoder_ids"])),
+                ("text", list(row["target_ids"][:target_tokens])),
+            ]
         )
         for row in windows.to_dict("records")
     ]
 
 
 class RefragTrainer(Trainer):
-    """Trainer whose loss is the model's causal-LM loss; ``sequential`` keeps curriculum order."""
+    """Trainer on the model's causal-LM loss; ``sequential`` keeps curriculum order.
+
+    The loss is the Trainer's own: it passes ``num_items_in_batch`` (target tokens in the whole
+    accumulated batch) to the model, so gradient accumulation averages over tokens instead of
+    multiplying the loss by the accumulation steps."""
 
     def __init__(self, *args, sequential: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -105,13 +132,9 @@ class RefragTrainer(Trainer):
             )
         return super()._get_train_sampler(train_dataset)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
-
 
 class AlignmentTrainer(Trainer):
-    """The seed's alignment losses between projected encoder states and decoder embeddings."""
+    """The seed's alignment losses between projected chunk embeddings and decoder embeddings."""
 
     def __init__(self, *args, loss_weights: dict[str, float], **kwargs):
         super().__init__(*args, **kwargs)
@@ -127,27 +150,29 @@ class AlignmentTrainer(Trainer):
 
 def alignment_losses(
     model: RefragModel,
-    encoder_input_ids: torch.Tensor,
-    encoder_attention_mask: torch.Tensor,
-    pair_batch: torch.Tensor,
-    pair_encoder_pos: torch.Tensor,
+    chunk_input_ids: torch.Tensor,
+    chunk_attention_mask: torch.Tensor,
     pair_decoder_ids: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """MSE, KL and argmax losses at all aligned positions of the batch in one pass.
+    """MSE, KL and argmax losses of all aligned pairs of the batch in one pass.
 
-    The projected state of an encoder token should equal the decoder's embedding of the
-    aligned decoder token; compared through the embedding matrix, its similarity profile over
-    the vocabulary should match that token's (KL) and pick the token itself (argmax).
+    Each pair is a span of encoder tokens that decodes to exactly one decoder token. The span
+    is read as one chunk, the way the model reads context (CLS state, projected), and that
+    chunk embedding should equal the decoder's embedding of the token; compared through the
+    (detached) embedding matrix, its similarity profile over the vocabulary should match the
+    token's (KL) and pick the token itself (argmax). ``model`` may be DDP-wrapped: the chunk
+    embeddings come from its ``forward`` so that gradients are synchronised.
     """
-    states = model.encoder(
-        input_ids=encoder_input_ids, attention_mask=encoder_attention_mask
-    ).last_hidden_state
-    projected = model.projector(states[pair_batch, pair_encoder_pos])
-    table = model.get_input_embeddings().weight.to(projected.dtype)
+    projected = model(
+        chunk_input_ids=chunk_input_ids,
+        chunk_attention_mask=chunk_attention_mask,
+        chunk_embeds_only=True,
+    ).chunk_embeds
+    table = getattr(model, "module", model).get_input_embeddings().weight.detach()
+    table = table.to(projected.dtype)
     target = table[pair_decoder_ids]
     logits = projected @ table.T
-    with torch.no_grad():
-        target_logits = target @ table.T
+    target_logits = target @ table.T
     return {
         "mse": F.mse_loss(projected, target),
         "kld": F.kl_div(
@@ -160,49 +185,36 @@ def alignment_losses(
     }
 
 
-class AlignmentCollator:
-    """Alignment-cache rows → encoder batch (with CLS/SEP) and flat aligned-pair indices."""
+def aligned_spans(row: dict, max_encoder_tokens: int) -> list[tuple[list[int], int]]:
+    """(encoder span, decoder token) of one alignment-cache row: the encoder tokens between two
+    consecutive aligned prefixes, where they cover exactly one decoder token and at most
+    ``max_encoder_tokens`` encoder tokens."""
+    spans, d_prev, e_prev = [], -1, -1
+    for d, e in zip(row["decoder_index"], row["encoder_index"]):
+        if d - d_prev == 1 and 0 < e - e_prev <= max_encoder_tokens:
+            spans.append((list(row["encoder_ids"][e_prev + 1 : e + 1]), int(row["decoder_ids"][d])))
+        d_prev, e_prev = d, e
+    return spans
 
-    def __init__(
-        self,
-        tok: RefragTokenizer,
-        max_pairs: int | None = None,
-        max_encoder_tokens: int = 510,
-        seed: int = 0,
-    ):
-        self.tok, self.max_pairs, self.max_len = tok, max_pairs, max_encoder_tokens
+
+class AlignmentCollator:
+    """Alignment-cache rows → one chunk row per aligned span (at most ``max_pairs``, an even
+    random subset) and the decoder token each should become."""
+
+    def __init__(self, tok: RefragTokenizer, max_pairs: int | None = None, seed: int = 0):
+        self.tok, self.max_pairs = tok, max_pairs
         self.rng = torch.Generator().manual_seed(seed)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        enc_tok = self.tok.encoder_tokenizer
-        wrap = self.tok.encoder_special_tokens and enc_tok.cls_token_id is not None
-        offset = 1 if wrap else 0
-        seqs, batch, pos, dec = [], [], [], []
-        for b, row in enumerate(rows):
-            ids = list(row["encoder_ids"][: self.max_len])
-            seqs.append([enc_tok.cls_token_id, *ids, enc_tok.sep_token_id] if wrap else ids)
-            for d, e in zip(row["decoder_index"], row["encoder_index"]):
-                if e < len(ids):
-                    batch.append(b)
-                    pos.append(e + offset)
-                    dec.append(row["decoder_ids"][d])
-        if self.max_pairs is not None and len(batch) > self.max_pairs:  # an even random subset
-            keep = (
-                torch.randperm(len(batch), generator=self.rng)[: self.max_pairs]
-                .sort()
-                .values.tolist()
-            )
-            batch, pos, dec = ([xs[i] for i in keep] for xs in (batch, pos, dec))
-        width = max(len(s) for s in seqs)
-        pad = self.tok.encoder_pad_token_id
+        pairs = [p for row in rows for p in aligned_spans(row, self.tok.compression)]
+        if self.max_pairs is not None and len(pairs) > self.max_pairs:
+            keep = torch.randperm(len(pairs), generator=self.rng)[: self.max_pairs].sort().values
+            pairs = [pairs[i] for i in keep.tolist()]
+        chunks = self.tok.pad([self.tok.encode_parts([("chunks", span)]) for span, _ in pairs])
         return {
-            "encoder_input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
-            "encoder_attention_mask": torch.tensor(
-                [[1] * len(s) + [0] * (width - len(s)) for s in seqs]
-            ),
-            "pair_batch": torch.tensor(batch, dtype=torch.long),
-            "pair_encoder_pos": torch.tensor(pos, dtype=torch.long),
-            "pair_decoder_ids": torch.tensor(dec, dtype=torch.long),
+            "chunk_input_ids": chunks["chunk_input_ids"],
+            "chunk_attention_mask": chunks["chunk_attention_mask"],
+            "pair_decoder_ids": torch.tensor([token for _, token in pairs], dtype=torch.long),
         }
 
 
@@ -214,11 +226,10 @@ def _total(hp: StageConfig) -> int:
 def alignment_dataset(
     data: str | os.PathLike, tok: RefragTokenizer, hp: StageConfig
 ) -> tuple[Dataset, AlignmentCollator]:
-    """Rows of the alignment-pair cache, cycled to fill every step."""
-    from refrag.data import read_alignment_cache
-
+    """Rows of the alignment-pair cache, all of them in a random order, cycled to fill every
+    step."""
     rows = read_alignment_cache(data).to_dict("records")
-    dataset = ExampleDataset([rows[i % len(rows)] for i in range(_total(hp))])
+    dataset = ExampleDataset([rows[i] for i in shuffled_cycle(len(rows), _total(hp), hp.seed)])
     return dataset, AlignmentCollator(tok, max_pairs=hp.max_pairs, seed=hp.seed)
 
 
@@ -226,20 +237,20 @@ def reconstruction_dataset(
     data: str | os.PathLike, tok: RefragTokenizer, hp: StageConfig
 ) -> tuple[Dataset, object]:
     """Reconstruction examples of the train shards, in curriculum order."""
-    from refrag.data import read_shards
-
-    examples = reconstruction_examples(read_shards(data), tok, hp.curriculum, _total(hp))
+    examples = reconstruction_examples(
+        read_shards(data), tok, hp.curriculum, _total(hp), seed=hp.seed
+    )
     return ExampleDataset(examples), tok.pad
 
 
 def continuation_dataset(
     data: str | os.PathLike, tok: RefragTokenizer, hp: StageConfig
 ) -> tuple[Dataset, object]:
-    """Continuation examples of the train shards, cycled to fill every step."""
-    from refrag.data import read_shards
-
-    base = continuation_examples(read_shards(data), tok)
-    return ExampleDataset([base[i % len(base)] for i in range(_total(hp))]), tok.pad
+    """Continuation examples of all train windows in a random order, cycled to fill every
+    step."""
+    base = continuation_examples(read_shards(data), tok, hp.target_tokens or None)
+    order = shuffled_cycle(len(base), _total(hp), hp.seed)
+    return ExampleDataset([base[i] for i in order]), tok.pad
 
 
 # -- (hp, **Trainer kwargs) -> Trainer --------------------------------------------------------
@@ -265,13 +276,15 @@ def train_stage(
     init: str | os.PathLike | None = None,
     encoder: str | os.PathLike | None = None,
     decoder: str | os.PathLike | None = None,
+    heldout: str | os.PathLike | None = None,
 ) -> dict:
     """Train the registered stage ``stage`` (:data:`refrag.stages.STAGES`) and write its model
     folder to ``out``.
 
     Start from ``init``, a previous stage's folder, or from the base models ``encoder`` and
     ``decoder`` (both folders); ``data`` is what the stage reads (its ``Stage.data``). ``hp``
-    overrides the stage's default hyperparameters.
+    overrides the stage's default hyperparameters. With ``heldout`` (a validation shard folder)
+    and ``hp.eval_steps``, the stage logs its held-out curve (:mod:`refrag.heldout`).
     """
     spec = get_stage(stage)
     hp = hp if isinstance(hp, StageConfig) else spec.defaults.merged(hp)
@@ -326,18 +339,31 @@ def train_stage(
         ddp_find_unused_parameters=False,
         report_to="none",
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        # on GPUs, collation (Python lists → padded tensors) runs in worker processes so
+        # that the GPU never waits on the host; on CPU the cores are busy with the model
+        dataloader_num_workers=2 if torch.cuda.is_available() else 0,
+        dataloader_persistent_workers=torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),
         seed=hp.seed,
         disable_tqdm=False,
     )
+    callbacks = [SealCheckpoints()]
+    if heldout is not None and hp.eval_steps:
+        callbacks.append(
+            HeldOutCurve(
+                read_shards(heldout),
+                tok,
+                eval_steps=hp.eval_steps,
+                windows_per_step=hp.batch_size * hp.grad_accum * args.world_size,
+            )
+        )
     trainer = spec.build_trainer(
         hp,
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=collator,
-        callbacks=[SealCheckpoints()],
+        callbacks=callbacks,
     )
     resume = last_complete_checkpoint(work_dir)
     if resume:
@@ -395,6 +421,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", required=True)
     parser.add_argument(
+        "--heldout", help="validation shard folder: log the held-out curve every eval_steps"
+    )
+    parser.add_argument(
         "--hp", default="{}", help="overrides of the stage's defaults, as JSON (StageConfig)"
     )
     parser.add_argument(
@@ -420,6 +449,7 @@ def main(argv: list[str] | None = None) -> None:
             encoder=args.encoder,
             decoder=args.decoder,
             data=args.data,
+            heldout=args.heldout,
             out=args.out,
             compression=args.k,
             hp=json.loads(args.hp),

@@ -96,3 +96,23 @@ def test_report_inlines_the_given_figures_and_links_them_in_markdown(tmp_path):
     assert "data:image/png;base64" in html and "context_benefit_retained" in html
     assert "Time to first token" in html and "Configuration" in html
     assert "](../plots/perplexity.png)" in (out / "report.md").read_text()
+
+
+def test_a_held_out_curve_adds_a_row_of_panels(tmp_path):
+    from PIL import Image
+
+    def figure(history, name):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "training_log.json").write_text(
+            json.dumps({"stage": "cpt", "log_history": history})
+        )
+        return Image.open(plot_training([("d / e / k8", folder)], tmp_path / f"{name}.png"))
+
+    losses = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    curve = [
+        {"step": s, "heldout_retained": r, "heldout_tokens_seen": 96 * s, "heldout_windows": 4}
+        for s, r in ((0, -0.1), (2, 0.3))
+    ]
+    plain, with_curve = figure(losses, "plain"), figure(losses + curve, "curve")
+    assert with_curve.height > 1.8 * plain.height and with_curve.width == plain.width

@@ -13,9 +13,12 @@ from refrag.tokenization import RefragTokenizer
 from refrag.training import (
     AlignmentCollator,
     RefragTrainer,
+    aligned_spans,
     alignment_losses,
+    curriculum_lengths,
     last_complete_checkpoint,
     reconstruction_examples,
+    shuffled_cycle,
     train_stage,
 )
 
@@ -26,29 +29,94 @@ def base(tiny_model_dirs):
     return {"encoder": tiny_model_dirs["encoder"], "decoder": tiny_model_dirs["decoder"]}
 
 
-def test_reconstruction_curriculum_grows_and_targets_the_covered_text(shards, refrag_tokenizer):
+def test_curriculum_phases_mix_lengths_and_reach_the_longest():
+    lengths = curriculum_lengths([1, 2, 4, 8], total=400, seed=0)
+    phases = [lengths[i * 100 : (i + 1) * 100] for i in range(4)]
+    assert set(phases[0]) == {1} and set(phases[-1]) == {1, 2, 4, 8}
+    assert all(max(p) <= cap for p, cap in zip(phases, [1, 2, 4, 8]))
+    assert curriculum_lengths([1, 2, 4, 8], total=400, seed=0) == lengths  # seeded
+
+
+def test_reconstruction_targets_the_covered_text_of_windows_in_random_order(
+    shards, refrag_tokenizer
+):
     windows = read_shards(shards)
-    examples = reconstruction_examples(windows, refrag_tokenizer, curriculum=[1, 2, 4], total=20)
-    chunks = [sum(e["chunk_mask"]) for e in examples]
-    assert chunks == sorted(chunks) and chunks[0] == 1 and chunks[-1] == 4
+    examples = reconstruction_examples(windows, refrag_tokenizer, curriculum=[1], total=4, seed=3)
     first = examples[0]
     labelled = [i for i, keep in zip(first["input_ids"], first["label_mask"]) if keep]
-    row = windows.iloc[0]
-    covered = row["context_text"][: row["context_encoder_ends"][refrag_tokenizer.compression - 1]]
-    assert refrag_tokenizer.decoder_tokenizer.decode(labelled) == covered
+    texts = [
+        row["context_text"][: row["context_encoder_ends"][refrag_tokenizer.compression - 1]]
+        for _, row in windows.iterrows()
+    ]
+    assert refrag_tokenizer.decoder_tokenizer.decode(labelled) in texts
+    assert sum(first["chunk_mask"]) == 1
 
 
-def test_alignment_losses_are_batched_over_all_pairs(alignment_cache, tiny_model, refrag_tokenizer):
+def test_long_curriculum_entries_read_the_whole_context(shards, refrag_tokenizer):
+    windows = read_shards(shards)
+    (example,) = reconstruction_examples(windows, refrag_tokenizer, [10_000], total=1)
+    k = refrag_tokenizer.compression
+    assert sum(example["chunk_mask"]) in {
+        -(-len(ids) // k) for ids in windows["context_encoder_ids"]
+    }
+
+
+def test_shuffled_cycle_reads_every_item_once_per_pass():
+    order = shuffled_cycle(5, 12, seed=0)
+    assert sorted(order[:5]) == sorted(order[5:10]) == list(range(5)) and len(order) == 12
+    assert order[:5] != order[5:10] or order[5:10] != order[:5]
+
+
+def test_alignment_pairs_are_single_token_spans_read_as_chunks(
+    alignment_cache, tiny_model, refrag_tokenizer
+):
     rows = pd.read_parquet(alignment_cache).to_dict("records")[:3]
     batch = AlignmentCollator(refrag_tokenizer)(rows)
-    assert len(batch["pair_batch"]) == sum(len(r["decoder_index"]) for r in rows) > 0
+    spans = [s for r in rows for s in aligned_spans(r, refrag_tokenizer.compression)]
+    assert len(batch["pair_decoder_ids"]) == len(spans) == len(batch["chunk_input_ids"]) > 0
+    cls = refrag_tokenizer.encoder_tokenizer.cls_token_id
+    assert (batch["chunk_input_ids"][:, 0] == cls).all()  # read as the model reads context
+    for span, token in spans[:20]:  # each span decodes to its one decoder token
+        enc = refrag_tokenizer.encoder_tokenizer.decode(span).replace(" ", "")
+        dec = refrag_tokenizer.decoder_tokenizer.decode([token]).strip().lower().replace(" ", "")
+        assert enc.replace("##", "") == dec
     calls = []
     tiny_model.decoder.register_forward_hook(lambda *a: calls.append(1))
+    tiny_model.decoder.get_input_embeddings().weight.requires_grad_(True)
     losses = alignment_losses(tiny_model, **batch)
     assert set(losses) == {"mse", "kld", "argmax"} and all(
         torch.isfinite(v) for v in losses.values()
     )
     assert calls == []  # no decoder pass: targets are embedding rows
+    sum(losses.values()).backward()
+    assert tiny_model.decoder.get_input_embeddings().weight.grad is None  # targets detached
+    assert tiny_model.projector.fc2.weight.grad is not None
+
+
+def test_gradient_accumulation_averages_the_loss_over_tokens(base, shards, tmp_path):
+    """Same examples, accumulation 1, 2 and 4: the same logged loss (not 2× and 4×)."""
+    losses = []
+    for accum in (1, 2, 4):
+        out = tmp_path / f"cpt{accum}"
+        hp = {"steps": 1, "batch_size": 1, "grad_accum": accum, "lr": 1e-9, "logging_steps": 1}
+        train_stage("cpt", **base, data=shards, out=out, compression=4, hp=hp | {"seed": 1})
+        log = json.loads((out / "training_log.json").read_text())["log_history"]
+        losses.append(next(e["loss"] for e in log if "loss" in e))
+    assert max(losses) < 1.5 * min(losses), losses
+
+
+def test_held_out_curve_logs_retained_share_against_tokens(base, shards, tmp_path):
+    out = tmp_path / "cpt"
+    hp = {"steps": 4, "batch_size": 2, "eval_steps": 2}
+    train_stage("cpt", **base, data=shards, heldout=shards, out=out, compression=4, hp=hp)
+    log = json.loads((out / "training_log.json").read_text())["log_history"]
+    points = [e for e in log if "heldout_log_ppl" in e]
+    assert [p["step"] for p in points] == [0, 2, 4]
+    assert [p["heldout_windows_seen"] for p in points] == [0, 4, 8]
+    (base_point,) = [e for e in log if "heldout_no_context" in e]
+    for p in points:
+        no, full = base_point["heldout_no_context"], base_point["heldout_full_context"]
+        assert p["heldout_retained"] == pytest.approx((no - p["heldout_log_ppl"]) / (no - full))
 
 
 def test_stage_writes_a_loadable_model_folder_with_its_log(base, shards, tmp_path):
@@ -139,14 +207,17 @@ def test_an_interrupted_stage_resumes_from_its_last_complete_checkpoint(
 def test_alignment_collator_caps_the_pairs_per_batch(alignment_cache, refrag_tokenizer):
     rows = pd.read_parquet(alignment_cache).to_dict("records")[:3]
     batch = AlignmentCollator(refrag_tokenizer, max_pairs=10)(rows)
-    assert len(batch["pair_batch"]) == len(batch["pair_decoder_ids"]) == 10
-    assert batch["pair_batch"].tolist() == sorted(batch["pair_batch"].tolist())
+    assert len(batch["chunk_input_ids"]) == len(batch["pair_decoder_ids"]) == 10
 
 
 @pytest.mark.slow
-def test_a_stage_trains_under_torchrun_with_two_processes(base, shards, tmp_path):
+@pytest.mark.parametrize("stage", ["align", "cpt"])
+def test_a_stage_trains_under_torchrun_with_two_processes(
+    stage, base, shards, alignment_cache, tmp_path
+):
     """The GPU rules' launch path, on CPU: torchrun, gloo, one log per rank, one output."""
-    out, ranks = tmp_path / "cpt", tmp_path / "ranks"
+    out, ranks = tmp_path / stage, tmp_path / "ranks"
+    data = alignment_cache if stage == "align" else shards
     cmd = [
         sys.executable,
         "-m",
@@ -156,7 +227,7 @@ def test_a_stage_trains_under_torchrun_with_two_processes(base, shards, tmp_path
         "-m",
         "refrag.training",
         "--stage",
-        "cpt",
+        stage,
         "--k",
         "4",
         "--encoder",
@@ -164,11 +235,11 @@ def test_a_stage_trains_under_torchrun_with_two_processes(base, shards, tmp_path
         "--decoder",
         str(base["decoder"]),
         "--data",
-        str(shards),
+        str(data),
         "--out",
         str(out),
         "--hp",
-        json.dumps({"steps": 2, "batch_size": 2}),
+        json.dumps({"steps": 2, "batch_size": 2, "max_pairs": 8}),
         "--rank-log-dir",
         str(ranks),
     ]

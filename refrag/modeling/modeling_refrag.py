@@ -8,11 +8,13 @@ decoder's input. Forward is one encoder pass over all chunk rows of the batch, o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
 from refrag.modeling.configuration_refrag import RefragConfig
 
@@ -27,6 +29,13 @@ def attn_implementations(module: nn.Module) -> set[str | None]:
         for m in module.modules()
         if "Attention" in type(m).__name__ and hasattr(getattr(m, "config", None), "model_type")
     }
+
+
+@dataclass
+class ChunkEmbeddingOutput(ModelOutput):
+    """``forward(..., chunk_embeds_only=True)``: projected chunk embeddings ``(N, hidden)``."""
+
+    chunk_embeds: torch.Tensor | None = None
 
 
 class RefragProjector(nn.Module):
@@ -173,11 +182,20 @@ class RefragModel(PreTrainedModel):
         chunk_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        chunk_embeds_only: bool = False,
         **decoder_kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | ChunkEmbeddingOutput:
         """Causal-LM output of the decoder over the mixed sequence; chunk positions never carry
         labels. ``decoder_kwargs`` (``past_key_values``, ``use_cache``, ``position_ids``,
-        ``logits_to_keep`` …) go to the decoder unchanged."""
+        ``logits_to_keep``, ``num_items_in_batch`` …) go to the decoder unchanged.
+
+        ``chunk_embeds_only`` returns the projected chunk embeddings of ``chunk_input_ids``
+        without a decoder pass (the alignment stage's forward: going through ``forward`` keeps
+        DDP's gradient synchronisation)."""
+        if chunk_embeds_only:
+            return ChunkEmbeddingOutput(
+                chunk_embeds=self.encode_chunks(chunk_input_ids, chunk_attention_mask)
+            )
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(
                 input_ids, chunk_mask, chunk_input_ids, chunk_attention_mask, chunk_embeds

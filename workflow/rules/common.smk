@@ -37,7 +37,7 @@ def _check_environment():
 
 _check_environment()
 
-from refrag.stages import STAGES, with_stage_schemas  # noqa: E402  (after the guard)
+from refrag.stages import STAGES, final_stage, with_stage_schemas  # noqa: E402  (after the guard)
 
 
 def config_schema():
@@ -107,9 +107,10 @@ def find_run(wildcards):
 
 def stage_hp(wildcards):
     """The job's stage hyperparameters: the config's (whose defaults come from the stage
-    registry), overridden by the run's own."""
+    registry; the seed from the top-level `seed`), overridden by the run's own."""
     stage = wildcards.stage
-    return config["train"][stage] | find_run(wildcards).get("train", {}).get(stage, {})
+    own = find_run(wildcards).get("train", {}).get(stage, {})
+    return {"seed": config["seed"]} | config["train"][stage] | own
 
 
 # what each kind of `Stage.data` is in this workflow's layout
@@ -122,6 +123,7 @@ INPUT_RULE = {
     "init": "train",
 }
 CHECKPOINT = "results/checkpoints/{corpus}/{decoder}/{encoder}/k{k}/{stage}"
+HELDOUT = "results/shards/{corpus}/{decoder}/{encoder}/validation"
 
 
 def train_inputs(wildcards):
@@ -135,21 +137,28 @@ def train_inputs(wildcards):
     else:
         inputs["encoder"] = f"resources/models/{wildcards.encoder}"
         inputs["decoder"] = f"resources/models/{wildcards.decoder}"
+    if stage_hp(wildcards)["eval_steps"]:  # the stage logs its held-out curve
+        inputs["heldout"] = HELDOUT.format(**values)
     return inputs
 
 
 def train_start(wildcards, input):
-    """`python -m refrag.training` arguments naming where the stage starts."""
+    """`python -m refrag.training` arguments naming where the stage starts (and the held-out
+    windows of its curve)."""
+    heldout = f" --heldout {shlex.quote(input.heldout)}" if "heldout" in input.keys() else ""
     if "init" in input.keys():
-        return f"--init {shlex.quote(input.init)}"
+        return f"--init {shlex.quote(input.init)}{heldout}"
     return (
         f"--encoder {shlex.quote(input.encoder)} --decoder {shlex.quote(input.decoder)}"
+        + heldout
     )
 
 
 def train_rebuilt_by(wildcards, input):
     """JSON mapping each input path to the step that writes it (named by a damaged input's error)."""
     rules = {input.data: INPUT_RULE["data"][STAGES[wildcards.stage].data]}
+    if "heldout" in input.keys():
+        rules[input.heldout] = "tokenize"
     for name in ("init", "encoder", "decoder"):
         if name in input.keys():
             rules[input[name]] = INPUT_RULE["init"] if name == "init" else "fetch_model"
@@ -162,6 +171,15 @@ def whole_machine(wildcards):
         return workflow.cores
     except WorkflowError:
         return 1
+
+
+def train_threads(wildcards):
+    """Threads of a training job: 8 on GPUs (collation workers, torchrun); on CPU the cores
+    shared by the runs' k values, which train side by side (two one-thread jobs do more work on
+    two cores than one two-thread job)."""
+    if run_gpus(wildcards):
+        return 8
+    return max(1, whole_machine(wildcards) // len(run_keys()))
 
 
 def run_gpus(wildcards):

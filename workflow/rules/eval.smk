@@ -44,6 +44,6 @@ rule perplexity_table:
     log:
         "logs/perplexity_table.log",
     params:
-        final_stage=config["eval"]["stages"][-1],
+        final_stage=final_stage(config["eval"]["stages"]),
     script:
         "../scripts/perplexity_table.py"

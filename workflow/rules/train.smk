@@ -14,7 +14,7 @@ rule train:
         "logs/train/{corpus}/{decoder}/{encoder}/k{k}/{stage}.log",
     benchmark:
         "results/benchmarks/train/{corpus}/{decoder}/{encoder}/k{k}/{stage}.tsv"
-    threads: 2
+    threads: train_threads
     resources:
         **gpu_resources(run_gpus),
     params:
