@@ -63,13 +63,20 @@ class HeldOutCurve(TrainerCallback):
                     {f"heldout_{v}": x for v, x in self.baselines.items()} | {"step": 0}
                 )
         log_ppl = self._log_ppl(model, "refrag")
+        retained = context_benefit_retained(
+            log_ppl, self.baselines["no_context"], self.baselines["full_context"]
+        )
+        print(
+            f"held-out at step {state.global_step}: log-ppl {log_ppl:.4f} "
+            f"(no context {self.baselines['no_context']:.4f}, full "
+            f"{self.baselines['full_context']:.4f}), retained {retained:.3f}",
+            flush=True,
+        )
         state.log_history.append(
             {
                 "step": state.global_step,
                 "heldout_log_ppl": log_ppl,
-                "heldout_retained": context_benefit_retained(
-                    log_ppl, self.baselines["no_context"], self.baselines["full_context"]
-                ),
+                "heldout_retained": retained,
                 "heldout_windows_seen": state.global_step * self.windows_per_step,
                 "heldout_tokens_seen": state.global_step
                 * self.windows_per_step

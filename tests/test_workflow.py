@@ -20,6 +20,8 @@ import yaml
 
 from refrag.stages import STAGES
 
+MAIN_STAGES = [name for name, stage in STAGES.items() if not stage.ablation]
+
 from .conftest import ROOT, save_tiny_model
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -83,11 +85,11 @@ def test_default_dag_has_every_stage_once(workspace):
         "fetch_model": 2,
         "fetch_corpus": 1,
         "prepare_corpus": 1,
-        "tokenize": 2,
+        "tokenize": 3,  # train, validation (the held-out curve), test
         "align_pairs": 1,
-        "train": len(STAGES),
+        "train": 3 * len(MAIN_STAGES),  # k = 8, 16, 32
         "eval_baselines": 1,
-        "eval_refrag": 2,
+        "eval_refrag": 3 * 2,
         "perplexity_table": 1,
         "plot_perplexity": 1,
         "plot_training": 1,
@@ -119,8 +121,17 @@ def test_a_sweep_over_k_and_encoders_expands_into_jobs(workspace):
     jobs = planned_jobs(
         workspace, "--forceall", "eval_report", *override(workspace, {"runs": runs})
     )
-    assert jobs["train"] == 3 * len(STAGES)
+    assert jobs["train"] == 3 * len(MAIN_STAGES)
     assert jobs["eval_refrag"] == 6 and jobs["align_pairs"] == 1 and jobs["eval_baselines"] == 1
+
+
+def test_listing_the_frozen_decoder_ablation_trains_and_evaluates_it(workspace):
+    stages = ["reconstruct", "cpt", "cpt_frozen"]
+    eval_config = {"sets": ["test"], "stages": stages, "batch_size": 8}
+    jobs = planned_jobs(
+        workspace, "--forceall", "eval_report", *override(workspace, {"eval": eval_config})
+    )
+    assert jobs["train"] == 3 * (len(MAIN_STAGES) + 1) and jobs["eval_refrag"] == 3 * 3
 
 
 @pytest.mark.parametrize(
@@ -316,7 +327,7 @@ def test_changing_the_encoder_reruns_alignment_onward_but_not_the_corpus(finishe
     jobs = planned_jobs(finished_run, "eval_report", *override(finished_run, {"runs": runs}))
     assert "prepare_corpus" not in jobs and "fetch_corpus" not in jobs
     assert jobs["fetch_model"] == 1 and jobs["tokenize"] == 2 and jobs["align_pairs"] == 1
-    assert jobs["train"] == 2 * len(STAGES) and jobs["bench_ttft"] == 1
+    assert jobs["train"] == 2 * len(MAIN_STAGES) and jobs["bench_ttft"] == 1
 
 
 @pytest.mark.slow

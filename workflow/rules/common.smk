@@ -37,7 +37,11 @@ def _check_environment():
 
 _check_environment()
 
-from refrag.stages import STAGES, final_stage, with_stage_schemas  # noqa: E402  (after the guard)
+from refrag.stages import (
+    STAGES,
+    final_stage,
+    with_stage_schemas,
+)  # noqa: E402  (after the guard)
 
 
 def config_schema():
@@ -145,7 +149,9 @@ def train_inputs(wildcards):
 def train_start(wildcards, input):
     """`python -m refrag.training` arguments naming where the stage starts (and the held-out
     windows of its curve)."""
-    heldout = f" --heldout {shlex.quote(input.heldout)}" if "heldout" in input.keys() else ""
+    heldout = (
+        f" --heldout {shlex.quote(input.heldout)}" if "heldout" in input.keys() else ""
+    )
     if "init" in input.keys():
         return f"--init {shlex.quote(input.init)}{heldout}"
     return (
@@ -221,18 +227,26 @@ def eval_outputs():
     return files
 
 
-def checkpoints(stages=STAGES):
-    """Every run's checkpoint of each of ``stages``, in registry order."""
+def trained_stages():
+    """Every main stage of the registry, and the ablations that eval.stages lists."""
+    listed = config["eval"]["stages"]
     return [
-        CHECKPOINT.format(corpus=CORPUS, decoder=d, encoder=e, k=k, stage=stage)
-        for d, e, k in run_keys()
-        for stage in stages
+        name for name, stage in STAGES.items() if not stage.ablation or name in listed
     ]
 
 
-def checkpoint_labels(stages=STAGES):
-    """The run label of each of checkpoints(stages), for the training-curve plot."""
-    return [f"{d} / {e} / k{k}" for d, e, k in run_keys() for _ in stages]
+def checkpoints():
+    """Every run's checkpoint of each trained stage, in registry order."""
+    return [
+        CHECKPOINT.format(corpus=CORPUS, decoder=d, encoder=e, k=k, stage=stage)
+        for d, e, k in run_keys()
+        for stage in trained_stages()
+    ]
+
+
+def checkpoint_labels():
+    """The run label of each of checkpoints(), for the training-curve plot."""
+    return [f"{d} / {e} / k{k}" for d, e, k in run_keys() for _ in trained_stages()]
 
 
 def gpu_resources(gpus, vcpu_per_gpu=8, mem_mb_per_gpu=61440, timeout_s=86400):
