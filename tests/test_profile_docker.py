@@ -131,7 +131,8 @@ def podman(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built_image(podman, tmp_path_factory):
-    """./Dockerfile built for real (about 5 minutes here), removed afterwards."""
+    """./Dockerfile built for real (about 9 minutes here, base and wheels included), removed
+    afterwards."""
     root = tmp_path_factory.mktemp("dockerfile")
     context = copy_worktree(root / "context")
     (context / ".env").write_text("AWS_SECRET_ACCESS_KEY=must-not-travel\n")
