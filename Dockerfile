@@ -8,8 +8,12 @@
 # Versions: the Python base is pinned by tag (pin the digest too for bit-for-bit rebuilds); the
 # whole Python stack by requirements.lock. On Linux x86_64, PyPI's torch==2.13.0 is the CUDA
 # build, so the same image serves CPU and GPU jobs (GPUs come from the nvidia runtime).
-# BASE_IMAGE: any Debian bookworm image with python3 (3.11) and its venv module; CI builds from
-# one made of Debian's packages (tests/test_profile_docker.py), since no registry is reachable.
+# BASE_IMAGE: any Debian bookworm image with python3 (3.11) and its venv module. Without a
+# registry, make one of Debian's packages (what CI does, tests/test_profile_docker.py):
+#   mmdebstrap --variant=minbase --include=python3,python3-venv bookworm - | podman import - debian-py
+#   pip download --dest wheels -c requirements.lock . 'setuptools>=68'
+#   podman build --build-arg BASE_IMAGE=localhost/debian-py --build-arg PIP_FIND_LINKS=/wheels \
+#       --build-arg PIP_NO_INDEX=1 --volume $PWD/wheels:/wheels:ro -t refrag-workflow:latest .
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -33,9 +37,11 @@ RUN groupadd --gid 1000 refrag \
 WORKDIR /workflow
 
 # Dependencies first (cached while only the workflow changes), then the project itself.
-# Build arguments for pip: PIP_FIND_LINKS, a folder of wheels (e.g. a CPU torch); PIP_CERT, a
-# CA bundle (behind a TLS-inspecting proxy). With podman, mount them: `podman build --volume`.
+# Build arguments for pip: PIP_FIND_LINKS, a folder of wheels (e.g. a CPU torch); PIP_NO_INDEX=1,
+# install from that folder only (offline); PIP_CERT, a CA bundle (behind a TLS-inspecting
+# proxy). With podman, mount them: `podman build --volume`.
 ARG PIP_FIND_LINKS
+ARG PIP_NO_INDEX
 ARG PIP_CERT
 COPY requirements.lock pyproject.toml README.md ./
 COPY refrag/ refrag/

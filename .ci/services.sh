@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # CI services for the profile tests, on loopback only:
-# - podman + runc (+ uidmap): stand in for the Docker client (tests/test_profile_docker.py);
+# - podman + runc (+ uidmap) stand in for the Docker client, and mmdebstrap makes the Debian
+#   base from which tests/test_profile_docker.py builds ./Dockerfile (no registry is reachable);
 #   installed only, nothing persistent is started;
 # - a single-node Slurm (slurmctld, slurmd, munge; tests/test_profile_slurm.py): installed and
 #   started by .ci/slurm.sh (munged, slurmctld, slurmd run as daemons; `bash .ci/slurm.sh stop`).
 # The moto server of tests/test_profile_aws_batch.py is started and stopped by that test.
-# Without root or apt-get it installs nothing, and those tests skip.
+# Without root or apt-get it installs nothing, and those tests skip (the Docker-profile tests
+# fail instead under CI=true, which .ci/run sets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PACKAGES=(podman runc uidmap slurmctld slurmd slurm-client munge)
+PACKAGES=(podman runc uidmap mmdebstrap slurmctld slurmd slurm-client munge)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \

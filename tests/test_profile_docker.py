@@ -1,10 +1,18 @@
-"""profiles/docker for real: podman stands in for the `docker` command (no Docker engine here).
+"""profiles/docker for real: podman stands in for the `docker` command (no Docker engine here),
+and the jobs run in the image built from ./Dockerfile.
 
-The image is built without any registry: a root file system holding only the host libraries
-that bash, coreutils and the project's Python need, imported with `podman import`; the Python
-install and the project's venv are bind-mounted read-only (REFRAG_DOCKER_ARGS), where the
-user-facing image (./Dockerfile) has them installed. Everything else is the profile as a user
-runs it: `snakemake --profile docker`, cluster-generic, profiles/docker/docker_job.py.
+No container registry is reachable, so the image is built the way the Dockerfile allows for
+that: its base is made of Debian's packages (`mmdebstrap --variant=minbase` bookworm with
+python3, imported with `podman import`) and passed as BASE_IMAGE; pip installs, without an
+index, from a folder of the wheels the host's environment resolves for requirements.lock
+(`pip download`: pip's cache or a local mirror after ./setup.sh), passed as PIP_FIND_LINKS.
+Then one `snakemake --profile profiles/docker --keep-going` runs the tiny workflow (tiny
+random-weight models, a small local corpus) to its report, `hello_dist` under torchrun and
+three probe rules, every job in a container of that image. The phases' wall times are printed
+(`pytest -s`).
+
+Needs root, podman and mmdebstrap (.ci/services.sh installs them). Without them the tests
+skip, saying why, except under CI=true, where they fail: CI cannot pass without running them.
 """
 
 from __future__ import annotations
@@ -15,15 +23,17 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 import uuid
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
 from .conftest_profiles import REPO, VENV, copy_worktree
+from .test_workflow import tiny_workspace
 
 DOCKER_JOB = REPO / "profiles" / "docker" / "docker_job.py"
-PYTHON_HOME = Path(sys.base_prefix)
 CONTAINERS_CONF = """\
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
@@ -31,10 +41,6 @@ netns = "none"
 [engine]
 runtime = "runc"
 """
-TOOLS = (  # noqa: SIM905 (`which`: the Slurm executor plugin calls it whenever Snakemake starts)
-    "bash sh env cat touch mkdir rm ls id sleep true false echo test hostname readlink dirname "
-    "basename mktemp uname chmod cp mv ln head tail wc grep sed tr sort tee date which"
-).split()
 PROBE = r"""include: "Snakefile"
 
 
@@ -42,7 +48,9 @@ rule probe:
     output:
         "results/probe/inside.txt",
     shell:
-        "{{ hostname; tr '\\0' ' ' < /proc/1/cmdline; echo; ls -a /run; id -u; }} > {output}"
+        "{{ hostname; tr '\\0' ' ' < /proc/1/cmdline; echo; command -v python; "
+        "python -c 'import refrag, torch; print(refrag.__file__, torch.__version__)'; "
+        "ls -a /run; }} > {output}"
 
 
 rule fail_in_container:
@@ -60,143 +68,195 @@ rule oom_in_container:
     shell:
         "python -c 'bytearray(512 * 2**20)' && touch {output}"
 """
+# What the test builds, in order (each step is one timed phase; the build context is a copy of
+# the work tree plus a stray .env and key, which the allow-list .dockerignore must keep out).
+BASE = (  # a tar of the root file system on stdout, straight into an image
+    "mmdebstrap --quiet --variant=minbase --include=python3,python3-venv bookworm - "
+    "| podman import - {base}"
+)
+WHEELS = (  # the project's dependencies, and setuptools to build it without an index
+    "{python} -m pip download --quiet --dest {wheels} -c {context}/requirements.lock "
+    "{context} 'setuptools>=68'"
+)
+BUILD = (
+    "podman build --pull=never --layers=false --build-arg BASE_IMAGE={base} "
+    "--build-arg GIT_COMMIT={commit} --build-arg PIP_FIND_LINKS=/wheels --build-arg PIP_NO_INDEX=1 "
+    "--volume {wheels}:/wheels:ro -t {image} {context}"
+)
+CONTAINER_RULES = {  # every rule of the run but the workflow's localrules (they run on the host)
+    "fetch_model", "prepare_corpus", "tokenize", "align_pairs", "train", "eval_baselines",
+    "eval_refrag", "bench_ttft", "hello_dist", "probe", "fail_in_container", "oom_in_container",
+}  # fmt: skip
 
 
-def build_rootfs(rootfs: Path) -> None:
-    """bash, coreutils and the shared libraries of them, of Python and of the venv's modules."""
-    for d in (
-        "usr/bin",
-        "usr/lib",
-        "usr/lib64",
-        "etc",
-        "tmp",
-        "proc",
-        "sys",
-        "dev",
-        "run",
-        "root",
-        "home",
-    ):
-        (rootfs / d).mkdir(parents=True, exist_ok=True)
-    for link in ("bin", "sbin"):
-        (rootfs / link).symlink_to("usr/bin")
-    for link in ("lib", "lib64"):
-        (rootfs / link).symlink_to(f"usr/{link}")
-    (rootfs / "tmp").chmod(0o1777)
-    for tool in TOOLS:
-        if found := shutil.which(tool, path="/usr/bin:/bin"):
-            shutil.copy(found, rootfs / "usr/bin" / tool)
-    binaries = [str(p) for p in (rootfs / "usr/bin").iterdir()]
-    binaries.append(os.path.realpath(PYTHON_HOME / "bin" / "python3"))
-    for base in (PYTHON_HOME / "lib", VENV / "lib"):
-        binaries += [str(p) for p in base.rglob("*.so*") if p.is_file()]
-    libs = set()
-    for i in range(0, len(binaries), 200):
-        out = subprocess.run(["ldd", *binaries[i : i + 200]], capture_output=True, text=True)
-        libs |= {w for w in out.stdout.split() if w.startswith("/") and not w.endswith(":")}
-    for lib in sorted(libs):
-        if lib.startswith((str(PYTHON_HOME), str(VENV))) or not os.path.exists(lib):
-            continue
-        target = rootfs / Path(lib).relative_to("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            shutil.copy(os.path.realpath(lib), target)
-    (rootfs / "etc/passwd").write_text(
-        "root:x:0:0:root:/root:/bin/bash\nrefrag:x:1000:1000::/home/refrag:/bin/bash\n"
+def unavailable(reason: str) -> None:
+    """Skip, saying why; under CI=true fail instead, so that CI cannot pass without the test."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{reason}; CI must run this test (bash .ci/services.sh installs it)")
+    pytest.skip(reason)
+
+
+def timed(phases: dict, name: str, script: str, env: dict, timeout: int) -> None:
+    """Run one phase of the build (a bash script), record its wall time, fail with its output."""
+    started = time.monotonic()
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
-    (rootfs / "etc/group").write_text("root:x:0:\nrefrag:x:1000:\n")
+    phases[name] = time.monotonic() - started
+    print(f"test_profile_docker: {name}: {phases[name]:.0f} s", flush=True)
+    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module")
 def podman(tmp_path_factory):
-    """Environment in which `docker` is podman, with an image of the host's Python stack."""
+    """Environment in which `docker` is podman (runc, fixed ulimits, no network for jobs)."""
     podman_bin = shutil.which("podman")
     if podman_bin is None:
-        pytest.skip("podman is not installed (CI installs it: bash .ci/services.sh)")
+        unavailable("podman is not installed (apt-get install podman runc uidmap)")
+    if os.geteuid() != 0 or not shutil.which("mmdebstrap"):
+        unavailable("building the image's Debian base needs root and mmdebstrap")
     root = tmp_path_factory.mktemp("podman")
     (root / "containers.conf").write_text(CONTAINERS_CONF)
     (root / "bin").mkdir()
     (root / "bin" / "docker").symlink_to(podman_bin)
-    env = os.environ | {
+    return os.environ | {
         "CONTAINERS_CONF": str(root / "containers.conf"),
         "PATH": f"{root / 'bin'}:{os.environ['PATH']}",
     }
-    build_rootfs(root / "rootfs")
-    image = f"localhost/refrag-profile-test:{uuid.uuid4().hex[:8]}"
-    tar = subprocess.Popen(["tar", "-C", str(root / "rootfs"), "-c", "."], stdout=subprocess.PIPE)
-    imported = subprocess.run(
-        ["podman", "import", "--change", f"ENV=PATH={VENV / 'bin'}:/usr/bin", "-", image],
-        stdin=tar.stdout,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    tar.wait()
-    if imported.returncode != 0:
-        pytest.skip(f"podman cannot import an image here: {imported.stderr.strip()[-500:]}")
-    probe = subprocess.run(
-        ["docker", "run", "--rm", image, "true"], capture_output=True, text=True, env=env
-    )
-    if probe.returncode != 0:
-        subprocess.run(["podman", "rmi", "--force", image], capture_output=True, env=env)
-        pytest.skip(f"podman cannot run containers here: {probe.stderr.strip()[-500:]}")
-    env |= {
-        "REFRAG_DOCKER_IMAGE": image,
-        "REFRAG_DOCKER_ARGS": f"--volume {PYTHON_HOME}:{PYTHON_HOME}:ro --volume {VENV}:{VENV}:ro",
-    }
-    yield env
-    subprocess.run(["podman", "rmi", "--force", image], capture_output=True, env=env)
 
 
 @pytest.fixture(scope="module")
-def run(podman, tmp_path_factory):
-    """One `snakemake --profile docker --keep-going` of two good jobs and a failing one."""
-    work = copy_worktree(tmp_path_factory.mktemp("docker") / "work")
+def built_image(podman, tmp_path_factory):
+    """./Dockerfile built for real (about 9 minutes here, base and wheels included), removed
+    afterwards."""
+    root = tmp_path_factory.mktemp("dockerfile")
+    context = copy_worktree(root / "context")
+    (context / ".env").write_text("AWS_SECRET_ACCESS_KEY=must-not-travel\n")
+    (context / "id_rsa").write_text("not a key\n")
+    tag = uuid.uuid4().hex[:8]
+    names = {
+        "base": f"localhost/refrag-debian-base:{tag}",
+        "image": f"localhost/refrag-workflow:{tag}",
+        "commit": "0123456789abcdef0123456789abcdef01234567",
+        "wheels": root / "wheels",
+        "context": context,
+        "python": VENV / "bin" / "python",
+    }
+    phases: dict[str, float] = {}
+    try:
+        timed(phases, "debian base (mmdebstrap | podman import)", BASE.format(**names), podman, 900)
+        timed(phases, "wheels (pip download)", WHEELS.format(**names), podman, 900)
+        timed(phases, "podman build ./Dockerfile", BUILD.format(**names), podman, 1800)
+        yield names | {"phases": phases}
+    finally:
+        subprocess.run(
+            ["podman", "rmi", "--force", names["image"], names["base"]],
+            capture_output=True,
+            env=podman,
+        )
+
+
+@pytest.fixture(scope="module")
+def run(podman, built_image, tmp_path_factory, decoder_dir, encoder_dir):
+    """One `snakemake --profile profiles/docker --keep-going`, every job in the built image: the
+    tiny workflow to its report, hello_dist, a probe, a failing job and one over its mem_mb."""
+    root = tmp_path_factory.mktemp("docker")
+    runs = [{"decoder": "tiny-decoder", "encoder": "tiny-encoder", "k": [4]}]
+    work = tiny_workspace(root, decoder_dir, encoder_dir, runs=runs, windows=32, steps=2)
     (work / "probe.smk").write_text(PROBE)
+    mounts = " ".join(f"--volume {root / d}:{root / d}:ro" for d in ("models", "corpus"))
+    env = podman | {"REFRAG_DOCKER_IMAGE": built_image["image"], "REFRAG_DOCKER_ARGS": mounts}
+    started = time.monotonic()
     proc = subprocess.run(
-        [
-            str(VENV / "bin" / "snakemake"),
-            "--snakefile",
-            "probe.smk",
-            "--profile",
-            "docker",
-            "--keep-going",
-            "hello_dist",
-            "probe",
-            "fail_in_container",
-            "oom_in_container",
-        ],
+        [str(VENV / "bin" / "snakemake"), "--snakefile", "probe.smk"]
+        + ["--profile", "profiles/docker", "--keep-going", "eval_report", "hello_dist"]
+        + ["probe", "fail_in_container", "oom_in_container"],
         cwd=work,
-        env=podman,
+        env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1800,
     )
+    built_image["phases"]["snakemake --profile docker"] = time.monotonic() - started
+    print(f"test_profile_docker: phases (s): {json.dumps(built_image['phases'])}", flush=True)
     leftover = subprocess.run(
         ["docker", "ps", "--all", "--quiet", "--filter", f"label=refrag.workdir={work}"],
         capture_output=True,
         text=True,
-        env=podman,
+        env=env,
         check=True,
     ).stdout.split()
     return work, proc, leftover
 
 
+def output_of(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
 @pytest.mark.slow
-def test_jobs_run_inside_containers_of_the_image(run):
+def test_the_image_holds_the_workflow_stamped_with_its_commit_and_no_secrets(podman, built_image):
+    image = built_image["image"]
+    inside = subprocess.run(
+        ["docker", "run", "--rm", "--pull=never", image, "ls", "-a", "/workflow"],
+        capture_output=True,
+        text=True,
+        env=podman,
+        check=True,
+    ).stdout.split()
+    assert {"Snakefile", "workflow", "refrag", "config", ".image-commit"} <= set(inside)
+    assert ".env" not in inside and "id_rsa" not in inside and "tests" not in inside
+    fmt = '{{index .Labels "org.opencontainers.image.revision"}}'
+    label = subprocess.run(
+        ["docker", "inspect", "--format", fmt, image],
+        capture_output=True,
+        text=True,
+        env=podman,
+        check=True,
+    ).stdout.strip()
+    assert label == built_image["commit"]
+
+
+@pytest.mark.slow
+def test_the_tiny_workflow_runs_to_its_report_in_containers_of_the_image(run):
     work, proc, leftover = run
-    assert (work / "results/probe/inside.txt").exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
-    hostname, pid1, *rest = (work / "results/probe/inside.txt").read_text().splitlines()
+    assert (work / "results/report.html").exists(), output_of(proc)
+    assert (work / "results/eval/perplexity.csv").exists()
+    assert (work / "results/checkpoints/tiny/tiny-decoder/tiny-encoder/k4/cpt").is_dir()
+    logs = sorted((work / ".snakemake/docker/logs").glob("snakejob-*.log"))
+    assert {p.name.split("-")[1] for p in logs} == CONTAINER_RULES  # one container per job
+    assert leftover == []  # finished containers are removed, their output kept
+
+
+@pytest.mark.slow
+def test_jobs_run_the_images_python_and_refrag(run):
+    work, proc, leftover = run
+    assert (work / "results/probe/inside.txt").exists(), output_of(proc)
+    hostname, pid1, python, imported, *rest = (
+        (work / "results/probe/inside.txt").read_text().splitlines()
+    )
     assert hostname.startswith("snakejob-probe-")  # the container's own UTS namespace
     assert pid1.startswith("/bin/sh ") and "snakejob.probe" in pid1  # PID 1 is the job script
+    assert python == "/opt/venv/bin/python"  # the image's environment, not the host's
+    refrag_file, torch_version = imported.split()
+    assert refrag_file.startswith("/opt/venv/lib/python3.11/site-packages/refrag/")
+    assert torch_version == version("torch")  # from the host's wheels
     assert ".containerenv" in rest  # podman's marker inside every container
+
+
+@pytest.mark.slow
+def test_torchrun_runs_inside_a_container_with_one_log_per_rank(run):
+    work, proc, leftover = run
     world = json.loads((work / "results/hello_dist/world.json").read_text())
     assert world["world_size"] == 2 and world["all_reduce_sum"] == world["expected_sum"]
     ranks = sorted((work / "logs/hello_dist/ranks").glob("run-*.log"))
-    assert len(ranks) == 2
-    assert all("on snakejob-hello_dist-" in p.read_text() for p in ranks)  # torchrun inside
-    assert leftover == []  # finished containers are removed, their output kept
-    assert len(list((work / ".snakemake/docker/logs").glob("snakejob-*.log"))) == 4
+    assert [p.name for p in ranks] == ["run-0.log", "run-1.log"]
+    assert all("on snakejob-hello_dist-" in p.read_text() for p in ranks)
+    logs = "".join(p.read_text() for p in (work / ".snakemake/docker/logs").glob("*.log"))
+    assert "/opt/venv/bin/python -m torch.distributed.run" in logs
 
 
 @pytest.mark.slow
@@ -215,7 +275,6 @@ def test_a_failing_job_fails_the_run(run):
     assert not (work / "results/probe/fail.txt").exists()
     assert "snakejob-fail_in_container-" in proc.stderr and "exited with" in proc.stderr
     assert "Error in rule fail_in_container" in proc.stderr
-    assert leftover == []
 
 
 def fake_docker(tmp_path: Path, version: str = "Docker version 28.2.2", inspect: str = "") -> Path:
@@ -358,96 +417,3 @@ def test_an_oom_kill_is_named_as_such(tmp_path):
     proc = status(tmp_path, env)
     assert proc.stdout.strip() == "failed"
     assert "was killed: out of memory" in proc.stderr
-
-
-BUILD_STEPS = """\
-debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm {rootfs}
-tar -C {rootfs} -c . | podman import - {base}
-podman build --build-arg BASE_IMAGE={base} --build-arg GIT_COMMIT={commit} \\
-    --build-arg PIP_FIND_LINKS=/wheels --volume {wheels}:/wheels:ro \\
-    --build-arg PIP_CERT=/host-ca.crt --volume {ca}:/host-ca.crt:ro -t {image} {context}
-"""
-
-
-@pytest.fixture(scope="module")
-def built_image(podman, tmp_path_factory):
-    """./Dockerfile built for real, from a Debian base made by debootstrap (no registry).
-
-    About 10 minutes and 2.4 GB here, so only with REFRAG_TEST_DOCKERFILE=1 (the README's
-    backends table). The context is a copy of the work tree plus a stray .env and key, which
-    the allow-list .dockerignore must keep out. PyPI's torch==2.13.0 is a CUDA build of several
-    GB: a folder of wheels holding a CPU build (REFRAG_TEST_WHEELS, default /opt/wheels) is
-    mounted and passed as PIP_FIND_LINKS; the host's CA bundle as PIP_CERT (TLS-inspecting
-    proxies)."""
-    if os.environ.get("REFRAG_TEST_DOCKERFILE") != "1":
-        pytest.skip("set REFRAG_TEST_DOCKERFILE=1 to build ./Dockerfile (about 10 min)")
-    if not shutil.which("debootstrap"):
-        pytest.skip("debootstrap is not installed (apt-get install debootstrap)")
-    root = tmp_path_factory.mktemp("dockerfile")
-    context = copy_worktree(root / "context")
-    (context / ".env").write_text("AWS_SECRET_ACCESS_KEY=must-not-travel\n")
-    (context / "id_rsa").write_text("not a key\n")
-    tag = uuid.uuid4().hex[:8]
-    base, image = f"localhost/refrag-debian-base:{tag}", f"localhost/refrag-workflow:{tag}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    script = BUILD_STEPS.format(
-        rootfs=root / "rootfs",
-        base=base,
-        commit=commit,
-        wheels=os.environ.get("REFRAG_TEST_WHEELS", "/opt/wheels"),
-        ca="/etc/ssl/certs/ca-certificates.crt",
-        image=image,
-        context=context,
-    )
-    built = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        env=podman,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    yield {"image": image, "commit": commit}
-    subprocess.run(["podman", "rmi", "--force", image, base], capture_output=True, env=podman)
-
-
-@pytest.mark.slow
-def test_the_dockerfile_image_runs_the_workflows_jobs(podman, built_image, tmp_path):
-    env = podman | {"REFRAG_DOCKER_IMAGE": built_image["image"], "REFRAG_DOCKER_ARGS": ""}
-    inside = subprocess.run(
-        ["docker", "run", "--rm", "--pull=never", built_image["image"], "ls", "-a", "/workflow"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    ).stdout.split()
-    assert "Snakefile" in inside and "refrag" in inside
-    assert ".env" not in inside and "id_rsa" not in inside and "tests" not in inside
-    label = subprocess.run(
-        [
-            "docker",
-            "inspect",
-            "--format",
-            '{{index .Labels "org.opencontainers.image.revision"}}',
-            built_image["image"],
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    ).stdout.strip()
-    assert label == built_image["commit"]
-    work = copy_worktree(tmp_path / "work")
-    proc = subprocess.run(
-        [str(VENV / "bin" / "snakemake"), "--profile", "docker", "hello_dist"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rank0 = (work / "logs/hello_dist/ranks/run-0.log").read_text()
-    assert "hello from rank 0/2 on snakejob-hello_dist-" in rank0
-    logs = "".join(p.read_text() for p in (work / ".snakemake/docker/logs").glob("*.log"))
-    assert "/opt/venv/bin/python -m torch.distributed.run" in logs  # the image's Python

@@ -21,7 +21,17 @@ from pathlib import Path
 import yaml
 
 DEPLOYMENT = Path("profiles/aws-batch/deployment.yaml")  # relative to the work tree
-IMAGE_PATHS = ("Snakefile", "workflow", "refrag", "config", "pyproject.toml", "requirements.lock")
+# What the image holds of the work tree (the allow-list in .dockerignore) and jobs run.
+IMAGE_PATHS = (
+    "Snakefile",
+    "workflow",
+    "refrag",
+    "config",
+    "profiles/default",
+    "benchmarks",
+    "pyproject.toml",
+    "requirements.lock",
+)
 UNKNOWN_LIMIT_S = 900.0
 
 
