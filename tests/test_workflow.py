@@ -20,9 +20,9 @@ import yaml
 
 from refrag.stages import STAGES
 
-MAIN_STAGES = [name for name, stage in STAGES.items() if not stage.ablation]
-
 from .conftest import ROOT, save_tiny_model
+
+MAIN_STAGES = [name for name, stage in STAGES.items() if not stage.ablation]
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 WORKFLOW_FILES = ["Snakefile", "workflow", "config", "profiles", "benchmarks", "local"]
