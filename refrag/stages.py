@@ -164,9 +164,7 @@ STAGES: dict[str, Stage] = {
             previous="reconstruct",
             dataset="refrag.training:continuation_dataset",
             trainer="refrag.training:causal_lm_trainer",
-            defaults=StageConfig(
-                steps=120, batch_size=4, lr=2e-4, target_tokens=32, eval_steps=40
-            ),
+            defaults=StageConfig(steps=120, batch_size=4, lr=2e-4, target_tokens=32, eval_steps=40),
             ablation=True,
         ),
     )
