@@ -1,14 +1,26 @@
-"""Helpers shared by the profile tests (test_profile_docker.py, test_profile_aws_batch.py)."""
+"""Helpers shared by the profile tests (docker, aws-batch, slurm)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 VENV = Path(sys.prefix)  # the project's environment running the tests
+
+
+def unavailable(reason: str) -> None:
+    """Skip, saying why; under CI=true fail instead, so that CI cannot pass without the test."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{reason}; CI must run this test (bash .ci/services.sh installs it)")
+    pytest.skip(reason)
+
+
 SKIP_DIRS = {".git", ".venv", ".snakemake", "results", "resources", "logs", ".pytest_cache"}
 
 

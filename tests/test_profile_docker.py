@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest_profiles import REPO, VENV, copy_worktree
+from .conftest_profiles import REPO, VENV, copy_worktree, unavailable
 from .test_workflow import tiny_workspace
 
 DOCKER_JOB = REPO / "profiles" / "docker" / "docker_job.py"
@@ -87,13 +87,6 @@ CONTAINER_RULES = {  # every rule of the run but the workflow's localrules (they
     "fetch_model", "prepare_corpus", "tokenize", "align_pairs", "train", "eval_baselines",
     "eval_refrag", "bench_ttft", "hello_dist", "probe", "fail_in_container", "oom_in_container",
 }  # fmt: skip
-
-
-def unavailable(reason: str) -> None:
-    """Skip, saying why; under CI=true fail instead, so that CI cannot pass without the test."""
-    if os.environ.get("CI", "").lower() in ("true", "1"):
-        pytest.fail(f"{reason}; CI must run this test (bash .ci/services.sh installs it)")
-    pytest.skip(reason)
 
 
 def timed(phases: dict, name: str, script: str, env: dict, timeout: int) -> None:

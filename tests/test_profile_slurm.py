@@ -26,6 +26,7 @@ import time
 
 import pytest
 
+from .conftest_profiles import unavailable
 from .test_workflow import tiny_workspace
 
 PROBE = """include: "Snakefile"
@@ -71,7 +72,7 @@ def slurm_is_up() -> bool:
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory, decoder_dir, encoder_dir):
     if not slurm_is_up():
-        pytest.skip("no Slurm here (CI starts one: bash .ci/services.sh, or bash .ci/slurm.sh)")
+        unavailable("no Slurm here (CI starts one: bash .ci/services.sh, or bash .ci/slurm.sh)")
     runs = [{"decoder": "tiny-decoder", "encoder": "tiny-encoder", "k": [4], "gpus": 1}]
     ws = tiny_workspace(
         tmp_path_factory.mktemp("slurm"), decoder_dir, encoder_dir, runs=runs, windows=32, steps=2
