@@ -43,14 +43,22 @@ def iter_windows(
     context_tokens: int,
     target_tokens: int,
 ) -> Iterator[dict]:
-    """Non-overlapping (context, target) windows of each document, in document order."""
+    """Non-overlapping (context, target) windows of each document, in document order.
+
+    ``context_text`` (what the encoder reads) ends where the target's first token starts, so
+    it never holds target text, even where a byte-level token splits a multi-byte character
+    between the context and the target (the context's last token then ends inside the
+    character; the encoder does not see that character at all).
+    """
     width = context_tokens + target_tokens
     for doc in documents:
         text = doc["text"]
         enc = decoder_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         for n, start in enumerate(range(0, len(ids) - width + 1, width)):
-            ctx_text = text[offsets[start][0] : offsets[start + context_tokens - 1][1]]
+            cut = start + context_tokens
+            ctx_end = min(offsets[cut - 1][1], offsets[cut][0])
+            ctx_text = text[offsets[start][0] : ctx_end]
             enc_ctx = encoder_tokenizer(
                 ctx_text, add_special_tokens=False, return_offsets_mapping=True
             )
