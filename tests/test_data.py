@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from refrag.data import iter_windows, read_shards
+from refrag.data import iter_windows, read_shards, spread
 
 
 def test_windows_hold_both_tokenizations_of_the_same_context(
@@ -107,3 +107,19 @@ def test_encoder_text_never_reaches_the_target(
         target_start = offsets[n * (context + target) + context][0]
         assert text[context_start:].startswith(row["context_text"])
         assert context_start + len(row["context_text"]) <= target_start
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(1, 30), min_size=1, max_size=15), limit=st.integers(1, 200))
+def test_spread_keeps_every_document_the_limit_allows(sizes, limit):
+    rows = [{"doc_id": f"d{d}", "window": w} for d, n in enumerate(sizes) for w in range(n)]
+    picked = spread(rows, limit)
+    keys = [(r["doc_id"], r["window"]) for r in picked]
+    assert len(picked) == min(limit, len(rows)) and len(set(keys)) == len(keys)
+    assert keys == sorted(keys, key=lambda k: (int(k[0][1:]), k[1]))  # list order kept
+    assert len({r["doc_id"] for r in picked}) == min(limit, len(sizes))
+    if limit < len(rows):  # the rest in proportion: no document over its share by 2 or more
+        for d, n in enumerate(sizes):
+            share = 1 + (n - 1) * (limit - len(sizes)) / (len(rows) - len(sizes))
+            if limit >= len(sizes):
+                assert abs(sum(k[0] == f"d{d}" for k in keys) - share) < 1
