@@ -79,7 +79,7 @@ def score_windows(
     for i in tqdm(range(0, len(rows), batch_size), desc=variant, mininterval=5):
         chunk = rows[i : i + batch_size]
         built = [window_parts(r, variant, tok) for r in chunk]
-        batch = tok.pad([tok.encode_parts(parts) for parts, _ in built])
+        batch = tok.pad([tok.encode_parts(parts) for parts, _ in built], padding_side="right")
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         labelled = labels != IGNORE_INDEX
@@ -87,17 +87,17 @@ def score_windows(
         target_index = labelled.long().cumsum(1) - 1 + skip
         scored_mask = labelled.clone()
         scored_mask[:, 0] = False
-        extra = {}
-        if bool(batch["attention_mask"].all()):  # no padding: project only target predictors
-            first_label = int(labelled.int().argmax(1).min())
-            extra["logits_to_keep"] = labels.shape[1] - max(first_label, 1) + 1
+        # project only the positions that predict targets: padding is on the right, so the
+        # last `keep` positions hold every row's targets and their predictors
+        keep = labels.shape[1] - max(int(labelled.int().argmax(1).min()), 1) + 1
         if variant == "refrag":
-            logits = model(**batch, **extra).logits
+            logits = model(**batch, logits_to_keep=keep).logits
         else:
             logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                logits_to_keep=keep,
             ).logits
-        keep = logits.shape[1]
         shift_labels = labels[:, -keep:][:, 1:]
         nll = F.cross_entropy(
             logits[:, :-1].float().transpose(1, 2),

@@ -180,3 +180,18 @@ def test_context_positions_count_what_the_decoder_reads(shards, refrag_tokenizer
         assert positions == expected, variant
     lowered = window_parts(row, "full_context_lowercase", tok)[0][0][1]
     assert tok.decode(lowered) == row["context_text"].lower()
+
+
+@pytest.mark.parametrize("variant", ["full_context_lowercase", "refrag"])
+def test_padded_batches_score_as_single_windows(variant, shards, tiny_model, refrag_tokenizer):
+    """Windows of different lengths padded into one batch score as each alone."""
+    windows = read_shards(shards).to_dict("records")[:4]
+    for i, row in enumerate(windows):  # contexts of 1 to 4 chunks fewer
+        row["context_encoder_ids"] = list(row["context_encoder_ids"])[: -4 * (i + 1)]
+    model = tiny_model if variant == "refrag" else tiny_model.decoder
+    alone = score_windows(model, refrag_tokenizer, windows, variant, batch_size=1)
+    together = score_windows(model, refrag_tokenizer, windows, variant, batch_size=4)
+    lengths = {r["positions"] for r in alone}
+    assert len(lengths) > 1, "the windows should differ in length for this test"
+    assert [r["nll"] for r in together] == pytest.approx([r["nll"] for r in alone], rel=1e-4)
+    assert [r["scored"] for r in together] == [list(range(8))] * 4

@@ -33,8 +33,8 @@ rule eval_refrag:
 
 
 rule perplexity_table:
-    """results/eval/perplexity.csv: one row per variant × k × evaluation set, with 95% intervals
-    (bootstrap over documents); refuses rows of one eval set that scored different tokens."""
+    """results/eval/perplexity.csv: one row per variant × k × evaluation set, with 95%
+    intervals (bootstrap over documents); refuses rows that scored different tokens."""
     input:
         eval_outputs(),
     output:
