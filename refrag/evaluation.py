@@ -299,6 +299,13 @@ def perplexity_table(
     Raises ``ValueError`` if rows of one group scored different tokens. REFRAG rows of
     ``final_stage`` are the ``refrag`` variant; those of earlier stages ``refrag_<stage>``."""
     frame = pd.DataFrame(rows)
+    missing = {"windows", "scored_digest", "n_tokens"} - set(frame.columns)
+    if missing or frame[["windows", "scored_digest"]].isna().any().any():
+        raise ValueError(
+            "result rows without per-window sums or scored-token digest (written before "
+            "evaluation kept them): rerun the evaluation (snakemake --forcerun eval_baselines "
+            "eval_refrag)"
+        )
     check_same_tokens(frame)
     is_earlier = (
         (frame["variant"] == "refrag") & frame["stage"].notna() & (frame["stage"] != final_stage)

@@ -195,3 +195,10 @@ def test_padded_batches_score_as_single_windows(variant, shards, tiny_model, ref
     assert len(lengths) > 1, "the windows should differ in length for this test"
     assert [r["nll"] for r in together] == pytest.approx([r["nll"] for r in alone], rel=1e-4)
     assert [r["scored"] for r in together] == [list(range(8))] * 4
+
+
+def test_rows_without_per_window_sums_ask_for_a_rerun():
+    rows = [result("no_context", 3.0), result("full_context", 2.0)]
+    del rows[1]["windows"]
+    with pytest.raises(ValueError, match="rerun the evaluation"):
+        perplexity_table(rows)
