@@ -118,8 +118,7 @@ def test_spread_keeps_every_document_the_limit_allows(sizes, limit):
     assert len(picked) == min(limit, len(rows)) and len(set(keys)) == len(keys)
     assert keys == sorted(keys, key=lambda k: (int(k[0][1:]), k[1]))  # list order kept
     assert len({r["doc_id"] for r in picked}) == min(limit, len(sizes))
-    if limit < len(rows):  # the rest in proportion: no document over its share by 2 or more
+    if len(sizes) <= limit < len(rows):  # one each, the rest in proportion (within one)
         for d, n in enumerate(sizes):
             share = 1 + (n - 1) * (limit - len(sizes)) / (len(rows) - len(sizes))
-            if limit >= len(sizes):
-                assert abs(sum(k[0] == f"d{d}" for k in keys) - share) < 1
+            assert abs(sum(k[0] == f"d{d}" for k in keys) - share) < 1
