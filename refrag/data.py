@@ -43,14 +43,22 @@ def iter_windows(
     context_tokens: int,
     target_tokens: int,
 ) -> Iterator[dict]:
-    """Non-overlapping (context, target) windows of each document, in document order."""
+    """Non-overlapping (context, target) windows of each document, in document order.
+
+    ``context_text`` (what the encoder reads) ends where the target's first token starts, so
+    it never holds target text, even where a byte-level token splits a multi-byte character
+    between the context and the target (the context's last token then ends inside the
+    character; the encoder does not see that character at all).
+    """
     width = context_tokens + target_tokens
     for doc in documents:
         text = doc["text"]
         enc = decoder_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         for n, start in enumerate(range(0, len(ids) - width + 1, width)):
-            ctx_text = text[offsets[start][0] : offsets[start + context_tokens - 1][1]]
+            cut = start + context_tokens
+            ctx_end = min(offsets[cut - 1][1], offsets[cut][0])
+            ctx_text = text[offsets[start][0] : ctx_end]
             enc_ctx = encoder_tokenizer(
                 ctx_text, add_special_tokens=False, return_offsets_mapping=True
             )
@@ -66,11 +74,26 @@ def iter_windows(
 
 
 def spread(rows: list[dict], limit: int | None) -> list[dict]:
-    """At most ``limit`` rows, taken evenly across the list (so across documents)."""
+    """At most ``limit`` rows, in list order: every document (``doc_id``) keeps a row while
+    ``limit`` allows (a bootstrap over documents wants them all), the rest is shared in
+    proportion to each document's rows (largest remainders), taken evenly within it."""
     if limit is None or len(rows) <= limit:
         return rows
-    step = len(rows) / limit
-    return [rows[int(i * step)] for i in range(limit)]
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row["doc_id"], []).append(i)
+    docs = list(groups)
+    if limit < len(docs):  # one row from each of `limit` documents, spread evenly
+        quota = dict.fromkeys((docs[int(i * len(docs) / limit)] for i in range(limit)), 1)
+    else:
+        rest, spare = limit - len(docs), len(rows) - len(docs)
+        share = {d: (len(groups[d]) - 1) * rest / spare for d in docs}
+        quota = {d: 1 + int(share[d]) for d in docs}
+        by_remainder = sorted(docs, key=lambda d: share[d] - int(share[d]), reverse=True)
+        for d in by_remainder[: limit - sum(quota.values())]:
+            quota[d] += 1
+    picked = [groups[d][int(j * len(groups[d]) / n)] for d, n in quota.items() for j in range(n)]
+    return [rows[i] for i in sorted(picked)]
 
 
 def write_shards(

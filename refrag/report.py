@@ -53,36 +53,73 @@ TTFT_COLUMNS = [
 ]
 
 
+BASELINE_STYLES = {  # variant: (line style, colour)
+    "no_context": ("--", "tab:red"),
+    "full_context": (":", "tab:green"),
+    "full_context_lowercase": ("-.", "tab:purple"),
+}
+
+
+def _yerr(rows: pd.DataFrame, value: str, lo: str, hi: str):
+    """Error-bar lengths below and above ``value`` from interval columns, where present."""
+    if lo not in rows.columns or rows[[lo, hi]].isna().all().all():
+        return None
+    return [(rows[value] - rows[lo]).clip(lower=0), (rows[hi] - rows[value]).clip(lower=0)]
+
+
 def plot_perplexity(perplexity_csv: PathLike, out: PathLike) -> Path:
-    """log-ppl vs k for REFRAG (one line per stage), baselines as horizontal lines."""
+    """Per eval set, two panels against k: log-ppl and the context benefit retained, one line
+    per REFRAG stage and model pair with 95% error bars; baselines as horizontal lines with
+    their interval as a band."""
     table = read_perplexity(perplexity_csv)
-    fig, axes = plt.subplots(
-        1, table["eval_set"].nunique(), figsize=(6 * table["eval_set"].nunique(), 4), squeeze=False
+    sets = table["eval_set"].nunique()
+    fig, axes = plt.subplots(sets, 2, figsize=(12, 4.2 * sets), squeeze=False)
+    panels = (
+        ("log_ppl", "log_ppl_lo", "log_ppl_hi", "log-perplexity of the continuation (nats/token)"),
+        (
+            "context_benefit_retained",
+            "retained_lo",
+            "retained_hi",
+            "context benefit retained",
+        ),
     )
-    for ax, (eval_set, part) in zip(axes[0], table.groupby("eval_set")):
-        for (variant, decoder, encoder), rows in part[part["k"].notna()].groupby(
-            ["variant", "decoder", "encoder"]
-        ):
-            rows = rows.sort_values("k")
-            ax.plot(
-                rows["k"].astype(int),
-                rows["log_ppl"],
-                marker="o",
-                label=f"{variant} ({decoder} / {encoder})",
-            )
-        for variant, style in (("no_context", "--"), ("full_context", ":")):
-            for _, row in part[part["variant"] == variant].iterrows():
-                ax.axhline(
-                    row["log_ppl"],
-                    linestyle=style,
-                    color="gray",
-                    label=f"{variant} ({row['decoder']})",
+    for row_axes, (eval_set, part) in zip(axes, table.groupby("eval_set")):
+        refrag = part[part["k"].notna()]
+        for ax, (value, lo, hi, ylabel) in zip(row_axes, panels):
+            if value not in part.columns:
+                ax.set_visible(False)
+                continue
+            for (variant, decoder, encoder), rows in refrag.groupby(
+                ["variant", "decoder", "encoder"]
+            ):
+                rows = rows.sort_values("k")
+                ax.errorbar(
+                    rows["k"].astype(int),
+                    rows[value],
+                    yerr=_yerr(rows, value, lo, hi),
+                    marker="o",
+                    capsize=4,
+                    label=f"{variant} ({decoder} / {encoder})",
                 )
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("compression k (tokens per chunk embedding)")
-        ax.set_ylabel("log-perplexity of the continuation (nats/token)")
-        ax.set_title(f"eval set: {eval_set}")
-        ax.legend(fontsize=8)
+            for variant, (style, colour) in BASELINE_STYLES.items():
+                for _, row in part[part["variant"] == variant].iterrows():
+                    ax.axhline(
+                        row[value],
+                        linestyle=style,
+                        color=colour,
+                        label=f"{variant} ({row['decoder']})",
+                    )
+                    if lo in part.columns and pd.notna(row[lo]) and row[hi] > row[lo]:
+                        ax.axhspan(row[lo], row[hi], color=colour, alpha=0.1)
+            ks = sorted(refrag["k"].dropna().astype(int).unique())
+            if ks:
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(ks, [str(k) for k in ks])
+                ax.minorticks_off()
+            ax.set_xlabel("compression k (encoder tokens per chunk embedding)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"eval set: {eval_set}")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -275,6 +312,12 @@ def _caption() -> str:
     return (
         "log_ppl: mean negative log-likelihood (nats) per target token of held-out continuations "
         "(o tokens after s context tokens); lower is better. no_context: the decoder sees no context; "
-        "full_context: the context as tokens; refrag: the context as chunk embeddings (k tokens each). "
-        "context_benefit_retained = (no_context − refrag) / (no_context − full_context)."
+        "full_context: the context as tokens; full_context_lowercase: the context's text lowercased "
+        "and re-tokenized (at best what an uncased encoder can pass on); refrag: the context as chunk "
+        "embeddings (k encoder tokens each); refrag_<stage>: an earlier stage. "
+        "context_benefit_retained = (no_context − variant) / (no_context − full_context). "
+        "[*_lo, *_hi]: 95% bootstrap interval over documents (all variants of an eval set resampled "
+        "together). positions: decoder positions the context took, per window on average (BOS, "
+        "shared by all variants, not counted); compression = context tokens (s) / positions. "
+        "n_tokens: target tokens scored, the same tokens in every row of an eval set (checked)."
     )

@@ -1,6 +1,7 @@
 import json
 
 import pandas as pd
+import pytest
 
 from refrag.report import (
     plot_perplexity,
@@ -14,16 +15,42 @@ from refrag.report import (
 PNG = b"\x89PNG"
 
 
-def perplexity_csv(path):
+def perplexity_csv(path, intervals=True):
     base = {"decoder": "d", "encoder": "e", "eval_set": "test", "n_tokens": 80}
     rows = [
         base | {"variant": "no_context", "k": None, "log_ppl": 3.0},
         base | {"variant": "full_context", "k": None, "log_ppl": 2.0},
+        base | {"variant": "full_context_lowercase", "k": None, "log_ppl": 2.3},
         base | {"variant": "refrag", "k": 8, "log_ppl": 2.2, "context_benefit_retained": 0.8},
         base | {"variant": "refrag", "k": 16, "log_ppl": 2.4, "context_benefit_retained": 0.6},
+        base | {"variant": "refrag", "k": 32, "log_ppl": 2.7, "context_benefit_retained": 0.3},
     ]
+    if intervals:
+        for row in rows:
+            row |= {"log_ppl_lo": row["log_ppl"] - 0.1, "log_ppl_hi": row["log_ppl"] + 0.2}
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
+
+
+def test_perplexity_plot_draws_intervals_against_k(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    calls = []
+    original = matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, yerr=None, **kwargs):
+        calls.append((list(x), yerr))
+        return original(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+    out = plot_perplexity(perplexity_csv(tmp_path / "p.csv"), tmp_path / "p.png")
+    assert out.read_bytes().startswith(PNG)
+    (x, (below, above)), *_ = calls
+    assert x == [8, 16, 32]
+    assert list(below) == pytest.approx([0.1] * 3) and list(above) == pytest.approx([0.2] * 3)
+    calls.clear()
+    plot_perplexity(perplexity_csv(tmp_path / "q.csv", intervals=False), tmp_path / "q.png")
+    assert calls[0][1] is None  # a table without intervals still plots, without error bars
 
 
 def ttft_rows(k):

@@ -251,7 +251,17 @@ def finished_run(tmp_path_factory, decoder_dir, encoder_dir) -> Path:
 def test_end_to_end_run_writes_the_report_and_the_fixed_outputs(finished_run):
     table = pd.read_csv(finished_run / "results/eval/perplexity.csv")
     assert {"variant", "k", "eval_set", "log_ppl", "context_benefit_retained"} <= set(table.columns)
-    assert set(table["variant"]) == {"no_context", "full_context", "refrag", "refrag_reconstruct"}
+    assert {"log_ppl_lo", "log_ppl_hi", "retained_lo", "retained_hi", "positions"} <= set(
+        table.columns
+    )
+    assert set(table["variant"]) == {
+        "no_context",
+        "full_context",
+        "full_context_lowercase",
+        "refrag",
+        "refrag_reconstruct",
+    }
+    assert table["n_tokens"].nunique() == 1 and (table["log_ppl_lo"] <= table["log_ppl"]).all()
     assert sorted(table.loc[table["variant"] == "refrag", "k"]) == [4, 8]
     assert table["log_ppl"].notna().all()
     report = (finished_run / "results/report.html").read_text()

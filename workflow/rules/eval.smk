@@ -1,5 +1,6 @@
 rule eval_baselines:
-    """Log-perplexity of the plain decoder with no context and with the full context as tokens."""
+    """Log-perplexity of the plain decoder with no context, the full context as tokens, and the
+    lowercased context as tokens."""
     input:
         shards="results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
         decoder="resources/models/{decoder}",
@@ -32,7 +33,8 @@ rule eval_refrag:
 
 
 rule perplexity_table:
-    """results/eval/perplexity.csv: one row per variant × k × evaluation set."""
+    """results/eval/perplexity.csv: one row per variant × k × evaluation set, with 95%
+    intervals (bootstrap over documents); refuses rows that scored different tokens."""
     input:
         eval_outputs(),
     output:
@@ -45,5 +47,6 @@ rule perplexity_table:
         "logs/perplexity_table.log",
     params:
         final_stage=final_stage(config["eval"]["stages"]),
+        bootstrap={"seed": config["seed"]} | config["eval"]["bootstrap"],
     script:
         "../scripts/perplexity_table.py"
