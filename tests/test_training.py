@@ -105,20 +105,6 @@ def test_gradient_accumulation_averages_the_loss_over_tokens(base, shards, tmp_p
     assert max(losses) < 1.5 * min(losses), losses
 
 
-def test_held_out_curve_logs_retained_share_against_tokens(base, shards, tmp_path):
-    out = tmp_path / "cpt"
-    hp = {"steps": 4, "batch_size": 2, "eval_steps": 2}
-    train_stage("cpt", **base, data=shards, heldout=shards, out=out, compression=4, hp=hp)
-    log = json.loads((out / "training_log.json").read_text())["log_history"]
-    points = [e for e in log if "heldout_log_ppl" in e]
-    assert [p["step"] for p in points] == [0, 2, 4]
-    assert [p["heldout_windows_seen"] for p in points] == [0, 4, 8]
-    (base_point,) = [e for e in log if "heldout_no_context" in e]
-    for p in points:
-        no, full = base_point["heldout_no_context"], base_point["heldout_full_context"]
-        assert p["heldout_retained"] == pytest.approx((no - p["heldout_log_ppl"]) / (no - full))
-
-
 def test_stage_writes_a_loadable_model_folder_with_its_log(base, shards, tmp_path):
     out = tmp_path / "reconstruct"
     train_stage(

@@ -1,0 +1,47 @@
+"""refrag.heldout: the held-out curve a training stage logs."""
+
+import json
+
+import pytest
+
+from refrag.training import train_stage
+
+
+def test_held_out_curve_logs_retained_share_against_tokens(tiny_model_dirs, shards, tmp_path):
+    base = {"encoder": tiny_model_dirs["encoder"], "decoder": tiny_model_dirs["decoder"]}
+    out = tmp_path / "cpt"
+    hp = {"steps": 4, "batch_size": 2, "eval_steps": 2}
+    train_stage("cpt", **base, data=shards, heldout=shards, out=out, compression=4, hp=hp)
+    log = json.loads((out / "training_log.json").read_text())["log_history"]
+    points = [e for e in log if "heldout_log_ppl" in e]
+    assert [p["step"] for p in points] == [0, 2, 4]
+    assert [p["heldout_windows_seen"] for p in points] == [0, 4, 8]
+    (base_point,) = [e for e in log if "heldout_no_context" in e]
+    for p in points:
+        no, full = base_point["heldout_no_context"], base_point["heldout_full_context"]
+        assert p["heldout_retained"] == pytest.approx((no - p["heldout_log_ppl"]) / (no - full))
+
+
+def test_a_resumed_stage_keeps_its_baselines_and_adds_no_second_start_point(
+    tiny_model_dirs, shards, tmp_path, monkeypatch
+):
+    from refrag.training import RefragTrainer
+
+    base = {"encoder": tiny_model_dirs["encoder"], "decoder": tiny_model_dirs["decoder"]}
+    out = tmp_path / "cpt"
+    hp = {"steps": 4, "batch_size": 2, "eval_steps": 2, "save_steps": 2}
+    real_step = RefragTrainer.training_step
+
+    def failing_step(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(RefragTrainer, "training_step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage("cpt", **base, data=shards, heldout=shards, out=out, compression=4, hp=hp)
+    monkeypatch.setattr(RefragTrainer, "training_step", real_step)
+    train_stage("cpt", **base, data=shards, heldout=shards, out=out, compression=4, hp=hp)
+    log = json.loads((out / "training_log.json").read_text())["log_history"]
+    assert [e["step"] for e in log if "heldout_log_ppl" in e] == [0, 2, 4]
+    assert len([e for e in log if "heldout_no_context" in e]) == 1
