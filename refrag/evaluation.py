@@ -176,10 +176,11 @@ def evaluate_windows(
     decoder: str | None = None,
     labels: dict | None = None,
     batch_size: int = 8,
+    baselines: tuple[str, ...] = BASELINES,
 ) -> list[dict]:
-    """Evaluate a shard folder: a REFRAG ``checkpoint``, or the baselines of the ``decoder``
-    (``encoder`` only supplies the tokenizer pair). Writes a JSON list of result rows
-    (:func:`result_row`)."""
+    """Evaluate a shard folder: a REFRAG ``checkpoint``, or the ``baselines`` of the
+    ``decoder`` (``encoder`` only supplies the tokenizer pair). Writes a JSON list of result
+    rows (:func:`result_row`)."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
@@ -204,7 +205,7 @@ def evaluate_windows(
         tok = RefragTokenizer.from_encoder_decoder_pretrained(
             encoder_name_or_path=encoder, decoder_name_or_path=decoder
         )
-        runs = [(variant, None, None) for variant in BASELINES]
+        runs = [(variant, None, None) for variant in baselines]
     model.to(device).eval()
     rows = []
     for variant, k, stage in runs:

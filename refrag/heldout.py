@@ -6,7 +6,9 @@ baselines, once: a resumed run finds them in its log); then, every ``eval_steps`
 last step, the REFRAG model reading the context as chunk embeddings. Each point is logged
 (``heldout_log_ppl``, ``heldout_retained``: the share of the context's benefit retained,
 ``heldout_windows_seen``, ``heldout_tokens_seen``), so the stage's ``training_log.json`` holds
-the curve of retained share against training tokens that the report plots.
+the curve of retained share against training tokens that the report plots. The baselines
+may be given instead (the workflow passes the validation set's ``eval_baselines`` result,
+computed once for every k).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class HeldOutCurve(TrainerCallback):
         eval_steps: int,
         windows_per_step: int,
         batch_size: int = 8,
+        baselines: dict[str, float] | None = None,
     ):
         self.windows = windows.to_dict("records")
         self.tok, self.eval_steps, self.batch_size = tok, eval_steps, batch_size
@@ -37,7 +40,7 @@ class HeldOutCurve(TrainerCallback):
         self.tokens_per_window = sum(
             len(self.windows[0][key]) for key in ("context_ids", "target_ids")
         )
-        self.baselines: dict[str, float] = {}
+        self.baselines: dict[str, float] = dict(baselines or {})
 
     def _log_ppl(self, model, variant: str) -> float:
         nll, count = target_nll(model, self.tok, self.windows, variant, self.batch_size)
@@ -49,19 +52,18 @@ class HeldOutCurve(TrainerCallback):
             return
         training = model.training
         model.eval()
-        if not self.baselines:  # a resumed run reads them from its log history
-            found = [e for e in state.log_history if "heldout_no_context" in e]
-            if found:
-                self.baselines = {
-                    v: found[0][f"heldout_{v}"] for v in ("no_context", "full_context")
-                }
-            else:
+        found = [e for e in state.log_history if "heldout_no_context" in e]
+        if found:  # a resumed run
+            self.baselines = {v: found[0][f"heldout_{v}"] for v in ("no_context", "full_context")}
+        else:
+            if not self.baselines:
                 self.baselines = {
                     v: self._log_ppl(model.decoder, v) for v in ("no_context", "full_context")
                 }
-                state.log_history.append(
-                    {f"heldout_{v}": x for v, x in self.baselines.items()} | {"step": 0}
-                )
+            state.log_history.append(
+                {f"heldout_{v}": self.baselines[v] for v in ("no_context", "full_context")}
+                | {"step": 0}
+            )
         log_ppl = self._log_ppl(model, "refrag")
         retained = context_benefit_retained(
             log_ppl, self.baselines["no_context"], self.baselines["full_context"]

@@ -277,6 +277,7 @@ def train_stage(
     encoder: str | os.PathLike | None = None,
     decoder: str | os.PathLike | None = None,
     heldout: str | os.PathLike | None = None,
+    heldout_baselines: dict[str, float] | None = None,
 ) -> dict:
     """Train the registered stage ``stage`` (:data:`refrag.stages.STAGES`) and write its model
     folder to ``out``.
@@ -284,7 +285,8 @@ def train_stage(
     Start from ``init``, a previous stage's folder, or from the base models ``encoder`` and
     ``decoder`` (both folders); ``data`` is what the stage reads (its ``Stage.data``). ``hp``
     overrides the stage's default hyperparameters. With ``heldout`` (a validation shard folder)
-    and ``hp.eval_steps``, the stage logs its held-out curve (:mod:`refrag.heldout`).
+    and ``hp.eval_steps``, the stage logs its held-out curve (:mod:`refrag.heldout`), against
+    ``heldout_baselines`` ({variant: log-ppl}) when given.
     """
     spec = get_stage(stage)
     hp = hp if isinstance(hp, StageConfig) else spec.defaults.merged(hp)
@@ -355,6 +357,7 @@ def train_stage(
                 tok,
                 eval_steps=hp.eval_steps,
                 windows_per_step=hp.batch_size * hp.grad_accum * args.world_size,
+                baselines=heldout_baselines,
             )
         )
     trainer = spec.build_trainer(
@@ -388,6 +391,11 @@ def train_stage(
         save_model_folder(model, tok, out, extra={"training_log.json": log})
         shutil.rmtree(work_dir, ignore_errors=True)
     return result.metrics
+
+
+def read_baselines(path: str | os.PathLike) -> dict[str, float]:
+    """{variant: log_ppl} of an evaluation JSON (:func:`refrag.evaluation.evaluate_windows`)."""
+    return {row["variant"]: row["log_ppl"] for row in json.loads(Path(path).read_text())}
 
 
 def save_model_folder(
@@ -424,6 +432,10 @@ def main(argv: list[str] | None = None) -> None:
         "--heldout", help="validation shard folder: log the held-out curve every eval_steps"
     )
     parser.add_argument(
+        "--heldout-baselines",
+        help="the validation set's baselines JSON (refrag.evaluation rows) for the curve",
+    )
+    parser.add_argument(
         "--hp", default="{}", help="overrides of the stage's defaults, as JSON (StageConfig)"
     )
     parser.add_argument(
@@ -450,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
             decoder=args.decoder,
             data=args.data,
             heldout=args.heldout,
+            heldout_baselines=args.heldout_baselines and read_baselines(args.heldout_baselines),
             out=args.out,
             compression=args.k,
             hp=json.loads(args.hp),

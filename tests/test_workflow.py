@@ -22,7 +22,7 @@ from refrag.stages import STAGES
 
 from .conftest import ROOT, save_tiny_model
 
-MAIN_STAGES = [name for name, stage in STAGES.items() if not stage.ablation]
+MAIN_STAGES = ["align", "reconstruct", "cpt"]  # what the default eval.stages needs
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 WORKFLOW_FILES = ["Snakefile", "workflow", "config", "profiles", "benchmarks", "local"]
@@ -89,6 +89,7 @@ def test_default_dag_has_every_stage_once(workspace):
         "align_pairs": 1,
         "train": 3 * len(MAIN_STAGES),  # k = 8, 16, 32
         "eval_baselines": 1,
+        "heldout_baselines": 1,
         "eval_refrag": 3 * 2,
         "perplexity_table": 1,
         "plot_perplexity": 1,

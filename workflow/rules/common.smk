@@ -128,6 +128,7 @@ INPUT_RULE = {
 }
 CHECKPOINT = "results/checkpoints/{corpus}/{decoder}/{encoder}/k{k}/{stage}"
 HELDOUT = "results/shards/{corpus}/{decoder}/{encoder}/validation"
+HELDOUT_BASELINES = "results/heldout/{corpus}/{decoder}/{encoder}/baselines.json"
 
 
 def train_inputs(wildcards):
@@ -143,15 +144,19 @@ def train_inputs(wildcards):
         inputs["decoder"] = f"resources/models/{wildcards.decoder}"
     if stage_hp(wildcards)["eval_steps"]:  # the stage logs its held-out curve
         inputs["heldout"] = HELDOUT.format(**values)
+        inputs["heldout_baselines"] = HELDOUT_BASELINES.format(**values)
     return inputs
 
 
 def train_start(wildcards, input):
     """`python -m refrag.training` arguments naming where the stage starts (and the held-out
     windows of its curve)."""
-    heldout = (
-        f" --heldout {shlex.quote(input.heldout)}" if "heldout" in input.keys() else ""
-    )
+    heldout = ""
+    if "heldout" in input.keys():
+        heldout = (
+            f" --heldout {shlex.quote(input.heldout)}"
+            f" --heldout-baselines {shlex.quote(input.heldout_baselines)}"
+        )
     if "init" in input.keys():
         return f"--init {shlex.quote(input.init)}{heldout}"
     return (
@@ -165,6 +170,7 @@ def train_rebuilt_by(wildcards, input):
     rules = {input.data: INPUT_RULE["data"][STAGES[wildcards.stage].data]}
     if "heldout" in input.keys():
         rules[input.heldout] = "tokenize"
+        rules[input.heldout_baselines] = "heldout_baselines"
     for name in ("init", "encoder", "decoder"):
         if name in input.keys():
             rules[input[name]] = INPUT_RULE["init"] if name == "init" else "fetch_model"
@@ -228,11 +234,13 @@ def eval_outputs():
 
 
 def trained_stages():
-    """Every main stage of the registry, and the ablations that eval.stages lists."""
-    listed = config["eval"]["stages"]
-    return [
-        name for name, stage in STAGES.items() if not stage.ablation or name in listed
-    ]
+    """The stages eval.stages lists and those they start from, in registry order."""
+    needed = set()
+    for name in config["eval"]["stages"]:
+        while name is not None:
+            needed.add(name)
+            name = STAGES[name].previous
+    return [name for name in STAGES if name in needed]
 
 
 def checkpoints():

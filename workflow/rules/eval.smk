@@ -16,6 +16,25 @@ rule eval_baselines:
         "../scripts/eval_ppl.py"
 
 
+rule heldout_baselines:
+    """The held-out curve's baselines: the base decoder on the validation windows with no
+    context and the full context (once for every k; no eval.* value reruns it)."""
+    input:
+        shards=HELDOUT,
+        decoder="resources/models/{decoder}",
+        encoder="resources/models/{encoder}",
+    output:
+        HELDOUT_BASELINES,
+    log:
+        "logs/heldout_baselines/{corpus}/{decoder}/{encoder}.log",
+    threads: 2
+    params:
+        batch_size=8,
+        variants=["no_context", "full_context"],
+    script:
+        "../scripts/eval_ppl.py"
+
+
 rule eval_refrag:
     """Log-perplexity of a REFRAG checkpoint reading the context as chunk embeddings."""
     input:

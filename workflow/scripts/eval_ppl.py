@@ -6,7 +6,7 @@ from refrag.utils import log_to
 
 rules = {snakemake.input.shards: "tokenize"}
 if snakemake.input.get("checkpoint"):
-    rules[snakemake.input.checkpoint] = f"train_{snakemake.wildcards.stage}"
+    rules[snakemake.input.checkpoint] = "train"
 with log_to(snakemake.log[0]), one_line_errors(rules):
     torch.set_num_threads(snakemake.threads)
     wc = snakemake.wildcards
@@ -16,6 +16,15 @@ with log_to(snakemake.log[0]), one_line_errors(rules):
         checkpoint=snakemake.input.get("checkpoint"),
         encoder=snakemake.input.get("encoder"),
         decoder=snakemake.input.get("decoder"),
-        labels={"decoder": wc.decoder, "encoder": wc.encoder, "eval_set": wc.eval_set},
+        labels={
+            "decoder": wc.decoder,
+            "encoder": wc.encoder,
+            "eval_set": wc.get("eval_set", "validation"),  # heldout_baselines: validation
+        },
         batch_size=snakemake.params.batch_size,
+        **(
+            {"baselines": snakemake.params.variants}
+            if "variants" in snakemake.params.keys()
+            else {}
+        ),
     )
