@@ -88,11 +88,12 @@ def answer_spans(sentence: str, max_words: int = 4, min_rest: int = 6) -> list[t
 
 
 def cloze_candidates(
-    passage: str, min_words: int = 8, max_words: int = 60
+    passage: str, min_words: int = 8, max_words: int = 60, keep_edges: bool = False
 ) -> list[tuple[str, str]]:
     """All (question sentence with a blank, answer) pairs of a passage (steps 1–2 of the
-    module docstring)."""
-    sentences = split_sentences(passage)[1:-1]
+    module docstring); ``keep_edges`` keeps its first and last sentence (training data)."""
+    sentences = split_sentences(passage)
+    sentences = sentences if keep_edges else sentences[1:-1]
     pairs = []
     for sentence in sentences:
         if not min_words <= len(sentence.split()) <= max_words:
@@ -103,17 +104,23 @@ def cloze_candidates(
 
 
 def build_qa(
-    passages: Iterable[dict], *, seed: int = 0, per_passage: int = 1, limit: int | None = None
+    passages: Iterable[dict],
+    *,
+    seed: int = 0,
+    per_passage: int = 1,
+    limit: int | None = None,
+    keep_edges: bool = False,
 ) -> list[QAExample]:
     """Cloze questions over ``passages`` (dicts with ``text``, or a shard window's
     ``context_text``, and an id: ``id``, or ``doc_id`` and ``window``); see the module
-    docstring. Deterministic in ``seed``; at most ``limit`` questions, in passage order."""
+    docstring (``keep_edges``: :func:`cloze_candidates`). Deterministic in ``seed``; at most
+    ``limit`` questions, in passage order."""
     examples: list[QAExample] = []
     seen: set[str] = set()
     for row in passages:
         text = row.get("text", row.get("context_text"))
         pid = str(row["id"]) if "id" in row else f"{row['doc_id']}#{row.get('window', 0)}"
-        pairs = cloze_candidates(text)
+        pairs = cloze_candidates(text, keep_edges=keep_edges)
         digest = hashlib.sha256(f"{seed}:{pid}".encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "big"))
         rng.shuffle(pairs)

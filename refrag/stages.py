@@ -134,6 +134,17 @@ STAGES: dict[str, Stage] = {
             trainer="refrag.training:causal_lm_trainer",
             defaults=StageConfig(steps=150, batch_size=4, lr=2e-4),
         ),
+        Stage(
+            name="sft",
+            summary="paper stage 3 (SFT, TRL's SFTTrainer): answer questions about passages "
+            "read as chunk embeddings in <doc> tags, in the decoder's chat template; loss on "
+            "the answer only",
+            data="shards",  # cloze questions of the train windows (or a file: refrag.sft)
+            previous="cpt",
+            dataset="refrag.sft:sft_dataset",
+            trainer="refrag.sft:sft_trainer",
+            defaults=StageConfig(steps=40, batch_size=4, lr=5e-5, train_decoder=True),
+        ),
     )
 }
 
