@@ -15,29 +15,34 @@ fraction ``p`` is expanded: ``⌊p·L⌋`` chunks (:func:`expand_count`). Three 
   mean NLL of its tokens; the ``⌊p·L⌋`` chunks with the highest score are expanded (ties: the
   earlier chunk). Hard-to-predict text is what a chunk embedding is least likely to convey;
   this reads the full context once, so it is a reference, not a fast path;
-- ``refrag_rl``: a small policy (:class:`ChunkPolicy`: a 2-layer transformer over the
-  chunk embeddings, one logit per chunk) samples ``⌊p·L⌋`` distinct chunks without
-  replacement (Gumbel-top-m, i.e. Plackett–Luce; padded chunks masked to −inf) and is trained
-  with REINFORCE (:func:`reinforce_step`): reward = −log-ppl of the window's continuation
-  given the mixed input (the REFRAG model frozen), baseline = the mean reward of the other
-  samples of the same window (leave-one-out), loss = −advantage · log π(selection). At
-  evaluation the policy expands its top ``⌊p·L⌋`` logits.
+- ``refrag_rl``: a small policy (:class:`~refrag.modeling.ChunkPolicy`: a 2-layer
+  transformer over the chunk embeddings, one logit per chunk, held by the model as
+  ``model.policy`` and saved with it) samples ``⌊p·L⌋`` distinct chunks without replacement
+  (Gumbel-top-m, i.e. Plackett–Luce; padded chunks masked to −inf) and is trained with
+  REINFORCE (:func:`reinforce_loss`): reward = −log-ppl of the window's continuation given
+  the mixed input (the REFRAG model frozen), baseline = the mean reward of the other samples
+  of the same window (leave-one-out), loss = −advantage · log π(selection). At evaluation the
+  policy expands its top ``⌊p·L⌋`` logits.
+
+Both trainings plug into the stage registry (:mod:`refrag.stages`) and so run under
+``train_stage`` (torchrun, resume): ``mixed_dataset`` with ``refrag.training:causal_lm_trainer``
+(random p), and ``policy_dataset`` with ``policy_trainer`` (:class:`PolicyTrainer`: the
+Trainer's model is the policy alone, so its checkpoints, DDP and optimizer hold only the
+policy; the stage's output folder is the REFRAG model with its policy).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch import nn
+from transformers import Trainer
 
+from refrag.modeling import ChunkPolicy
 from refrag.tokenization import IGNORE_INDEX, RefragTokenizer
 
 SELECTORS = ("refrag_rl", "refrag_random", "refrag_heuristic")
@@ -203,46 +208,7 @@ def top_selection(scores: torch.Tensor, m: int) -> list[int]:
     return sorted(order[:m])
 
 
-# -- the policy ---------------------------------------------------------------------------------
-class ChunkPolicy(nn.Module):
-    """A small transformer over a context's chunk embeddings: one logit per chunk."""
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int = 64,
-        layers: int = 2,
-        heads: int = 4,
-        max_chunks: int = 2048,
-    ):
-        super().__init__()
-        self.config = {
-            "input_size": input_size,
-            "hidden_size": hidden_size,
-            "layers": layers,
-            "heads": heads,
-            "max_chunks": max_chunks,
-        }
-        self.norm = nn.LayerNorm(input_size)
-        self.proj = nn.Linear(input_size, hidden_size)
-        self.position = nn.Embedding(max_chunks, hidden_size)
-        layer = nn.TransformerEncoderLayer(
-            hidden_size, heads, 2 * hidden_size, dropout=0.0, batch_first=True
-        )
-        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(hidden_size, 1)
-
-    def forward(self, chunk_embeds: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, L, d)`` embeddings (``mask``: True for real chunks) → ``(B, L)`` logits,
-        −inf at masked chunks."""
-        if mask is None:
-            mask = torch.ones(chunk_embeds.shape[:2], dtype=torch.bool, device=chunk_embeds.device)
-        positions = torch.arange(chunk_embeds.shape[1], device=chunk_embeds.device)
-        x = self.proj(self.norm(chunk_embeds.float())) + self.position(positions)
-        x = self.body(x, src_key_padding_mask=~mask)
-        return self.head(x).squeeze(-1).masked_fill(~mask, float("-inf"))
-
-
+# -- the policy, trained by REINFORCE on the Trainer --------------------------------------------
 def sample_selection(
     logits: torch.Tensor, m: int, generator: torch.Generator | None = None
 ) -> tuple[list[int], torch.Tensor]:
@@ -259,101 +225,100 @@ def sample_selection(
     return sorted(order), log_prob
 
 
-def reinforce_step(
-    policy: ChunkPolicy,
-    optimizer: torch.optim.Optimizer,
-    windows: Sequence[tuple[torch.Tensor, int, Callable[[list[list[int]]], torch.Tensor]]],
+def reinforce_loss(
+    logits: torch.Tensor,
+    m: int,
+    reward_fn: Callable[[list[list[int]]], torch.Tensor],
     *,
     samples: int = 4,
     generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """One policy-gradient step over ``windows``, each ``(chunk embeddings (L, d), m,
-    reward_fn)``: draw ``samples`` selections of m chunks, score them with ``reward_fn``,
-    subtract the leave-one-out mean reward, and ascend advantage · log-probability."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE with a leave-one-out baseline for one context: draw ``samples`` selections of
+    ``m`` chunks from ``logits`` (L,), score them with ``reward_fn``; returns the loss
+    −mean((r − b)·log π) to minimize and the rewards."""
     if samples < 2:
-        raise ValueError("REINFORCE with a leave-one-out baseline needs samples >= 2")
-    losses, all_rewards = [], []
-    for embeds, m, reward_fn in windows:
-        logits = policy(embeds[None])[0]
-        draws = [sample_selection(logits, m, generator) for _ in range(samples)]
-        reward = reward_fn([sel for sel, _ in draws]).detach().float()
-        baseline = (reward.sum() - reward) / (samples - 1)
-        log_probs = torch.stack([lp for _, lp in draws])
-        losses.append(-((reward - baseline).to(log_probs.device) * log_probs).mean())
-        all_rewards.append(reward.mean())
-    loss = torch.stack(losses).mean()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return {"loss": loss.item(), "reward": torch.stack(all_rewards).mean().item()}
+        raise ValueError("a leave-one-out baseline needs samples >= 2")
+    draws = [sample_selection(logits, m, generator) for _ in range(samples)]
+    reward = reward_fn([selection for selection, _ in draws]).detach().float().to(logits.device)
+    baseline = (reward.sum() - reward) / (samples - 1)
+    log_probs = torch.stack([log_prob for _, log_prob in draws])
+    return -((reward - baseline) * log_probs).mean(), reward
 
 
-def train_policy(
-    model,
-    tok: RefragTokenizer,
-    windows: Sequence[dict],
-    *,
-    p: float,
-    steps: int,
-    batch_size: int = 4,
-    samples: int = 4,
-    lr: float = 1e-3,
-    seed: int = 0,
-    policy: ChunkPolicy | None = None,
-    log: Callable[[dict], None] | None = print,
-) -> tuple[ChunkPolicy, list[dict]]:
-    """Train a :class:`ChunkPolicy` by REINFORCE against the frozen REFRAG ``model`` on
-    ``windows`` (shard rows), at expansion fraction ``p``; returns it and the per-step log
-    (``step``, ``reward``: mean −log-ppl of the sampled selections, ``loss``)."""
-    torch.manual_seed(seed)
-    model.eval().requires_grad_(False)
-    device = next(model.parameters()).device
-    policy = policy or ChunkPolicy(model.config.decoder.hidden_size)
-    policy.to(device).train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    history = []
-    for step in range(steps):
-        batch = []
-        for j in range(batch_size):
-            row = windows[(step * batch_size + j) % len(windows)]
-            embeds = chunk_embeddings(model, tok, row)
-            m = expand_count(len(embeds), p)
+class WindowBatch:
+    """Collator of the policy stage: shard rows as they are (the trainer encodes them)."""
+
+    def __init__(self, tok: RefragTokenizer):
+        self.tok = tok
+
+    def __call__(self, rows: list[dict]) -> dict[str, list[dict]]:
+        return {"windows": rows}
+
+
+def policy_dataset(data: str | os.PathLike, tok: RefragTokenizer, hp):
+    """Registry-shaped ``(data, tok, hp) -> (dataset, collator)``: train shard rows, cycled."""
+    from refrag.data import read_shards
+    from refrag.training import ExampleDataset
+
+    rows = read_shards(data).to_dict("records")
+    total = hp.steps * hp.batch_size * hp.grad_accum
+    return ExampleDataset([rows[i % len(rows)] for i in range(total)]), WindowBatch(tok)
+
+
+class PolicyTrainer(Trainer):
+    """Trains ``model`` (a :class:`ChunkPolicy`, the REFRAG model's ``policy``) by REINFORCE
+    (:func:`reinforce_loss`); the REFRAG model ``refrag`` is frozen and only scores. Logs the
+    mean reward (−log-ppl) beside the loss."""
+
+    def __init__(self, *args, refrag, tok: RefragTokenizer, p: float, samples: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refrag = refrag.to(self.args.device).eval()
+        refrag.set_trainable(encoder=False, projector=False, decoder=False)  # the policy trains
+        self.tok, self.p, self.samples = tok, p, samples
+        self._rewards: list[float] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rows = inputs["windows"]
+        embeds = [chunk_embeddings(self.refrag, self.tok, row) for row in rows]
+        padded = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
+        mask = torch.nn.utils.rnn.pad_sequence(
+            [torch.ones(len(e), dtype=torch.bool, device=e.device) for e in embeds],
+            batch_first=True,
+        )
+        logits = model(padded, mask)  # one pass through the (DDP-wrapped) policy
+        losses = []
+        for row, chunk_embeds, row_logits in zip(rows, embeds, logits):
+            m = expand_count(len(chunk_embeds), self.p)
             if m == 0:
                 continue
 
-            def reward_fn(selections, row=row, embeds=embeds):
-                return rewards(model, tok, row, selections, embeds)
+            def reward_fn(selections, row=row, chunk_embeds=chunk_embeds):
+                return rewards(self.refrag, self.tok, row, selections, chunk_embeds)
 
-            batch.append((embeds, m, reward_fn))
-        if not batch:
-            raise ValueError(f"no window has a chunk to expand at p={p}")
-        entry = {"step": step + 1} | reinforce_step(
-            policy, optimizer, batch, samples=samples, generator=generator
-        )
-        history.append(entry)
-        if log is not None:
-            log(entry)
-    return policy.eval(), history
+            # draws use torch's global RNG, which the Trainer's checkpoints save and restore
+            loss, reward = reinforce_loss(row_logits, m, reward_fn, samples=self.samples)
+            losses.append(loss)
+            self._rewards.append(reward.mean().item())
+        if not losses:  # no chunk to expand: a zero that still reaches every parameter
+            return logits.masked_fill(~mask, 0).sum() * 0
+        return torch.stack(losses).mean()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._rewards and "loss" in logs:
+            logs["reward"] = sum(self._rewards) / len(self._rewards)
+            self._rewards.clear()
+        super().log(logs, start_time)
 
 
-def save_policy(policy: ChunkPolicy, folder: str | os.PathLike, extra: dict | None = None) -> None:
-    """``policy.safetensors``, ``policy_config.json`` and ``extra`` JSON files in ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in policy.state_dict().items()}, folder / "policy.safetensors"
+def policy_trainer(hp, *, p: float = 0.25, samples: int = 4, **kwargs) -> PolicyTrainer:
+    """Registry-shaped ``(hp, **trainer_kwargs) -> Trainer`` of the policy stage: gives the
+    REFRAG ``model`` a fresh policy (kept if it has one) and trains only that, at expansion
+    fraction ``p`` with ``samples`` draws per window."""
+    refrag = kwargs.pop("model")
+    policy = refrag.policy if refrag.policy is not None else refrag.add_policy()
+    return PolicyTrainer(
+        model=policy, refrag=refrag, tok=kwargs["data_collator"].tok, p=p, samples=samples, **kwargs
     )
-    (folder / "policy_config.json").write_text(json.dumps(policy.config, indent=2) + "\n")
-    for name, content in (extra or {}).items():
-        (folder / name).write_text(json.dumps(content, indent=2, default=str) + "\n")
-
-
-def load_policy(folder: str | os.PathLike) -> ChunkPolicy:
-    folder = Path(folder)
-    policy = ChunkPolicy(**json.loads((folder / "policy_config.json").read_text()))
-    policy.load_state_dict(load_file(folder / "policy.safetensors"))
-    return policy.eval()
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -373,8 +338,9 @@ def evaluate_selective(
     (``positions``) against the context's decoder tokens (``full_positions``), both summed."""
     if selector not in SELECTORS:
         raise ValueError(f"unknown selector {selector!r}; selectors: {', '.join(SELECTORS)}")
+    policy = policy if policy is not None else getattr(model, "policy", None)
     if selector == "refrag_rl" and policy is None:
-        raise ValueError("refrag_rl needs a policy")
+        raise ValueError("refrag_rl needs a policy (a model trained by the policy stage)")
     model.eval()
     rng = random.Random(seed)
     total_nll, total_count, positions, full = 0.0, 0, 0, 0

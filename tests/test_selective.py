@@ -1,30 +1,32 @@
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from refrag.data import read_shards
 from refrag.evaluation import window_parts
+from refrag.modeling import ChunkPolicy, RefragModel
+from refrag.resume import last_complete_checkpoint
 from refrag.selective import (
-    ChunkPolicy,
     chunk_embeddings,
     chunk_spans,
     chunk_surprise,
     context_positions,
     evaluate_selective,
     expand_count,
-    load_policy,
     mixed_dataset,
     mixed_parts,
-    reinforce_step,
+    reinforce_loss,
     rewards,
     sample_selection,
-    save_policy,
     top_selection,
-    train_policy,
 )
-from refrag.stages import StageConfig
+from refrag.stages import STAGES, Stage, StageConfig
+from refrag.training import train_stage
 
 
 @pytest.fixture(scope="module")
@@ -130,24 +132,46 @@ def test_reinforce_raises_the_probability_of_rewarded_chunks():
     before = policy(embeds[None])[0].softmax(-1)[4].item()
     gen = torch.Generator().manual_seed(0)
     for _ in range(15):
-        log = reinforce_step(policy, optimizer, [(embeds, 1, reward_fn)], samples=4, generator=gen)
+        loss, reward = reinforce_loss(policy(embeds[None])[0], 1, reward_fn, generator=gen)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     assert policy(embeds[None])[0].softmax(-1)[4].item() > max(before, 0.5)
-    assert 0 <= log["reward"] <= 1
+    assert reward.shape == (4,)
 
 
-def test_policy_trains_a_few_steps_against_the_tiny_model_and_round_trips(
-    windows, tiny_model, refrag_tokenizer, tmp_path
+def test_equal_rewards_give_no_gradient():
+    policy = ChunkPolicy(input_size=8, hidden_size=16, heads=2)
+    loss, _ = reinforce_loss(policy(torch.randn(1, 5, 8))[0], 2, lambda s: torch.ones(len(s)))
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in policy.parameters())
+
+
+POLICY_STAGE = Stage(
+    name="policy",
+    summary="test entry: REINFORCE on the policy of a frozen REFRAG model",
+    data="shards",
+    previous=None,
+    dataset="refrag.selective:policy_dataset",
+    trainer="refrag.selective:policy_trainer",
+    defaults=StageConfig(train_encoder=False, train_projector=False, train_decoder=False),
+)
+
+
+def test_policy_stage_trains_only_the_policy_and_saves_it_with_the_model(
+    shards, tiny_checkpoint, tmp_path, monkeypatch
 ):
-    policy, history = train_policy(
-        tiny_model, refrag_tokenizer, windows, p=0.25, steps=2, batch_size=2, samples=3, log=None
-    )
-    assert [h["step"] for h in history] == [1, 2]
-    assert all(math.isfinite(h["reward"]) and h["reward"] < 0 for h in history)
-    assert not any(p.requires_grad for p in tiny_model.parameters())  # the model stays frozen
-    save_policy(policy, tmp_path / "policy", extra={"training_log.json": history})
-    again = load_policy(tmp_path / "policy")
-    embeds = chunk_embeddings(tiny_model, refrag_tokenizer, windows[0])
-    assert torch.equal(policy(embeds[None]), again(embeds[None]))
+    monkeypatch.setitem(STAGES, "policy", POLICY_STAGE)
+    out = tmp_path / "policy"
+    hp = {"steps": 2, "batch_size": 2, "lr": 1e-3, "logging_steps": 1, "save_steps": 1}
+    train_stage("policy", init=tiny_checkpoint, data=shards, out=out, compression=4, hp=hp)
+    log = json.loads((out / "training_log.json").read_text())["log_history"]
+    rewards_logged = [e["reward"] for e in log if "reward" in e]
+    assert len(rewards_logged) == 2 and all(math.isfinite(r) and r < 0 for r in rewards_logged)
+    before, after = RefragModel.from_pretrained(tiny_checkpoint), RefragModel.from_pretrained(out)
+    assert after.policy is not None and after.config.policy["input_size"] == 64
+    for name, value in before.state_dict().items():
+        assert torch.equal(value, after.state_dict()[name]), name  # the model stayed frozen
 
 
 def test_heuristic_expands_the_chunks_whose_tokens_surprise_the_decoder_most(
@@ -190,3 +214,34 @@ def test_mixed_dataset_trains_on_random_fractions(shards, refrag_tokenizer):
     assert min(expanded) >= 0 and max(expanded) > 0
     batch = collator([dataset[i] for i in range(4)])
     assert batch["chunk_input_ids"].shape[0] == int(batch["chunk_mask"].sum())
+
+
+def test_an_interrupted_policy_stage_resumes_to_the_same_policy(
+    shards, tiny_checkpoint, tmp_path, monkeypatch
+):
+    from refrag.selective import PolicyTrainer
+
+    monkeypatch.setitem(STAGES, "policy", POLICY_STAGE)
+    hp = {"steps": 4, "batch_size": 2, "lr": 1e-2, "save_steps": 2, "logging_steps": 1}
+    run = {"init": tiny_checkpoint, "data": shards, "compression": 4, "hp": hp}
+    train_stage("policy", out=tmp_path / "straight", **run)
+
+    real_step = PolicyTrainer.training_step
+
+    def failing_step(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(PolicyTrainer, "training_step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage("policy", out=tmp_path / "resumed", **run)
+    checkpoint = last_complete_checkpoint(tmp_path / "resumed.work")
+    assert checkpoint.endswith("checkpoint-2")
+    saved = load_file(Path(checkpoint) / "model.safetensors")
+    assert all(name.startswith(("norm.", "proj.", "position.", "body.", "head.")) for name in saved)
+    monkeypatch.setattr(PolicyTrainer, "training_step", real_step)
+    train_stage("policy", out=tmp_path / "resumed", **run)
+    straight = RefragModel.from_pretrained(tmp_path / "straight").policy.state_dict()
+    resumed = RefragModel.from_pretrained(tmp_path / "resumed").policy.state_dict()
+    assert all(torch.allclose(straight[k], resumed[k]) for k in straight)
