@@ -22,7 +22,7 @@ just a position), and without the passage only knowledge or a guess can fill it.
 Scoring follows SQuAD v1.1: answers are normalized (lower case, punctuation and articles
 removed, whitespace collapsed); exact match is 1 when the normalized strings are equal, F1
 is the bag-of-tokens overlap. :func:`answer_questions` generates an answer greedily for each
-question, with the passage read as nothing (``no_context``), as decoder tokens
+question (read from the generation by :func:`cloze_answer`), with the passage read as nothing (``no_context``), as decoder tokens
 (``full_context``) or as chunk embeddings in a ``<doc>`` (``refrag``), through the decoder's
 chat template as ``refrag chat`` renders it.
 """
@@ -66,8 +66,9 @@ class QAExample:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text`` (a split after ., ! or ? followed by space and a capital/digit)."""
-    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+    """Sentences of ``text``: its lines (a heading is a line of its own), each split after
+    ., ! or ? followed by a space and a capital or digit."""
+    return [s.strip() for line in text.splitlines() for s in _SENTENCE_END.split(line) if s.strip()]
 
 
 def answer_spans(sentence: str, max_words: int = 4, min_rest: int = 6) -> list[tuple[int, int]]:
@@ -197,9 +198,21 @@ def question_prompt(example: QAExample, variant: str) -> str:
     raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
 
 
-def first_line(text: str) -> str:
-    """What counts as the answer in a generation: its first non-empty line."""
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+def cloze_answer(generation: str, question: str) -> str:
+    """What counts as the answer in a generation: its first non-empty line; where that line
+    restates the question's sentence up to the blank, the words after that restated part, up
+    to the first word that follows the blank in the question (small models often answer a
+    cloze by rewriting the sentence with the blank filled)."""
+    line = next((ln.strip() for ln in generation.splitlines() if ln.strip()), "")
+    before, _, after = (" ".join(part.split()) for part in question.partition(BLANK))
+    flat = " ".join(line.split())
+    if not before or not flat.startswith(before):
+        return line
+    rest = flat[len(before) :]
+    stop = after.split()[0] if after.split() else ""
+    edge = r"(?<!\w)" if stop[:1].isalnum() else ""  # a word stop never matches mid-word
+    match = re.search(edge + re.escape(stop), rest) if stop else None
+    return (rest[: match.start()] if match else rest).strip()
 
 
 @torch.no_grad()
@@ -209,7 +222,7 @@ def answer_questions(
     examples: list[QAExample],
     variant: str,
     *,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = 24,
     batch_size: int = 8,
 ) -> list[dict]:
     """Generate a short answer greedily for each example and score it.
@@ -251,7 +264,7 @@ def answer_questions(
             )
             new = out[:, inputs["input_ids"].shape[1] :]
         for example, ids in zip(part, new.tolist()):
-            prediction = first_line(tok.decode(ids, skip_special_tokens=True))
+            prediction = cloze_answer(tok.decode(ids, skip_special_tokens=True), example.question)
             rows.append(
                 asdict(example)
                 | {

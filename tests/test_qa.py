@@ -7,11 +7,13 @@ from refrag.qa import (
     answer_questions,
     answer_spans,
     build_qa,
+    cloze_answer,
     exact_match,
     f1_score,
     mean_with_interval,
     normalize_answer,
     question_prompt,
+    split_sentences,
     summarize,
 )
 from tests.conftest import TEXT
@@ -117,3 +119,32 @@ def test_a_plain_decoder_answers_the_baselines(tiny_model, refrag_tokenizer):
     assert len(rows) == 1
     with pytest.raises(ValueError, match="RefragModel"):
         answer_questions(tiny_model.decoder, refrag_tokenizer, examples, "refrag")
+
+
+@pytest.mark.parametrize(
+    ("generation", "answer"),
+    [
+        ("Charles Babbage\nmore text", "Charles Babbage"),
+        ("It was designed by  Charles Babbage in 1837 for the Crown.", "Charles Babbage"),
+        ("It was designed by Charles Babbage", "Charles Babbage"),
+        ("It was designed by ____ in 1837.", "____"),
+        ("  \nAda", "Ada"),
+        ("", ""),
+    ],
+)
+def test_cloze_answer_reads_the_words_a_restated_sentence_puts_in_the_blank(generation, answer):
+    assert cloze_answer(generation, f"It was designed by {BLANK} in 1837 for the Crown.") == answer
+
+
+def test_headings_are_sentences_of_their_own():
+    text = "Alternative medicine\nAlthough many therapies exist, few are supported. Next one."
+    assert split_sentences(text) == [
+        "Alternative medicine",
+        "Although many therapies exist, few are supported.",
+        "Next one.",
+    ]
+
+
+def test_cloze_answer_stops_at_punctuation_that_follows_the_blank():
+    question = f"An estimated 0.5% to {BLANK}% of individuals with ASD show unusual abilities."
+    assert cloze_answer("An estimated 0.5% to 6.5% of individuals with", question) == "6.5"
