@@ -1,4 +1,8 @@
 import json
+import os
+import pty
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -18,6 +22,7 @@ from refrag.stages import STAGES
 from refrag.tokenization import IGNORE_INDEX
 from refrag.training import train_stage
 from tests.conftest import TEXT
+from tests.test_chat import ROOT, needs_tokenizers, read_until
 
 PASSAGE = (
     "The Analytical Engine was designed by the English mathematician Charles Babbage. It was "
@@ -125,31 +130,66 @@ def test_dataset_is_a_pretokenized_datasets_table_cycled_to_the_steps(
     assert (batch["labels"] != IGNORE_INDEX).any()
 
 
-def test_sft_stage_trains_with_trl_and_writes_a_chat_loadable_folder(
-    tiny_checkpoint, tmp_path, monkeypatch
-):
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+@pytest.fixture(scope="module")
+def sft_run(tiny_checkpoint, tmp_path_factory):
+    """The sft stage on the tiny model, overfit to one question about one passage; the
+    SFTTrainer instances it built."""
+    root = tmp_path_factory.mktemp("sft")
+    data = root / "qa.jsonl"
+    data.write_text(json.dumps(RECORDS[0]) + "\n")
     trainers = []
     init = SFTTrainer.__init__
-    monkeypatch.setattr(
-        SFTTrainer, "__init__", lambda self, *a, **kw: trainers.append(self) or init(self, *a, **kw)
-    )
-    out = tmp_path / "sft"
-    metrics = train_stage(
-        "sft",
-        init=tiny_checkpoint,
-        data=data,
-        out=out,
-        compression=4,
-        hp={"steps": 3, "batch_size": 2, "logging_steps": 1, "lr": 1e-3},
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            SFTTrainer,
+            "__init__",
+            lambda self, *a, **kw: trainers.append(self) or init(self, *a, **kw),
+        )
+        metrics = train_stage(
+            "sft",
+            init=tiny_checkpoint,
+            data=data,
+            out=root / "sft",
+            compression=4,
+            hp={"steps": 40, "batch_size": 1, "lr": 3e-3, "warmup_ratio": 0, "logging_steps": 1},
+        )
+    return root / "sft", trainers, metrics
+
+
+def test_sft_stage_trains_with_trl_and_writes_a_model_folder(sft_run):
+    out, trainers, metrics = sft_run
     assert len(trainers) == 1 and trainers[0].args.dataset_kwargs == {"skip_prepare_dataset": True}
     log = json.loads((out / "training_log.json").read_text())
     losses = [e["loss"] for e in log["log_history"] if "loss" in e]
-    assert log["stage"] == "sft" and len(losses) == 3 and metrics["train_loss"] > 0
-    model = RefragModel.from_pretrained(out)
-    assert model.config.train_decoder
-    from refrag.inference import load_refrag
+    assert log["stage"] == "sft" and len(losses) == 40 and metrics["train_loss"] > 0
+    assert losses[-1] < losses[0] / 2  # it learns the one answer
+    assert RefragModel.from_pretrained(out).config.train_decoder
 
-    load_refrag(out)  # what `refrag chat --checkpoint` loads
+
+@needs_tokenizers
+def test_chat_answers_a_question_about_a_file_from_the_sft_checkpoint(sft_run, tmp_path):
+    """``refrag chat --checkpoint …/sft --doc FILE`` in a pseudo-terminal: the model was
+    fine-tuned on this one question about this passage, so its answer is known."""
+    (tmp_path / "engine.txt").write_text(PASSAGE + "\n")
+    primary, secondary = pty.openpty()
+    command = [sys.executable, "-m", "refrag.cli", "chat", "--checkpoint", str(sft_run[0])]
+    proc = subprocess.Popen(
+        [*command, "--doc", str(tmp_path / "engine.txt"), "--max-new-tokens", "4"],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    os.close(secondary)
+    try:
+        read_until(primary, b"you> ")
+        os.write(primary, f"{RECORDS[0]['question']}\n".encode())
+        turn = read_until(primary, b"you> ")
+        assert b"Charles Babbage" in turn and b"chunk embeddings" in turn
+        os.write(primary, b"/quit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(primary)
