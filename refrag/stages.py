@@ -143,7 +143,7 @@ STAGES: dict[str, Stage] = {
             previous="cpt",
             dataset="refrag.sft:sft_dataset",
             trainer="refrag.sft:sft_trainer",
-            defaults=StageConfig(steps=40, batch_size=4, lr=5e-5, train_decoder=True),
+            defaults=StageConfig(steps=10, batch_size=2, lr=5e-5, train_decoder=True),
         ),
     )
 }
