@@ -15,6 +15,7 @@ a non-terminal stdin, one turn each; ``--json`` prints one JSON object per turn.
 from __future__ import annotations
 
 import argparse
+import copy as _copy
 import json
 import re
 import sys
@@ -73,13 +74,41 @@ def read_attachment(path: str | Path, max_bytes: int | None = MAX_DOC_BYTES) -> 
     return text
 
 
+def doc_tag(text: str, doc_id: str) -> str:
+    """``text`` as a ``<doc>`` with id ``doc_id``: doc tags in the text escaped (see
+    :func:`escape_doc_text`), quotes and brackets in the id replaced by ``_``."""
+    body, _ = escape_doc_text(text)
+    safe_id = re.sub(r"['\"<>&]", "_", doc_id)
+    return f"<doc id='{safe_id}'>{body}</doc>"
+
+
 def doc_markup(path: str | Path, max_bytes: int | None = MAX_DOC_BYTES) -> tuple[str, int]:
-    """A file as a ``<doc>`` whose id is the file name, with any doc tags in it escaped
-    (see :func:`escape_doc_text`); and the number of tags escaped."""
+    """A file as a ``<doc>`` whose id is the file name (:func:`doc_tag`); and the number of
+    doc tags escaped in it."""
     path = Path(path)
-    text, escaped = escape_doc_text(read_attachment(path, max_bytes))
-    doc_id = re.sub(r"['\"<>&]", "_", path.name)
-    return f"<doc id='{doc_id}'>{text}</doc>", escaped
+    text = read_attachment(path, max_bytes)
+    return doc_tag(text, path.name), escape_doc_text(text)[1]
+
+
+def render_chat(decoder_tokenizer, messages: list[dict[str, str]]) -> str:
+    """A conversation as one text, ready for the assistant's next message: the decoder's chat
+    template when it has one, else ``Role: content`` lines ending in ``Assistant:``."""
+    if getattr(decoder_tokenizer, "chat_template", None):
+        return decoder_tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join([*lines, "Assistant:"])
+
+
+def template_tokenizer(tok: RefragTokenizer) -> RefragTokenizer:
+    """``tok``, or a copy without the BOS it adds where the decoder has a chat template (the
+    template opens the sequence itself), as :class:`ChatSession` reads prompts."""
+    if not getattr(tok.decoder_tokenizer, "chat_template", None) or not tok.add_bos:
+        return tok
+    copy = _copy.copy(tok)
+    copy.add_bos = False
+    return copy
 
 
 def check_checkpoint(checkpoint: str, cache_dir: str | Path) -> Path:
@@ -157,12 +186,7 @@ class ChatSession:
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The conversation as one text, ready for the assistant's next message."""
-        if self.template:
-            return self.tok.decoder_tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-        return "\n".join([*lines, "Assistant:"])
+        return render_chat(self.tok.decoder_tokenizer, messages)
 
     def turn(self, user_text: str, stream: TextIO | None = None) -> tuple[str, TurnStats]:
         """Answer ``user_text`` (may hold ``<doc>`` tags), writing text to ``stream`` as it comes.

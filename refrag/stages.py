@@ -167,6 +167,17 @@ STAGES: dict[str, Stage] = {
             defaults=StageConfig(steps=120, batch_size=4, lr=2e-4, target_tokens=32, eval_steps=40),
             ablation=True,
         ),
+        Stage(
+            name="sft",
+            summary="paper stage 3 (SFT, TRL's SFTTrainer): answer questions about passages "
+            "read as chunk embeddings in <doc> tags, in the decoder's chat template; loss on "
+            "the answer only",
+            data="shards",  # cloze questions of the train windows (or a file: refrag.sft)
+            previous="cpt",
+            dataset="refrag.sft:sft_dataset",
+            trainer="refrag.sft:sft_trainer",
+            defaults=StageConfig(steps=10, batch_size=2, lr=5e-5, train_decoder=True),
+        ),
     )
 }
 

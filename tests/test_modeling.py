@@ -135,6 +135,18 @@ def test_save_and_load_round_trip_through_auto_classes(tmp_path, tiny_model, ref
     assert torch.equal(tiny_model(**batch).logits, again(**batch).logits)
 
 
+def test_a_policy_saves_and_loads_with_the_model(tmp_path, tiny_model, refrag_tokenizer):
+    assert tiny_model.policy is None
+    policy = tiny_model.add_policy(hidden_size=16, heads=2)
+    tiny_model.save_pretrained(tmp_path)
+    again = RefragModel.from_pretrained(tmp_path)
+    embeds = torch.randn(1, 5, 64)
+    assert again.config.policy == {"input_size": 64, "hidden_size": 16, "heads": 2}
+    assert torch.equal(policy(embeds), again.policy(embeds))
+    batch = refrag_tokenizer(TEXTS)
+    assert torch.equal(tiny_model(**batch).logits, again(**batch).logits)
+
+
 def test_config_defaults_projector_width_to_decoder_hidden():
     config = tiny_config(compression=8)
     assert config.projector_hidden_size == 64

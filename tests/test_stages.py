@@ -10,7 +10,13 @@ def test_each_stage_starts_from_an_earlier_one_or_the_base_models():
     for i, stage in enumerate(STAGES.values()):
         assert stage.previous is None or stage.previous in names[:i]
     assert all(name == stage.name for name, stage in STAGES.items())
-    assert [s.previous for s in STAGES.values()] == [None, "align", "reconstruct", "reconstruct"]
+    assert [s.previous for s in STAGES.values()] == [
+        None,
+        "align",
+        "reconstruct",
+        "reconstruct",
+        "cpt",
+    ]
     ablations = {name for name, stage in STAGES.items() if stage.ablation}
     assert ablations == {"cpt_frozen"}
     assert not ablations & {stage.previous for stage in STAGES.values()}  # never built on
@@ -38,8 +44,8 @@ def test_every_stage_names_a_dataset_builder_and_a_trainer_that_exist(name):
 
 
 def test_unknown_stage_names_the_known_ones():
-    with pytest.raises(ValueError, match="align, reconstruct, cpt, cpt_frozen"):
-        get_stage("sft")
+    with pytest.raises(ValueError, match="align, reconstruct, cpt, cpt_frozen, sft"):
+        get_stage("dpo")
 
 
 def test_stage_config_rejects_unknown_hyperparameters():

@@ -19,6 +19,8 @@ class RefragConfig(PreTrainedConfig):
             decoder's hidden size (as in the paper).
         projector_activation: activation between the projector's two layers.
         train_encoder, train_projector, train_decoder: which parts receive gradients.
+        policy: settings of the selective-compression policy
+            (:class:`~refrag.modeling.policy.ChunkPolicy`'s arguments); ``None``: no policy.
     """
 
     model_type = "refrag"
@@ -35,6 +37,7 @@ class RefragConfig(PreTrainedConfig):
     train_encoder: bool = True
     train_projector: bool = True
     train_decoder: bool = False
+    policy: dict | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):

@@ -17,6 +17,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
 from refrag.modeling.configuration_refrag import RefragConfig
+from refrag.modeling.policy import ChunkPolicy
 
 IGNORE_INDEX = -100
 
@@ -81,8 +82,16 @@ class RefragModel(PreTrainedModel):
         for name in ("encoder", "decoder"):
             setattr(self.config, name, getattr(self, name).config)
         self.projector = RefragProjector(config)
+        self.policy = ChunkPolicy(**config.policy) if config.policy else None
         self.post_init()
         self.set_trainable()
+
+    def add_policy(self, **settings) -> ChunkPolicy:
+        """Give the model a fresh selective-compression policy (``settings``: ChunkPolicy's
+        arguments beyond its input size), recorded in the config so that it saves and loads."""
+        self.config.policy = {"input_size": self.config.decoder.hidden_size, **settings}
+        self.policy = ChunkPolicy(**self.config.policy).to(self.projector.fc1.weight.device)
+        return self.policy
 
     @classmethod
     def from_encoder_decoder_pretrained(

@@ -1,0 +1,277 @@
+"""Passage-grounded question answering: a cloze QA set built from text, SQuAD-style scoring,
+and a generation-based scorer for the three ways of reading the passage.
+
+How the QA set is built (:func:`build_qa`), from passages of held-out documents (for the
+evaluation: the test split's windows, never the training documents):
+
+1. each passage is cut into sentences; its first and last sentence are skipped (a window may
+   cut them), and so are sentences outside 8–60 words;
+2. in each remaining sentence the candidate answer spans are numbers (``1837``, ``3,500``) and
+   runs of capitalized words (``Charles Babbage``) that do not open the sentence, of at most
+   four words, occurring exactly once in the sentence and leaving at least six other words;
+3. per passage, up to ``per_passage`` (sentence, span) pairs are drawn with a random generator
+   seeded by ``(seed, passage id)``, so a passage gives the same questions whatever else is in
+   the set; the question is the sentence with the span replaced by a blank, the answer is the
+   span;
+4. questions whose normalized text repeats an earlier one are dropped.
+
+So every question is a sentence of its passage with a named entity or number removed: the
+answer is in the passage (extractive), the question carries the rest of the sentence (never
+just a position), and without the passage only knowledge or a guess can fill it.
+
+Scoring follows SQuAD v1.1: answers are normalized (lower case, punctuation and articles
+removed, whitespace collapsed); exact match is 1 when the normalized strings are equal, F1
+is the bag-of-tokens overlap. :func:`answer_questions` generates an answer greedily for each
+question (read from the generation by :func:`cloze_answer`), with the passage read as nothing (``no_context``), as decoder tokens
+(``full_context``) or as chunk embeddings in a ``<doc>`` (``refrag``), through the decoder's
+chat template as ``refrag chat`` renders it.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import random
+import re
+import string
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from refrag.chat import doc_tag, render_chat, template_tokenizer
+from refrag.tokenization import RefragTokenizer
+
+VARIANTS = ("no_context", "full_context", "refrag")
+BLANK = "____"
+INSTRUCTION = (
+    "Fill in the blank ({blank}) with a few words from the text. Reply with those words only."
+)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+_NUMBER = re.compile(r"(?<![\w.,])\d{1,3}(?:,\d{3})+(?![\w,])|(?<![\w.,])\d+(?:\.\d+)?(?![\w])")
+_NAME = re.compile(r"\b[A-Z][a-z]+(?:(?:\s+(?:of|de|da|von|van|der|del|la|le))?\s+[A-Z][a-z]+)*")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """One question about one passage; ``answer`` occurs in ``passage``."""
+
+    id: str
+    passage_id: str
+    passage: str
+    question: str
+    answer: str
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text``: its lines (a heading is a line of its own), each split after
+    ., ! or ? followed by a space and a capital or digit."""
+    return [s.strip() for line in text.splitlines() for s in _SENTENCE_END.split(line) if s.strip()]
+
+
+def answer_spans(sentence: str, max_words: int = 4, min_rest: int = 6) -> list[tuple[int, int]]:
+    """Character spans of the candidate answers in ``sentence``: numbers and capitalized names
+    not at its start, of at most ``max_words`` words, occurring once in the sentence and
+    leaving at least ``min_rest`` other words."""
+    words = len(sentence.split())
+    spans = []
+    for pattern in (_NUMBER, _NAME):
+        for m in pattern.finditer(sentence):
+            text = m.group()
+            if m.start() == 0 or len(text.split()) > max_words:
+                continue
+            if sentence.count(text) != 1 or words - len(text.split()) < min_rest:
+                continue
+            spans.append((m.start(), m.end()))
+    return sorted(set(spans))
+
+
+def cloze_candidates(
+    passage: str, min_words: int = 8, max_words: int = 60, keep_edges: bool = False
+) -> list[tuple[str, str]]:
+    """All (question sentence with a blank, answer) pairs of a passage (steps 1–2 of the
+    module docstring); ``keep_edges`` keeps its first and last sentence (training data)."""
+    sentences = split_sentences(passage)
+    sentences = sentences if keep_edges else sentences[1:-1]
+    pairs = []
+    for sentence in sentences:
+        if not min_words <= len(sentence.split()) <= max_words:
+            continue
+        for start, end in answer_spans(sentence):
+            pairs.append((sentence[:start] + BLANK + sentence[end:], sentence[start:end]))
+    return pairs
+
+
+def build_qa(
+    passages: Iterable[dict],
+    *,
+    seed: int = 0,
+    per_passage: int = 1,
+    limit: int | None = None,
+    keep_edges: bool = False,
+) -> list[QAExample]:
+    """Cloze questions over ``passages`` (dicts with ``text``, or a shard window's
+    ``context_text``, and an id: ``id``, or ``doc_id`` and ``window``); see the module
+    docstring (``keep_edges``: :func:`cloze_candidates`). Deterministic in ``seed``; at most
+    ``limit`` questions, in passage order."""
+    examples: list[QAExample] = []
+    seen: set[str] = set()
+    for row in passages:
+        text = row.get("text", row.get("context_text"))
+        pid = str(row["id"]) if "id" in row else f"{row['doc_id']}#{row.get('window', 0)}"
+        pairs = cloze_candidates(text, keep_edges=keep_edges)
+        digest = hashlib.sha256(f"{seed}:{pid}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "big"))
+        rng.shuffle(pairs)
+        taken = 0
+        for question, answer in pairs:
+            key = normalize_answer(question) + "\0" + normalize_answer(answer)
+            if key in seen or taken == per_passage:
+                continue
+            seen.add(key)
+            examples.append(QAExample(f"{pid}:{taken}", pid, text, question, answer))
+            taken += 1
+        if limit is not None and len(examples) >= limit:
+            return examples[:limit]
+    return examples
+
+
+# -- SQuAD v1.1 scoring -------------------------------------------------------------------
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles (a/an/the), single spaces (SQuAD v1.1)."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, answer: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(answer))
+
+
+def f1_score(prediction: str, answer: str) -> float:
+    """Token-overlap F1 of the normalized strings (1 when both are empty)."""
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(answer).split()
+    if not pred or not gold:
+        return float(pred == gold)
+    common = sum((collections.Counter(pred) & collections.Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def mean_with_interval(
+    values: Iterable[float], *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean and a percentile-bootstrap confidence interval ``(mean, low, high)``."""
+    x = np.asarray(list(values), dtype=float)
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(x.mean()), float(low), float(high)
+
+
+def summarize(scored: list[dict], confidence: float = 0.95) -> dict:
+    """Per-question scores → ``exact_match``, ``f1`` with their intervals, and ``n``."""
+    summary: dict = {"n": len(scored)}
+    for metric in ("exact_match", "f1"):
+        mean, low, high = mean_with_interval([s[metric] for s in scored], confidence=confidence)
+        summary |= {metric: mean, f"{metric}_low": low, f"{metric}_high": high}
+    return summary
+
+
+# -- answering with a model ----------------------------------------------------------------
+def question_prompt(example: QAExample, variant: str) -> str:
+    """The user message for one question: the passage (none, as text, or in a ``<doc>``),
+    then the instruction and the question."""
+    ask = f"{INSTRUCTION.format(blank=BLANK)}\n{example.question}"
+    if variant == "no_context":
+        return ask
+    if variant == "full_context":
+        return f"{example.passage}\n\n{ask}"
+    if variant == "refrag":
+        return f"{doc_tag(example.passage, example.passage_id)}\n{ask}"
+    raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
+
+
+def cloze_answer(generation: str, question: str) -> str:
+    """What counts as the answer in a generation: its first non-empty line; where that line
+    restates the question's sentence up to the blank, the words after that restated part, up
+    to the first word that follows the blank in the question (small models often answer a
+    cloze by rewriting the sentence with the blank filled)."""
+    line = next((ln.strip() for ln in generation.splitlines() if ln.strip()), "")
+    before, _, after = (" ".join(part.split()) for part in question.partition(BLANK))
+    flat = " ".join(line.split())
+    if not before or not flat.startswith(before):
+        return line
+    rest = flat[len(before) :]
+    stop = after.split()[0] if after.split() else ""
+    edge = r"(?<!\w)" if stop[:1].isalnum() else ""  # a word stop never matches mid-word
+    match = re.search(edge + re.escape(stop), rest) if stop else None
+    return (rest[: match.start()] if match else rest).strip()
+
+
+@torch.no_grad()
+def answer_questions(
+    model,
+    tok: RefragTokenizer,
+    examples: list[QAExample],
+    variant: str,
+    *,
+    max_new_tokens: int = 24,
+    batch_size: int = 8,
+) -> list[dict]:
+    """Generate a short answer greedily for each example and score it.
+
+    ``model`` is a ``RefragModel`` (every variant) or a plain causal LM (``no_context`` and
+    ``full_context``). Returns one dict per example: its fields, ``prediction``,
+    ``exact_match`` and ``f1``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
+    is_refrag = hasattr(model, "embed_inputs")
+    if variant == "refrag" and not is_refrag:
+        raise ValueError("the refrag variant needs a RefragModel")
+    tok = template_tokenizer(tok)
+    device = next(model.parameters()).device
+    eos = tok.decoder_tokenizer.eos_token_id
+    rows = []
+    for i in range(0, len(examples), batch_size):
+        part = examples[i : i + batch_size]
+        texts = [
+            render_chat(
+                tok.decoder_tokenizer, [{"role": "user", "content": question_prompt(e, variant)}]
+            )
+            for e in part
+        ]
+        batch = tok(texts, padding_side="left")
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        kwargs = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": False,
+            "pad_token_id": tok.decoder_pad_token_id,
+            "eos_token_id": eos,
+        }
+        if is_refrag:
+            new = model.generate(**inputs, **kwargs)
+        else:
+            out = model.generate(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs
+            )
+            new = out[:, inputs["input_ids"].shape[1] :]
+        for example, ids in zip(part, new.tolist()):
+            prediction = cloze_answer(tok.decode(ids, skip_special_tokens=True), example.question)
+            rows.append(
+                asdict(example)
+                | {
+                    "variant": variant,
+                    "prediction": prediction,
+                    "exact_match": exact_match(prediction, example.answer),
+                    "f1": f1_score(prediction, example.answer),
+                }
+            )
+    return rows

@@ -1,0 +1,150 @@
+import pytest
+import torch
+
+from refrag.qa import (
+    BLANK,
+    QAExample,
+    answer_questions,
+    answer_spans,
+    build_qa,
+    cloze_answer,
+    exact_match,
+    f1_score,
+    mean_with_interval,
+    normalize_answer,
+    question_prompt,
+    split_sentences,
+    summarize,
+)
+from tests.conftest import TEXT
+
+PASSAGE = (
+    "cut at the window start. The Analytical Engine was designed by the English "
+    "mathematician Charles Babbage in the nineteenth century. It was first described in "
+    "1837 as the successor to the difference engine of its inventor. Its memory could hold "
+    "1,000 numbers of 40 decimal digits each, a large store for the time. And the window "
+    "ends in the middle of"
+)
+
+
+def test_normalization_drops_case_punctuation_articles_and_spaces():
+    assert normalize_answer("  The  Analytical-Engine, a machine! ") == "analyticalengine machine"
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answer", "em", "f1"),
+    [
+        ("Charles Babbage", "charles babbage.", 1.0, 1.0),
+        ("Babbage", "Charles Babbage", 0.0, 2 * (1 * 0.5) / 1.5),
+        ("the year 1837", "1837", 0.0, 2 * (0.5 * 1) / 1.5),
+        ("Ada Lovelace", "Charles Babbage", 0.0, 0.0),
+        ("", "1837", 0.0, 0.0),
+    ],
+)
+def test_exact_match_and_f1_follow_squad(prediction, answer, em, f1):
+    assert exact_match(prediction, answer) == em
+    assert f1_score(prediction, answer) == pytest.approx(f1)
+
+
+def test_answer_spans_are_names_and_numbers_never_the_sentence_start():
+    sentence = "The engine was designed by Charles Babbage in 1837 for the British government."
+    spans = {sentence[a:b] for a, b in answer_spans(sentence)}
+    assert spans == {"Charles Babbage", "1837", "British"}
+
+
+def test_questions_are_sentences_of_the_passage_with_the_answer_blanked():
+    examples = build_qa([{"id": "p", "text": PASSAGE}], per_passage=10)
+    assert len(examples) >= 4
+    for e in examples:
+        assert e.question.count(BLANK) == 1 and e.answer in e.passage
+        assert e.question.replace(BLANK, e.answer) in e.passage  # a real sentence of it
+        assert "window" not in e.question  # first and last sentences may be cut
+    assert {"Charles Babbage", "1837", "1,000"} <= {e.answer for e in examples}
+
+
+def test_qa_set_is_deterministic_by_seed_and_deduplicated():
+    passages = [{"doc_id": "d", "window": w, "context_text": PASSAGE} for w in range(3)]
+    first, again = build_qa(passages, seed=1), build_qa(passages, seed=1)
+    assert first == again
+    assert len({(e.question, e.answer) for e in first}) == len(first) == 3  # repeats dropped
+    assert len(build_qa([passages[0]], seed=1)) == 1
+    assert first[0] == build_qa([passages[0]], seed=1)[0]  # independent of the other passages
+    others = {(e.question, e.answer) for s in range(2, 8) for e in build_qa(passages[:1], seed=s)}
+    assert len(others) > 1  # the seed chooses
+
+
+def test_interval_brackets_the_mean_and_counts_what_was_scored():
+    summary = summarize([{"exact_match": float(i % 2), "f1": 0.5} for i in range(40)])
+    assert summary["n"] == 40 and summary["exact_match"] == 0.5
+    assert summary["exact_match_low"] < 0.5 < summary["exact_match_high"]
+    assert summary["f1_low"] == summary["f1_high"] == 0.5
+    assert mean_with_interval([1.0])[0] == 1.0
+
+
+def test_prompts_read_the_passage_as_nothing_tokens_or_a_doc():
+    e = QAExample("p:0", "p", "Some passage.", f"It was {BLANK}.", "x")
+    assert "Some passage." not in question_prompt(e, "no_context")
+    assert "Some passage." in question_prompt(e, "full_context")
+    assert "<doc id='p'>Some passage.</doc>" in question_prompt(e, "refrag")
+    with pytest.raises(ValueError, match="variants"):
+        question_prompt(e, "other")
+
+
+@pytest.mark.parametrize("variant", ["no_context", "full_context", "refrag"])
+def test_answer_questions_generates_and_scores_every_example(tiny_model, refrag_tokenizer, variant):
+    examples = build_qa([{"id": f"p{i}", "text": PASSAGE + TEXT[: i * 50]} for i in range(3)])
+    rows = answer_questions(tiny_model, refrag_tokenizer, examples, variant, max_new_tokens=4)
+    assert [r["id"] for r in rows] == [e.id for e in examples]
+    for r in rows:
+        assert r["variant"] == variant and isinstance(r["prediction"], str)
+        assert r["exact_match"] == exact_match(r["prediction"], r["answer"])
+        assert r["f1"] == f1_score(r["prediction"], r["answer"])
+
+
+def test_answer_questions_reads_the_doc_through_the_encoder(tiny_model, refrag_tokenizer):
+    calls = []
+    tiny_model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    examples = build_qa([{"id": "p", "text": PASSAGE}])
+    answer_questions(tiny_model, refrag_tokenizer, examples, "full_context", max_new_tokens=2)
+    assert calls == []
+    answer_questions(tiny_model, refrag_tokenizer, examples, "refrag", max_new_tokens=2)
+    assert calls == [1]
+    assert refrag_tokenizer.add_bos  # the shared tokenizer is left as it was
+
+
+def test_a_plain_decoder_answers_the_baselines(tiny_model, refrag_tokenizer):
+    examples = build_qa([{"id": "p", "text": PASSAGE}])
+    torch.manual_seed(0)
+    rows = answer_questions(tiny_model.decoder, refrag_tokenizer, examples, "full_context")
+    assert len(rows) == 1
+    with pytest.raises(ValueError, match="RefragModel"):
+        answer_questions(tiny_model.decoder, refrag_tokenizer, examples, "refrag")
+
+
+@pytest.mark.parametrize(
+    ("generation", "answer"),
+    [
+        ("Charles Babbage\nmore text", "Charles Babbage"),
+        ("It was designed by  Charles Babbage in 1837 for the Crown.", "Charles Babbage"),
+        ("It was designed by Charles Babbage", "Charles Babbage"),
+        ("It was designed by ____ in 1837.", "____"),
+        ("  \nAda", "Ada"),
+        ("", ""),
+    ],
+)
+def test_cloze_answer_reads_the_words_a_restated_sentence_puts_in_the_blank(generation, answer):
+    assert cloze_answer(generation, f"It was designed by {BLANK} in 1837 for the Crown.") == answer
+
+
+def test_headings_are_sentences_of_their_own():
+    text = "Alternative medicine\nAlthough many therapies exist, few are supported. Next one."
+    assert split_sentences(text) == [
+        "Alternative medicine",
+        "Although many therapies exist, few are supported.",
+        "Next one.",
+    ]
+
+
+def test_cloze_answer_stops_at_punctuation_that_follows_the_blank():
+    question = f"An estimated 0.5% to {BLANK}% of individuals with ASD show unusual abilities."
+    assert cloze_answer("An estimated 0.5% to 6.5% of individuals with", question) == "6.5"
