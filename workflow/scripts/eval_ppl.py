@@ -10,6 +10,7 @@ if snakemake.input.get("checkpoint"):
 with log_to(snakemake.log[0]), one_line_errors(rules):
     torch.set_num_threads(snakemake.threads)
     wc = snakemake.wildcards
+    variants = snakemake.params.get("variants")  # heldout_baselines scores two baselines
     evaluate_windows(
         shards=snakemake.input.shards,
         out=snakemake.output[0],
@@ -22,9 +23,5 @@ with log_to(snakemake.log[0]), one_line_errors(rules):
             "eval_set": wc.get("eval_set", "validation"),  # heldout_baselines: validation
         },
         batch_size=snakemake.params.batch_size,
-        **(
-            {"baselines": snakemake.params.variants}
-            if "variants" in snakemake.params.keys()
-            else {}
-        ),
+        **({"baselines": tuple(variants)} if variants else {}),
     )
