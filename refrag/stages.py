@@ -138,7 +138,7 @@ STAGES: dict[str, Stage] = {
             previous="align",
             dataset="refrag.training:reconstruction_dataset",
             trainer="refrag.training:curriculum_trainer",
-            defaults=StageConfig(steps=25, batch_size=4, lr=2e-4, curriculum=[1, 2, 4, 8, 16, 32]),
+            defaults=StageConfig(steps=20, batch_size=4, lr=2e-4, curriculum=[1, 2, 4, 8, 16, 32]),
         ),
         Stage(
             name="cpt",
@@ -149,12 +149,12 @@ STAGES: dict[str, Stage] = {
             dataset="refrag.training:continuation_dataset",
             trainer="refrag.training:causal_lm_trainer",
             defaults=StageConfig(
-                steps=120,
+                steps=90,
                 batch_size=4,
                 lr=1e-4,
                 train_decoder=True,
                 target_tokens=32,
-                eval_steps=40,
+                eval_steps=30,
             ),
         ),
         Stage(
@@ -164,7 +164,7 @@ STAGES: dict[str, Stage] = {
             previous="reconstruct",
             dataset="refrag.training:continuation_dataset",
             trainer="refrag.training:causal_lm_trainer",
-            defaults=StageConfig(steps=120, batch_size=4, lr=2e-4, target_tokens=32, eval_steps=40),
+            defaults=StageConfig(steps=90, batch_size=4, lr=2e-4, target_tokens=32, eval_steps=30),
             ablation=True,
         ),
         Stage(
