@@ -5,13 +5,16 @@ this module holds what they are made of (dataset builders, losses, trainers) and
 that runs any of them, :func:`train_stage`. The built-in stages:
 
 - ``align`` (the seed's alignment app; "the seed" is the Hydra repository this project grew
-  from): the projector learns to map encoder token states onto the decoder's token embeddings
-  at aligned positions (:mod:`refrag.alignment`), with MSE, KL and argmax (cross-entropy)
-  losses over all aligned positions of a batch at once.
+  from): a span of encoder tokens that decodes to one decoder token (:mod:`refrag.alignment`)
+  is read as a chunk, and its projected CLS state learns to become that token's embedding,
+  with MSE, KL and argmax (cross-entropy) losses over all pairs of a batch at once.
 - ``reconstruct`` (paper stage 1): decoder frozen; encoder + projector learn to reproduce the
-  context's tokens from its chunk embeddings, with a curriculum from 1 chunk upwards.
+  context's tokens from its chunk embeddings, with a mixed-length curriculum from 1 chunk up
+  to the whole context.
 - ``cpt`` (paper stage 2, continual pretraining): read the context as chunk embeddings and
-  predict the next ``o`` tokens (next-paragraph prediction).
+  predict the next tokens (next-paragraph prediction), decoder trained; ``cpt_frozen`` is its
+  frozen-decoder ablation.
+- ``sft`` (paper stage 3) lives in :mod:`refrag.sft`.
 
 Each stage writes a Hugging Face folder (model, tokenizer, ``training_log.json``) atomically;
 Trainer checkpoints live beside it in ``<out>.work/`` and a rerun resumes from the newest
