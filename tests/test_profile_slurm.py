@@ -56,7 +56,7 @@ TRAIN_RULES = ("train",)  # one rule, a job per stage (refrag.stages)
 # test stays short on 2 cores. The workflow's localrules (perplexity_table, rulegraph,
 # eval_report) run on the submitting host, as on a real cluster.
 GROUPS = {
-    "data": ("fetch_model", "prepare_corpus", "tokenize", "align_pairs"),
+    "data": ("fetch_model", "prepare_corpus", "tokenize", "align_pairs", "heldout_baselines"),
     "train": TRAIN_RULES,
     "eval": ("eval_baselines", "eval_refrag", "bench_ttft"),
 }
