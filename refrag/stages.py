@@ -149,12 +149,12 @@ STAGES: dict[str, Stage] = {
             dataset="refrag.training:continuation_dataset",
             trainer="refrag.training:causal_lm_trainer",
             defaults=StageConfig(
-                steps=90,
+                steps=60,
                 batch_size=4,
                 lr=1e-4,
                 train_decoder=True,
                 target_tokens=32,
-                eval_steps=30,
+                eval_steps=20,
             ),
         ),
         Stage(
@@ -164,7 +164,7 @@ STAGES: dict[str, Stage] = {
             previous="reconstruct",
             dataset="refrag.training:continuation_dataset",
             trainer="refrag.training:causal_lm_trainer",
-            defaults=StageConfig(steps=90, batch_size=4, lr=2e-4, target_tokens=32, eval_steps=30),
+            defaults=StageConfig(steps=60, batch_size=4, lr=2e-4, target_tokens=32, eval_steps=20),
             ablation=True,
         ),
         Stage(

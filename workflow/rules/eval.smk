@@ -9,7 +9,7 @@ rule eval_baselines:
         "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/baselines.json",
     log:
         "logs/eval_baselines/{corpus}/{decoder}/{encoder}/{eval_set}.log",
-    threads: 2
+    threads: 1
     params:
         batch_size=config["eval"]["batch_size"],
     script:
@@ -27,7 +27,8 @@ rule heldout_baselines:
         HELDOUT_BASELINES,
     log:
         "logs/heldout_baselines/{corpus}/{decoder}/{encoder}.log",
-    threads: 2
+    priority: 10  # every cpt job waits on it
+    threads: 1
     params:
         batch_size=8,
         variants=["no_context", "full_context"],
@@ -44,7 +45,7 @@ rule eval_refrag:
         "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.json",
     log:
         "logs/eval_refrag/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.log",
-    threads: 2
+    threads: 1
     params:
         batch_size=config["eval"]["batch_size"],
     script:

@@ -14,6 +14,7 @@ rule train:
         "logs/train/{corpus}/{decoder}/{encoder}/k{k}/{stage}.log",
     benchmark:
         "results/benchmarks/train/{corpus}/{decoder}/{encoder}/k{k}/{stage}.tsv"
+    priority: 5  # training is the critical path: before evaluations that could wait
     threads: train_threads
     resources:
         **gpu_resources(run_gpus),
