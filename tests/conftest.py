@@ -179,3 +179,17 @@ def alignment_cache(tmp_path_factory, shards, encoder_tokenizer, decoder_tokeniz
         out=out,
     )
     return out
+
+
+def interrupt_at_step(monkeypatch, trainer_cls, step: int):
+    """Make ``trainer_cls`` raise KeyboardInterrupt (a killed job) when it reaches ``step``;
+    returns the function that restores it (for the rerun that resumes)."""
+    real_step = trainer_cls.training_step
+
+    def failing_step(self, *args, **kwargs):
+        if self.state.global_step == step:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_cls, "training_step", failing_step)
+    return lambda: monkeypatch.setattr(trainer_cls, "training_step", real_step)

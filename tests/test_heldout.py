@@ -6,6 +6,8 @@ import pytest
 
 from refrag.training import train_stage
 
+from .conftest import interrupt_at_step
+
 
 def test_held_out_curve_logs_retained_share_against_tokens(tiny_model_dirs, shards, tmp_path):
     base = {"encoder": tiny_model_dirs["encoder"], "decoder": tiny_model_dirs["decoder"]}
@@ -30,17 +32,10 @@ def test_a_resumed_stage_keeps_its_baselines_and_adds_no_second_start_point(
     base = {"encoder": tiny_model_dirs["encoder"], "decoder": tiny_model_dirs["decoder"]}
     out = tmp_path / "cpt"
     hp = {"steps": 4, "batch_size": 2, "eval_steps": 2, "save_steps": 2}
-    real_step = RefragTrainer.training_step
-
-    def failing_step(self, *args, **kwargs):
-        if self.state.global_step == 3:
-            raise KeyboardInterrupt("killed")
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(RefragTrainer, "training_step", failing_step)
+    restore = interrupt_at_step(monkeypatch, RefragTrainer, 3)
     with pytest.raises(KeyboardInterrupt):
         train_stage("cpt", **base, data=shards, heldout=shards, out=out, compression=4, hp=hp)
-    monkeypatch.setattr(RefragTrainer, "training_step", real_step)
+    restore()
     train_stage("cpt", **base, data=shards, heldout=shards, out=out, compression=4, hp=hp)
     log = json.loads((out / "training_log.json").read_text())["log_history"]
     assert [e["step"] for e in log if "heldout_log_ppl" in e] == [0, 2, 4]

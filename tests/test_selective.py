@@ -28,6 +28,8 @@ from refrag.selective import (
 from refrag.stages import STAGES, Stage, StageConfig
 from refrag.training import train_stage
 
+from .conftest import interrupt_at_step
+
 
 @pytest.fixture(scope="module")
 def windows(shards):
@@ -226,21 +228,14 @@ def test_an_interrupted_policy_stage_resumes_to_the_same_policy(
     run = {"init": tiny_checkpoint, "data": shards, "compression": 4, "hp": hp}
     train_stage("policy", out=tmp_path / "straight", **run)
 
-    real_step = PolicyTrainer.training_step
-
-    def failing_step(self, *args, **kwargs):
-        if self.state.global_step == 3:
-            raise KeyboardInterrupt("killed")
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(PolicyTrainer, "training_step", failing_step)
+    restore = interrupt_at_step(monkeypatch, PolicyTrainer, 3)
     with pytest.raises(KeyboardInterrupt):
         train_stage("policy", out=tmp_path / "resumed", **run)
     checkpoint = last_complete_checkpoint(tmp_path / "resumed.work")
     assert checkpoint.endswith("checkpoint-2")
     saved = load_file(Path(checkpoint) / "model.safetensors")
     assert all(name.startswith(("norm.", "proj.", "position.", "body.", "head.")) for name in saved)
-    monkeypatch.setattr(PolicyTrainer, "training_step", real_step)
+    restore()
     train_stage("policy", out=tmp_path / "resumed", **run)
     straight = RefragModel.from_pretrained(tmp_path / "straight").policy.state_dict()
     resumed = RefragModel.from_pretrained(tmp_path / "resumed").policy.state_dict()

@@ -22,6 +22,8 @@ from refrag.training import (
     train_stage,
 )
 
+from .conftest import interrupt_at_step
+
 
 @pytest.fixture
 def base(tiny_model_dirs):
@@ -163,14 +165,7 @@ def test_an_interrupted_stage_resumes_from_its_last_complete_checkpoint(
 ):
     out = tmp_path / "cpt"
     hp = {"steps": 4, "batch_size": 2, "save_steps": 2, "logging_steps": 1}
-    real_step = RefragTrainer.training_step
-
-    def failing_step(self, *args, **kwargs):
-        if self.state.global_step == 3:
-            raise KeyboardInterrupt("killed")
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(RefragTrainer, "training_step", failing_step)
+    restore = interrupt_at_step(monkeypatch, RefragTrainer, 3)
     with pytest.raises(KeyboardInterrupt):
         train_stage("cpt", **base, data=shards, out=out, compression=4, hp=hp)
     work = tmp_path / "cpt.work"
@@ -178,7 +173,7 @@ def test_an_interrupted_stage_resumes_from_its_last_complete_checkpoint(
     (work / "checkpoint-3").mkdir()  # a save that was killed: no trainer_state.json
     (work / "checkpoint-3" / "model.safetensors").write_bytes(b"partial")
 
-    monkeypatch.setattr(RefragTrainer, "training_step", real_step)
+    restore()
     train_stage("cpt", **base, data=shards, out=out, compression=4, hp=hp)
     assert "resuming cpt from" in capsys.readouterr().out
     steps = [
