@@ -75,7 +75,8 @@ def test_mixed_input_reads_expanded_tokens_plus_one_position_per_compressed_chun
 def test_no_expansion_is_refrag_and_full_expansion_is_the_context_text(windows, refrag_tokenizer):
     tok, row = refrag_tokenizer, windows[2]
     none = tok.encode_parts(mixed_parts(row, tok, []))
-    assert none == tok.encode_parts(window_parts(row, "refrag"))
+    parts, _ = window_parts(row, "refrag", tok)
+    assert none == tok.encode_parts(parts)
     everything = range(len(chunk_spans(row, tok.compression)))
     full = tok.encode_parts(mixed_parts(row, tok, everything, target=False))
     assert not any(full["chunk_mask"])

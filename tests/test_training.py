@@ -9,6 +9,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from refrag.data import read_shards
 from refrag.modeling import RefragModel
+from refrag.stages import STAGES
 from refrag.tokenization import RefragTokenizer
 from refrag.training import (
     AlignmentCollator,
@@ -146,9 +147,9 @@ def test_align_stage_trains_only_the_projector(base, alignment_cache, tmp_path):
 
 
 def test_frozen_decoder_is_unchanged_by_training(base, shards, tmp_path):
-    out = tmp_path / "cpt"
+    out = tmp_path / "cpt_frozen"
     train_stage(
-        "cpt",
+        "cpt_frozen",
         **base,
         data=shards,
         out=out,
@@ -238,15 +239,16 @@ def test_a_stage_starts_from_either_a_checkpoint_or_both_base_models(base, shard
         train_stage("cpt", init=tmp_path, **base, **kwargs)
     with pytest.raises(ValueError, match="either init"):
         train_stage("cpt", encoder=base["encoder"], **kwargs)
-    with pytest.raises(ValueError, match="unknown stage 'sft'"):
-        train_stage("sft", **base, **kwargs)
+    with pytest.raises(ValueError, match="unknown stage 'dpo'"):
+        train_stage("dpo", **base, **kwargs)
 
 
 def test_unset_hyperparameters_come_from_the_stage_registry(base, shards, tmp_path):
     out = tmp_path / "cpt"
     train_stage("cpt", **base, data=shards, out=out, compression=4, hp={"steps": 1})
     hp = json.loads((out / "training_log.json").read_text())["hp"]
-    assert hp["steps"] == 1 and hp["batch_size"] == 4 and hp["lr"] == 2e-4
+    defaults = STAGES["cpt"].defaults
+    assert hp["steps"] == 1 and (hp["batch_size"], hp["lr"]) == (defaults.batch_size, defaults.lr)
 
 
 def test_cli_wants_the_encoder_with_the_decoder(capsys):

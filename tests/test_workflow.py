@@ -337,8 +337,9 @@ def test_changing_the_encoder_reruns_alignment_onward_but_not_the_corpus(finishe
     runs = [{"decoder": "tiny-decoder", "encoder": "tiny-encoder-b", "k": [4, 8]}]
     jobs = planned_jobs(finished_run, "eval_report", *override(finished_run, {"runs": runs}))
     assert "prepare_corpus" not in jobs and "fetch_corpus" not in jobs
-    assert jobs["fetch_model"] == 1 and jobs["tokenize"] == 2 and jobs["align_pairs"] == 1
+    assert jobs["fetch_model"] == 1 and jobs["tokenize"] == 3 and jobs["align_pairs"] == 1
     assert jobs["train"] == 2 * len(MAIN_STAGES) and jobs["bench_ttft"] == 1
+    assert jobs["heldout_baselines"] == 1  # the held-out curve's, for the new pair
 
 
 @pytest.mark.slow
