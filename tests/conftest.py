@@ -148,22 +148,31 @@ def tiny_checkpoint(tmp_path_factory, refrag_tokenizer) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory, encoder_tokenizer, decoder_tokenizer) -> Path:
-    """A train shard folder of (32 + 8)-token windows of four short documents, 5 rows a shard."""
+def write_text_shards(
+    out: Path, docs: list[dict], tokenizers: tuple, *, context_tokens: int, **kwargs
+) -> Path:
+    """Shards of ``docs``'s (context_tokens + 8)-token windows, written to ``out``."""
     from refrag.data import iter_windows, write_shards
 
-    docs = [{"doc_id": f"d{i}", "title": "", "text": TEXT[i * 7 :]} for i in range(4)]
+    encoder_tokenizer, decoder_tokenizer = tokenizers
     rows = iter_windows(
         docs,
         encoder_tokenizer=encoder_tokenizer,
         decoder_tokenizer=decoder_tokenizer,
-        context_tokens=32,
+        context_tokens=context_tokens,
         target_tokens=8,
     )
-    out = tmp_path_factory.mktemp("shards") / "train"
-    write_shards(list(rows), out, metadata={}, shard_rows=5)
+    write_shards(list(rows), out, metadata={}, **kwargs)
     return out
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, encoder_tokenizer, decoder_tokenizer) -> Path:
+    """A train shard folder of (32 + 8)-token windows of four short documents, 5 rows a shard."""
+    docs = [{"doc_id": f"d{i}", "title": "", "text": TEXT[i * 7 :]} for i in range(4)]
+    out = tmp_path_factory.mktemp("shards") / "train"
+    tokenizers = (encoder_tokenizer, decoder_tokenizer)
+    return write_text_shards(out, docs, tokenizers, context_tokens=32, shard_rows=5)
 
 
 @pytest.fixture(scope="session")

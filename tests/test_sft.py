@@ -21,7 +21,7 @@ from refrag.sft import (
 from refrag.stages import STAGES
 from refrag.tokenization import IGNORE_INDEX
 from refrag.training import train_stage
-from tests.conftest import TEXT
+from tests.conftest import TEXT, write_text_shards
 from tests.test_chat import ROOT, needs_tokenizers, read_until
 
 PASSAGE = (
@@ -95,19 +95,9 @@ def test_unusable_sft_data_is_named(tmp_path):
 @pytest.fixture(scope="module")
 def long_shards(tmp_path_factory, encoder_tokenizer, decoder_tokenizer):
     """Train shards of (96 + 8)-token windows: several sentences each."""
-    from refrag.data import iter_windows, write_shards
-
     docs = [{"doc_id": f"d{i}", "title": "", "text": TEXT[i * 7 :] * 2} for i in range(3)]
-    rows = iter_windows(
-        docs,
-        encoder_tokenizer=encoder_tokenizer,
-        decoder_tokenizer=decoder_tokenizer,
-        context_tokens=96,
-        target_tokens=8,
-    )
     out = tmp_path_factory.mktemp("long-shards") / "train"
-    write_shards(list(rows), out, metadata={})
-    return out
+    return write_text_shards(out, docs, (encoder_tokenizer, decoder_tokenizer), context_tokens=96)
 
 
 def test_default_data_asks_cloze_questions_about_the_train_windows(long_shards):
