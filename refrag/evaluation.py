@@ -326,6 +326,7 @@ def perplexity_table(
     first = [
         "variant",
         "k",
+        "p",
         "eval_set",
         "log_ppl",
         "log_ppl_lo",

@@ -48,7 +48,12 @@ def check_config(
         schema = load_schema(schema)
     coerce_numbers(config, schema, schema)
     errors = schema_errors(config, schema)
-    for more in (lambda: model_errors(config, Path(cache_dir)), lambda: corpus_errors(config)):
+    checks = (
+        lambda: model_errors(config, Path(cache_dir)),
+        lambda: corpus_errors(config),
+        lambda: eval_k_errors(config),
+    )
+    for more in checks:
         # a value of the wrong shape is skipped here: the schema has said so already
         with contextlib.suppress(KeyError, TypeError, AttributeError, ValueError):
             errors += more()
@@ -179,6 +184,20 @@ def check_compression(encoder_config: Any, k: int) -> None:
             f"k={k} does not fit the encoder: a chunk row is k + 2 tokens (CLS, SEP) and it "
             f"has positions for {limit + 2}; use k <= {limit}"
         )
+
+
+def eval_k_errors(config: dict) -> list[str]:
+    """``eval.selective.k`` and ``eval.qa.k`` name k values that some run trains."""
+    trained = {k for run in config["runs"] for k in run["k"]}
+    errors = []
+    for part in ("selective", "qa"):
+        for j, k in enumerate(config.get("eval", {}).get(part, {}).get("k", [])):
+            if k not in trained:
+                errors.append(
+                    f"config eval.{part}.k[{j}]: no run trains k={k} "
+                    f"(runs' k: {', '.join(map(str, sorted(trained)))})"
+                )
+    return errors
 
 
 # -- corpus ----------------------------------------------------------------------------------

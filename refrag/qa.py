@@ -31,14 +31,18 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
+import os
 import random
 import re
 import string
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from refrag.chat import doc_tag, render_chat, template_tokenizer
 from refrag.tokenization import RefragTokenizer
@@ -161,27 +165,69 @@ def f1_score(prediction: str, answer: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def mean_with_interval(
-    values: Iterable[float], *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
-) -> tuple[float, float, float]:
-    """Mean and a percentile-bootstrap confidence interval ``(mean, low, high)``."""
-    x = np.asarray(list(values), dtype=float)
-    if x.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(x.mean()), float(low), float(high)
+def qa_table(rows: list[dict], *, samples: int = 1000, seed: int = 0, level: float = 0.95):
+    """Per-question rows (:func:`evaluate_qa`) → one row per decoder, encoder, eval set,
+    variant, k and SFT: ``exact_match`` and ``f1`` (means over questions) with
+    ``*_lo``/``*_hi``, a ``level`` percentile interval by bootstrap over documents (the rows
+    of a decoder, encoder and eval set resampled together, so their differences are paired),
+    ``n_questions`` and ``n_documents``. Raises ``ValueError`` where rows of one group
+    answered different questions."""
+    import pandas as pd
+
+    from refrag.evaluation import bootstrap_log_ppl
+
+    frame = pd.DataFrame(rows)
+    frame["document"] = frame["passage_id"].str.rsplit("#", n=1).str[0]
+    frame["row"] = [
+        (v, None if pd.isna(k) else int(k), bool(sft))
+        for v, k, sft in zip(frame["variant"], frame["k"], frame["sft"])
+    ]
+    group, tails = ["decoder", "encoder", "eval_set"], [(1 - level) / 2, (1 + level) / 2]
+    out = []
+    for key, part in frame.groupby(group):
+        asked = part.groupby("row", sort=False)["id"].apply(frozenset)
+        if asked.nunique() > 1:
+            sizes = ", ".join(f"{r}: {len(q)} questions" for r, q in asked.items())
+            raise ValueError(
+                f"QA rows of {dict(zip(group, key))} answered different questions ({sizes}); "
+                "rerun their evaluation on the same QA set"
+            )
+        docs = sorted(part["document"].unique())
+        per_doc = part.groupby(["row", "document"], sort=False)
+        counts = per_doc.size().unstack(fill_value=0).reindex(columns=docs, fill_value=0)
+        result = {"n_questions": counts.sum(1), "n_documents": len(docs)}
+        for metric in ("exact_match", "f1"):
+            sums = per_doc[metric].sum().unstack(fill_value=0).reindex(counts.index)[docs]
+            draws = bootstrap_log_ppl(sums.to_numpy(), counts.to_numpy(), samples, seed)
+            lo, hi = np.quantile(draws, tails, 0)
+            result |= {
+                metric: sums.sum(1) / counts.sum(1),
+                f"{metric}_lo": pd.Series(lo, counts.index),
+                f"{metric}_hi": pd.Series(hi, counts.index),
+            }
+        for row in counts.index:
+            variant, k, sft = row
+            values = {name: v if np.isscalar(v) else v[row] for name, v in result.items()}
+            out.append(dict(zip(group, key)) | {"variant": variant, "k": k, "sft": sft} | values)
+    table = pd.DataFrame(out)
+    table["k"] = table["k"].astype("Int64")
+    table["order"] = table["variant"].map({v: i for i, v in enumerate(VARIANTS)})
+    table = table.sort_values([*group, "sft", "order", "k"]).drop(columns="order")
+    first = ["variant", "k", "sft", "eval_set", "exact_match", "exact_match_lo", "exact_match_hi"]
+    first += ["f1", "f1_lo", "f1_hi", "n_questions", "n_documents"]
+    return table[first + [c for c in table.columns if c not in first]].reset_index(drop=True)
 
 
-def summarize(scored: list[dict], confidence: float = 0.95) -> dict:
-    """Per-question scores → ``exact_match``, ``f1`` with their intervals, and ``n``."""
-    summary: dict = {"n": len(scored)}
-    for metric in ("exact_match", "f1"):
-        mean, low, high = mean_with_interval([s[metric] for s in scored], confidence=confidence)
-        summary |= {metric: mean, f"{metric}_low": low, f"{metric}_high": high}
-    return summary
+def write_qa_set(examples: Iterable[QAExample], path: str | os.PathLike) -> Path:
+    """The QA set as JSON lines (one :class:`QAExample` per line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(asdict(e)) + "\n" for e in examples))
+    return path
+
+
+def read_qa_set(path: str | os.PathLike) -> list[QAExample]:
+    return [QAExample(**json.loads(line)) for line in Path(path).read_text().splitlines() if line]
 
 
 # -- answering with a model ----------------------------------------------------------------
@@ -240,7 +286,7 @@ def answer_questions(
     device = next(model.parameters()).device
     eos = tok.decoder_tokenizer.eos_token_id
     rows = []
-    for i in range(0, len(examples), batch_size):
+    for i in tqdm(range(0, len(examples), batch_size), desc=variant, mininterval=5):
         part = examples[i : i + batch_size]
         texts = [
             render_chat(
@@ -274,4 +320,54 @@ def answer_questions(
                     "f1": f1_score(prediction, example.answer),
                 }
             )
+    return rows
+
+
+def evaluate_qa(
+    *,
+    qa_set: str | os.PathLike,
+    out: str | os.PathLike,
+    variants: Iterable[str] = VARIANTS,
+    checkpoint: str | os.PathLike | None = None,
+    encoder: str | os.PathLike | None = None,
+    decoder: str | os.PathLike | None = None,
+    labels: dict | None = None,
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+) -> list[dict]:
+    """Answer the questions of ``qa_set`` (:func:`write_qa_set`) with a REFRAG
+    ``checkpoint`` (``k`` and ``sft`` read from it: fine-tuned when its stage is ``sft``), or
+    with the base ``decoder`` (``encoder`` only supplies the tokenizer pair; no SFT), reading
+    the passage as each of ``variants``. Writes and returns one row per question and variant
+    (:func:`answer_questions`, with ``labels``)."""
+    from transformers import AutoModelForCausalLM
+
+    from refrag.integrity import verify_folder
+    from refrag.modeling import RefragModel
+    from refrag.utils import pick_device
+
+    examples = read_qa_set(qa_set)
+    if checkpoint is not None:
+        verify_folder(checkpoint)
+        model = RefragModel.from_pretrained(checkpoint)
+        tok = RefragTokenizer.from_pretrained(checkpoint)
+        stage = json.loads(Path(checkpoint, "training_log.json").read_text())["stage"]
+        run = {"k": model.config.compression, "stage": stage, "sft": stage == "sft"}
+    else:
+        model = AutoModelForCausalLM.from_pretrained(decoder)
+        tok = RefragTokenizer.from_encoder_decoder_pretrained(
+            encoder_name_or_path=encoder, decoder_name_or_path=decoder
+        )
+        run = {"k": None, "stage": None, "sft": False}
+    model.to(pick_device()).eval()
+    rows = []
+    for variant in variants:
+        answered = answer_questions(
+            model, tok, examples, variant, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+        rows += [row | run | (labels or {}) for row in answered]
+        mean = sum(r["exact_match"] for r in answered) / max(len(answered), 1)
+        print(f"{variant} {run}: exact match {mean:.3f} over {len(answered)} questions")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(rows, indent=2) + "\n")
     return rows

@@ -85,13 +85,15 @@ def plot_perplexity(perplexity_csv: PathLike, out: PathLike) -> Path:
     )
     for row_axes, (eval_set, part) in zip(axes, table.groupby("eval_set")):
         refrag = part[part["k"].notna()]
+        refrag = refrag if "p" in refrag else refrag.assign(p=float("nan"))
         for ax, (value, lo, hi, ylabel) in zip(row_axes, panels):
             if value not in part.columns:
                 ax.set_visible(False)
                 continue
-            for (variant, decoder, encoder), rows in refrag.groupby(
-                ["variant", "decoder", "encoder"]
+            for (variant, fraction, decoder, encoder), rows in refrag.groupby(
+                ["variant", "p", "decoder", "encoder"], dropna=False
             ):
+                selective = "" if pd.isna(fraction) else f", p={fraction:g}"
                 rows = rows.sort_values("k")
                 ax.errorbar(
                     rows["k"].astype(int),
@@ -99,7 +101,7 @@ def plot_perplexity(perplexity_csv: PathLike, out: PathLike) -> Path:
                     yerr=_yerr(rows, value, lo, hi),
                     marker="o",
                     capsize=4,
-                    label=f"{variant} ({decoder} / {encoder})",
+                    label=f"{variant}{selective} ({decoder} / {encoder})",
                 )
             for variant, (style, colour) in BASELINE_STYLES.items():
                 for _, row in part[part["variant"] == variant].iterrows():
@@ -133,7 +135,8 @@ def stage_order(names: set[str]) -> list[str]:
 
 def plot_training(checkpoints: Sequence[tuple[str, PathLike]], out: PathLike) -> Path:
     """Training loss per step, one panel per stage (in :data:`refrag.stages.STAGES` order), one
-    line per run: ``checkpoints`` are (run label, stage folder holding training_log.json).
+    line per run: ``checkpoints`` are (run label, stage folder holding training_log.json). A
+    stage that logged a ``reward`` (the policy stage) shows its mean reward instead.
     Stages that logged a held-out curve (:mod:`refrag.heldout`) get a second panel below: the
     share of the context's benefit retained on validation windows against training tokens."""
     logs = [
@@ -144,6 +147,9 @@ def plot_training(checkpoints: Sequence[tuple[str, PathLike]], out: PathLike) ->
     curves = {
         log["stage"] for _, log in logs if any("heldout_retained" in e for e in log["log_history"])
     }
+    rewarded = {  # policy stages: their REINFORCE loss centres on 0; the reward is the curve
+        log["stage"] for _, log in logs if any("reward" in e for e in log["log_history"])
+    }
     rows = 2 if curves else 1
     fig, axes = plt.subplots(
         rows, len(stages), figsize=(5 * len(stages), 3.5 * rows), squeeze=False
@@ -153,12 +159,15 @@ def plot_training(checkpoints: Sequence[tuple[str, PathLike]], out: PathLike) ->
         for run, log in logs:
             if log["stage"] != stage:
                 continue
-            points = [(e["step"], e["loss"]) for e in log["log_history"] if "loss" in e]
+            metric = "reward" if stage in rewarded else "loss"
+            points = [(e["step"], e[metric]) for e in log["log_history"] if metric in e]
             if points:
                 ax.plot(*zip(*points), label=run)
         ax.set_title(stage)
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
+        ax.set_ylabel(
+            "mean reward (−log-ppl of the continuation)" if stage in rewarded else "training loss"
+        )
         ax.legend(fontsize=7)
         if stage in curves:
             _plot_heldout(axes[1][col], stage, logs)
@@ -247,19 +256,25 @@ def write_report(
     perplexity_csv: PathLike,
     ttft_csv: PathLike | None,
     figures: Mapping[str, PathLike],
+    qa_csv: PathLike | None = None,
     dag_svg: PathLike | None,
     html_out: PathLike,
     md_out: PathLike,
     config: dict | None = None,
 ) -> None:
-    """Assemble the tables, ``figures`` (title → PNG) and DAG into ``html_out`` (inlined) and
-    ``md_out`` (linking the files where they are)."""
+    """Assemble the tables (perplexity, QA when ``qa_csv`` is given, TTFT), ``figures``
+    (title → PNG) and DAG into ``html_out`` (inlined) and ``md_out`` (linking the files where
+    they are)."""
     html_out, md_out = Path(html_out), Path(md_out)
     table = read_perplexity(perplexity_csv)
     ttft = pd.read_csv(ttft_csv) if ttft_csv and Path(ttft_csv).exists() else None
 
     shown = table.round(4).astype(object).where(table.notna(), "")
     ttft_table = ttft.round(2) if ttft is not None and len(ttft) else None
+    qa = pd.read_csv(qa_csv) if qa_csv else None
+    if qa is not None:
+        qa["k"] = qa["k"].astype("Int64")
+        qa = qa.round(4).astype(object).where(qa.notna(), "")
     md = [
         "# REFRAG experiment report",
         "",
@@ -270,6 +285,8 @@ def write_report(
         shown.to_markdown(index=False),
         "",
     ]
+    if qa is not None:
+        md += ["## Question answering", "", QA_CAPTION, "", qa.to_markdown(index=False), ""]
     if ttft_table is not None:
         md += ["## Time to first token", "", ttft_table.to_markdown(index=False), ""]
     md += [f"![{title}]({os.path.relpath(fig, md_out.parent)})" for title, fig in figures.items()]
@@ -284,6 +301,11 @@ def write_report(
         f"<h1>REFRAG experiment report</h1><h2>Perplexity</h2><p class='note'>{html.escape(_caption())}</p>",
         _scroll(shown.to_html(index=False)),
     ]
+    if qa is not None:
+        body += [
+            f"<h2>Question answering</h2><p class='note'>{html.escape(QA_CAPTION)}</p>",
+            _scroll(qa.to_html(index=False)),
+        ]
     if ttft_table is not None:
         body += ["<h2>Time to first token</h2>", _scroll(ttft_table.to_html(index=False))]
     for title, fig in figures.items():
@@ -304,6 +326,16 @@ def write_report(
     )
 
 
+QA_CAPTION = (
+    "Cloze questions on held-out passages (a sentence of the passage with a name or number "
+    "blanked; the answer is in the passage), answered greedily; exact_match and f1 as in SQuAD "
+    "v1.1. no_context: the question alone; full_context: the passage as tokens; refrag: the "
+    "passage as chunk embeddings (k encoder tokens each). sft False: the base decoder "
+    "(baselines) or the cpt checkpoint (refrag); sft True: the sft checkpoint. [*_lo, *_hi]: "
+    "95% bootstrap interval over documents; every row answers the same questions (checked)."
+)
+
+
 def _scroll(table_html: str) -> str:
     return f"<div style='overflow-x:auto'>{table_html}</div>"
 
@@ -314,7 +346,10 @@ def _caption() -> str:
         "(o tokens after s context tokens); lower is better. no_context: the decoder sees no context; "
         "full_context: the context as tokens; full_context_lowercase: the context's text lowercased "
         "and re-tokenized (at best what an uncased encoder can pass on); refrag: the context as chunk "
-        "embeddings (k encoder tokens each); refrag_<stage>: an earlier stage. "
+        "embeddings (k encoder tokens each); refrag_<stage>: an earlier stage; refrag_rl, "
+        "refrag_random, refrag_heuristic: a fraction p of the chunks read as tokens, chosen by "
+        "the learned policy, at random, or by the decoder's surprise at their tokens (the "
+        "policy stage's model). "
         "context_benefit_retained = (no_context − variant) / (no_context − full_context). "
         "[*_lo, *_hi]: 95% bootstrap interval over documents (all variants of an eval set resampled "
         "together). positions: decoder positions the context took, per window on average (BOS, "

@@ -40,9 +40,12 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import Trainer
 
+from refrag.evaluation import first_scored, result_row
 from refrag.modeling import ChunkPolicy
+from refrag.modeling.modeling_refrag import labelled_tail
 from refrag.tokenization import IGNORE_INDEX, RefragTokenizer
 
 SELECTORS = ("refrag_rl", "refrag_random", "refrag_heuristic")
@@ -90,7 +93,10 @@ def mixed_parts(
             run += enc[i * k : (i + 1) * k]
     if run:
         parts.append(("chunks", run))
-    return parts + ([("text", list(row["target_ids"]))] if target else [])
+    if not target:
+        return parts
+    skip, ids = first_scored(tok), list(row["target_ids"])  # as every evaluation row scores
+    return [*parts, ("prompt", ids[:skip]), ("text", ids[skip:])]
 
 
 def context_positions(example: dict, tok: RefragTokenizer) -> int:
@@ -104,29 +110,45 @@ def random_selection(n_chunks: int, p: float, rng: random.Random) -> list[int]:
 
 
 def mixed_examples(
-    windows: Sequence[dict], tok: RefragTokenizer, *, max_fraction: float, total: int, seed: int
+    windows: Sequence[dict],
+    tok: RefragTokenizer,
+    *,
+    max_fraction: float,
+    order: Sequence[int],
+    seed: int,
+    target_tokens: int | None = None,
 ) -> list[dict]:
-    """``total`` mixed inputs cycling over ``windows``, each expanding a random subset at a
-    fresh p ~ U[0, max_fraction]."""
+    """One mixed input per index of ``order`` (into ``windows``), each expanding a random
+    subset at a fresh p ~ U[0, max_fraction], trained on the first ``target_tokens`` targets
+    (``None``: all)."""
     rng = random.Random(seed)
     examples = []
-    for i in range(total):
-        row = windows[i % len(windows)]
+    for i in order:
+        row = dict(windows[i])
+        row["target_ids"] = list(row["target_ids"])[:target_tokens]
         n = len(chunk_spans(row, tok.compression))
         chosen = random_selection(n, rng.uniform(0, max_fraction), rng)
         examples.append(tok.encode_parts(mixed_parts(row, tok, chosen)))
     return examples
 
 
-def mixed_dataset(data: str | os.PathLike, tok: RefragTokenizer, hp, *, max_fraction: float = 0.5):
-    """Registry-shaped ``(data, tok, hp) -> (dataset, collator)``: mixed continuation examples
-    of the train shards at random p (train with ``refrag.training:causal_lm_trainer``)."""
+def mixed_dataset(data: str | os.PathLike, tok: RefragTokenizer, hp):
+    """Registry-shaped ``(data, tok, hp) -> (dataset, collator)`` of the ``mixed`` stage:
+    mixed continuation examples of all train windows in a random order, each at a random
+    p ~ U[0, hp.max_expand_fraction] (train with ``refrag.training:causal_lm_trainer``)."""
     from refrag.data import read_shards
-    from refrag.training import ExampleDataset
+    from refrag.training import ExampleDataset, shuffled_cycle
 
     windows = read_shards(data).to_dict("records")
     total = hp.steps * hp.batch_size * hp.grad_accum
-    examples = mixed_examples(windows, tok, max_fraction=max_fraction, total=total, seed=hp.seed)
+    examples = mixed_examples(
+        windows,
+        tok,
+        max_fraction=hp.max_expand_fraction,
+        order=shuffled_cycle(len(windows), total, hp.seed),
+        seed=hp.seed,
+        target_tokens=hp.target_tokens or None,
+    )
     return ExampleDataset(examples), tok.pad
 
 
@@ -157,13 +179,15 @@ def selection_nll(
     kept = torch.cat(
         [embeds[[i for i in range(len(embeds)) if i not in set(s)]] for s in selections]
     )
+    keep = labelled_tail(batch["labels"])  # only the positions that predict targets
     logits = model(
         input_ids=batch["input_ids"].to(device),
         attention_mask=batch["attention_mask"].to(device),
         chunk_mask=batch["chunk_mask"].to(device),
         chunk_embeds=kept,
+        logits_to_keep=keep,
     ).logits
-    labels = batch["labels"][:, 1:].to(device)
+    labels = batch["labels"][:, -keep:][:, 1:].to(device)
     nll = F.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
     )
@@ -256,13 +280,15 @@ class WindowBatch:
 
 
 def policy_dataset(data: str | os.PathLike, tok: RefragTokenizer, hp):
-    """Registry-shaped ``(data, tok, hp) -> (dataset, collator)``: train shard rows, cycled."""
+    """Registry-shaped ``(data, tok, hp) -> (dataset, collator)``: all train shard rows in a
+    random order, cycled to fill every step."""
     from refrag.data import read_shards
-    from refrag.training import ExampleDataset
+    from refrag.training import ExampleDataset, shuffled_cycle
 
     rows = read_shards(data).to_dict("records")
     total = hp.steps * hp.batch_size * hp.grad_accum
-    return ExampleDataset([rows[i % len(rows)] for i in range(total)]), WindowBatch(tok)
+    order = shuffled_cycle(len(rows), total, hp.seed)
+    return ExampleDataset([rows[i] for i in order]), WindowBatch(tok)
 
 
 class PolicyTrainer(Trainer):
@@ -310,19 +336,73 @@ class PolicyTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def policy_trainer(hp, *, p: float = 0.25, samples: int = 4, **kwargs) -> PolicyTrainer:
+def policy_trainer(hp, **kwargs) -> PolicyTrainer:
     """Registry-shaped ``(hp, **trainer_kwargs) -> Trainer`` of the policy stage: gives the
-    REFRAG ``model`` a fresh policy (kept if it has one) and trains only that, at expansion
-    fraction ``p`` with ``samples`` draws per window."""
+    REFRAG ``model`` a fresh policy (kept if it has one) and trains only that, expanding a
+    fraction ``hp.expand_fraction`` of the chunks with ``hp.policy_samples`` draws per window."""
     refrag = kwargs.pop("model")
     policy = refrag.policy if refrag.policy is not None else refrag.add_policy()
     return PolicyTrainer(
-        model=policy, refrag=refrag, tok=kwargs["data_collator"].tok, p=p, samples=samples, **kwargs
+        model=policy,
+        refrag=refrag,
+        tok=kwargs["data_collator"].tok,
+        p=hp.expand_fraction,
+        samples=hp.policy_samples,
+        **kwargs,
     )
 
 
 # -- evaluation ---------------------------------------------------------------------------------
 @torch.no_grad()
+def score_selective(
+    model,
+    tok: RefragTokenizer,
+    windows: Sequence[dict],
+    *,
+    p: float,
+    selector: str,
+    policy: ChunkPolicy | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """One :func:`refrag.evaluation.score_windows` record per window, with ``⌊p·L⌋`` of its
+    chunks expanded, chosen by ``selector`` (one of :data:`SELECTORS`; ``refrag_rl``: the
+    model's ``policy`` unless ``policy`` is given); ``positions`` are the decoder positions
+    its context took."""
+    if selector not in SELECTORS:
+        raise ValueError(f"unknown selector {selector!r}; selectors: {', '.join(SELECTORS)}")
+    policy = policy if policy is not None else getattr(model, "policy", None)
+    if selector == "refrag_rl" and policy is None:
+        raise ValueError("refrag_rl needs a policy (a model trained by the policy stage)")
+    model.eval()
+    rng, skip = random.Random(seed), first_scored(tok)
+    records = []
+    for row in tqdm(windows, desc=f"{selector} p={p}", mininterval=5):
+        embeds = chunk_embeddings(model, tok, row)
+        m = expand_count(len(embeds), p)
+        if selector == "refrag_random":
+            chosen = random_selection(len(embeds), p, rng)
+        elif selector == "refrag_heuristic":
+            chosen = top_selection(chunk_surprise(model, tok, row), m)
+        else:
+            chosen = top_selection(policy.to(embeds.device)(embeds[None])[0], m)
+        nll, count, positions = selection_nll(model, tok, row, [chosen], embeds)
+        scored = list(range(skip, len(row["target_ids"])))
+        if int(count[0]) != len(scored):
+            raise AssertionError(f"scored {int(count[0])} target tokens, expected {len(scored)}")
+        records.append(
+            {
+                "doc_id": str(row["doc_id"]),
+                "window": int(row["window"]),
+                "nll": float(nll[0]),
+                "tokens": len(scored),
+                "scored": scored,
+                "positions": positions[0],
+                "context_tokens": len(row["context_ids"]),
+            }
+        )
+    return records
+
+
 def evaluate_selective(
     model,
     tok: RefragTokenizer,
@@ -332,39 +412,57 @@ def evaluate_selective(
     selector: str,
     policy: ChunkPolicy | None = None,
     seed: int = 0,
+    **labels,
 ) -> dict:
-    """Token-weighted log-ppl of the targets with ``⌊p·L⌋`` chunks expanded per window, chosen
-    by ``selector`` (one of :data:`SELECTORS`), with the context positions the decoder read
-    (``positions``) against the context's decoder tokens (``full_positions``), both summed."""
-    if selector not in SELECTORS:
-        raise ValueError(f"unknown selector {selector!r}; selectors: {', '.join(SELECTORS)}")
-    policy = policy if policy is not None else getattr(model, "policy", None)
-    if selector == "refrag_rl" and policy is None:
-        raise ValueError("refrag_rl needs a policy (a model trained by the policy stage)")
-    model.eval()
-    rng = random.Random(seed)
-    total_nll, total_count, positions, full = 0.0, 0, 0, 0
-    for row in windows:
-        embeds = chunk_embeddings(model, tok, row)
-        m = expand_count(len(embeds), p)
-        if selector == "refrag_random":
-            chosen = random_selection(len(embeds), p, rng)
-        elif selector == "refrag_heuristic":
-            chosen = top_selection(chunk_surprise(model, tok, row), m)
-        else:
-            chosen = top_selection(policy.to(embeds.device)(embeds[None])[0], m)
-        nll, count, pos = selection_nll(model, tok, row, [chosen], embeds)
-        total_nll += float(nll[0])
-        total_count += int(count[0])
-        positions += pos[0]
-        full += len(row["context_ids"])
-    return {
-        "variant": selector,
-        "p": p,
-        "log_ppl": total_nll / total_count,
-        "n_windows": len(windows),
-        "n_tokens": total_count,
-        "positions": positions,
-        "full_positions": full,
-        "effective_compression": full / positions,
-    }
+    """An evaluation result row (:func:`refrag.evaluation.result_row`: token-weighted
+    log-ppl, mean ``positions``, ``compression`` = context tokens / positions, per-window
+    sums for the bootstrap) of :func:`score_selective`, as variant ``selector`` at ``p``."""
+    records = score_selective(model, tok, windows, p=p, selector=selector, policy=policy, seed=seed)
+    return result_row(records, list(windows), variant=selector, p=p, **labels)
+
+
+def evaluate_checkpoint(
+    *,
+    shards: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    fractions: Sequence[float],
+    seed: int = 0,
+    labels: dict | None = None,
+) -> list[dict]:
+    """Every selector of :data:`SELECTORS` at every fraction of ``fractions`` on a shard
+    folder, with a policy stage's ``checkpoint`` (its mixed-input model and policy). Writes
+    the JSON list of result rows (:func:`evaluate_selective`, stage and k from the
+    checkpoint), which the perplexity table reads beside the other evaluations."""
+    import json
+    from pathlib import Path
+
+    from refrag.data import read_shards
+    from refrag.integrity import verify_folder
+    from refrag.modeling import RefragModel
+    from refrag.utils import pick_device
+
+    verify_folder(checkpoint)
+    model = RefragModel.from_pretrained(checkpoint).to(pick_device())
+    tok = RefragTokenizer.from_pretrained(checkpoint)
+    stage = json.loads(Path(checkpoint, "training_log.json").read_text())["stage"]
+    windows = read_shards(shards).to_dict("records")
+    rows = []
+    for p in fractions:
+        for selector in SELECTORS:
+            row = evaluate_selective(
+                model,
+                tok,
+                windows,
+                p=p,
+                selector=selector,
+                seed=seed,
+                k=model.config.compression,
+                stage=stage,
+                **(labels or {}),
+            )
+            rows.append(row)
+            print({key: v for key, v in row.items() if key != "windows"})
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(rows, indent=2) + "\n")
+    return rows

@@ -84,6 +84,24 @@ class StageConfig:
         "steps between held-out log-perplexity points (the stage's curve; 0: none)",
         minimum=0,
     )
+    max_expand_fraction: float = _hp(
+        0.5,
+        "mixed inputs: each example expands a random fraction p ~ U[0, this] of its chunks "
+        "to tokens (the mixed stage)",
+        minimum=0,
+        maximum=1,
+    )
+    expand_fraction: float = _hp(
+        0.25,
+        "fraction p of a context's chunks the policy expands to tokens (the policy stage)",
+        minimum=0,
+        maximum=1,
+    )
+    policy_samples: int = _hp(
+        4,
+        "selections drawn per window for REINFORCE's leave-one-out baseline (the policy stage)",
+        minimum=2,
+    )
     save_steps: int = _hp(50, "steps between Trainer checkpoints (resume points)", minimum=1)
     logging_steps: int = _hp(5, "steps between logged losses", minimum=1)
     seed: int = _hp(0, "seed of torch, the Trainer and the alignment-pair sampling")
@@ -177,6 +195,37 @@ STAGES: dict[str, Stage] = {
             dataset="refrag.sft:sft_dataset",
             trainer="refrag.sft:sft_trainer",
             defaults=StageConfig(steps=10, batch_size=2, lr=5e-5, train_decoder=True),
+        ),
+        Stage(
+            name="mixed",
+            summary="selective compression, first part (the paper trains with random p first): "
+            "continual pretraining on mixed inputs, a random fraction p of each context's "
+            "chunks read as tokens and the rest as chunk embeddings",
+            data="shards",
+            previous="cpt",
+            dataset="refrag.selective:mixed_dataset",
+            trainer="refrag.training:causal_lm_trainer",
+            defaults=StageConfig(
+                steps=15, batch_size=4, lr=5e-5, train_decoder=True, target_tokens=32
+            ),
+        ),
+        Stage(
+            name="policy",
+            summary="selective compression, second part: a small policy network over the chunk "
+            "embeddings learns by REINFORCE (reward: minus the continuation's log-ppl) which "
+            "fraction p of the chunks to expand; the mixed-input model stays frozen",
+            data="shards",
+            previous="mixed",
+            dataset="refrag.selective:policy_dataset",
+            trainer="refrag.selective:policy_trainer",
+            defaults=StageConfig(
+                steps=20,
+                batch_size=4,
+                lr=1e-3,
+                train_encoder=False,
+                train_projector=False,
+                logging_steps=2,
+            ),
         ),
     )
 }

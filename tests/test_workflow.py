@@ -20,7 +20,7 @@ import yaml
 
 from refrag.stages import STAGES
 
-from .conftest import ROOT, save_tiny_model
+from .conftest import ROOT, TEXT, save_tiny_model
 
 MAIN_STAGES = ["align", "reconstruct", "cpt"]  # what the default eval.stages needs
 
@@ -200,21 +200,38 @@ def tiny_model_folders(root: Path, decoder_dir: Path, encoder_dir: Path) -> dict
 
 
 def tiny_corpus(folder: Path) -> str:
-    """Sixteen text documents: the module sources of transformers' model files (real text)."""
+    """Sixteen text documents of real text: the module sources of transformers' model files,
+    each 1,500 characters of code after a paragraph of English prose (the QA questions and the
+    SFT data are sentences of prose with a name or number in them)."""
     import transformers.models as models
 
     folder.mkdir(parents=True)
     sources = sorted(Path(models.__file__).parent.glob("*/modeling_*.py"))[:16]
+    sentences = TEXT.split(". ")[:5]
     for i, src in enumerate(sources):
-        (folder / f"doc{i:02d}.txt").write_text(src.read_text()[:20000])
+        code = src.read_text()[:15000]
+        parts = []
+        for j in range(0, len(code), 1500):
+            prose = sentences[(i + j) % 5 :] + sentences[: (i + j) % 5]
+            parts += [". ".join(prose) + ".", code[j : j + 1500]]
+        (folder / f"doc{i:02d}.txt").write_text("\n\n".join(parts))
     return str(folder)
 
 
 def tiny_workspace(
-    root: Path, decoder_dir: Path, encoder_dir: Path, *, runs: list[dict], windows: int, steps: int
+    root: Path,
+    decoder_dir: Path,
+    encoder_dir: Path,
+    *,
+    runs: list[dict],
+    windows: int,
+    steps: int,
+    context_tokens: int = 32,
+    selective_and_qa_k: list[int] = (),
 ) -> Path:
     """A copy of the workflow under root/work, configured for the tiny models and corpus:
-    (32 + 8)-token windows, ``windows`` train windows, ``steps`` steps per stage."""
+    (``context_tokens`` + 8)-token windows, ``windows`` train windows, ``steps`` steps per
+    stage; selective compression and QA at ``selective_and_qa_k`` (default: neither)."""
     ws = make_workspace(root / "work")
     config = yaml.safe_load((ws / "config/config.yaml").read_text())
     config["models"] = tiny_model_folders(root / "models", decoder_dir, encoder_dir)
@@ -227,12 +244,14 @@ def tiny_workspace(
     }
     config["runs"] = runs
     config["data"] = {
-        "context_tokens": 32,
+        "context_tokens": context_tokens,
         "target_tokens": 8,
         "max_windows": {"train": windows, "validation": 8, "test": windows // 4},
     }
     small = {"steps": steps, "batch_size": 4, "save_steps": 2, "logging_steps": 1}
     config["train"] = dict.fromkeys(STAGES, small)
+    config["eval"]["selective"]["k"] = list(selective_and_qa_k)
+    config["eval"]["qa"] |= {"k": list(selective_and_qa_k), "max_new_tokens": 4}
     config["bench"] = {"device": "cpu", "contexts": [256], "k": [8], "repeats": 1}
     (ws / "config/config.yaml").write_text(yaml.safe_dump(config))
     return ws
@@ -242,7 +261,14 @@ def tiny_workspace(
 def finished_run(tmp_path_factory, decoder_dir, encoder_dir) -> Path:
     runs = [{"decoder": "tiny-decoder", "encoder": "tiny-encoder", "k": [4, 8]}]
     ws = tiny_workspace(
-        tmp_path_factory.mktemp("e2e"), decoder_dir, encoder_dir, runs=runs, windows=64, steps=4
+        tmp_path_factory.mktemp("e2e"),
+        decoder_dir,
+        encoder_dir,
+        runs=runs,
+        windows=64,
+        steps=4,
+        context_tokens=96,
+        selective_and_qa_k=[4],
     )
     snakemake(ws, "--profile", "local", "--cores", "2", "eval_report")
     return ws

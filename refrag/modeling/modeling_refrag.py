@@ -52,6 +52,14 @@ class RefragProjector(nn.Module):
         return self.fc2(self.act(self.fc1(hidden)))
 
 
+def labelled_tail(labels: torch.Tensor) -> int:
+    """How many final positions of a ``(B, L)`` label batch hold every label and the position
+    predicting the first one: ``L`` minus the earliest labelled index, plus one (at most L)."""
+    labelled = (labels != IGNORE_INDEX).any(0)
+    first = int(labelled.int().argmax()) if bool(labelled.any()) else labels.shape[1] - 1
+    return labels.shape[1] - max(first, 1) + 1
+
+
 class RefragModel(PreTrainedModel):
     """Encoder + projector + decoder; see :class:`RefragConfig`."""
 
@@ -198,6 +206,11 @@ class RefragModel(PreTrainedModel):
         labels. ``decoder_kwargs`` (``past_key_values``, ``use_cache``, ``position_ids``,
         ``logits_to_keep``, ``num_items_in_batch`` …) go to the decoder unchanged.
 
+        With ``labels`` (and no ``logits_to_keep``), logits cover only the positions from the
+        one before the batch's first label on (:func:`labelled_tail`): the loss needs no
+        others, and the LM head over the vocabulary is most of the cost of unlabelled prompt
+        or context tokens.
+
         ``chunk_embeds_only`` returns the projected chunk embeddings of ``chunk_input_ids``
         without a decoder pass (the alignment stage's forward: going through ``forward`` keeps
         DDP's gradient synchronisation)."""
@@ -211,6 +224,9 @@ class RefragModel(PreTrainedModel):
             )
         if labels is not None and chunk_mask is not None:
             labels = labels.masked_fill(chunk_mask, IGNORE_INDEX)
+        if labels is not None and "logits_to_keep" not in decoder_kwargs:
+            keep = labelled_tail(labels)
+            labels, decoder_kwargs["logits_to_keep"] = labels[:, -keep:], keep
         return self.decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

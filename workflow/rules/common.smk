@@ -129,6 +129,8 @@ INPUT_RULE = {
 CHECKPOINT = "results/checkpoints/{corpus}/{decoder}/{encoder}/k{k}/{stage}"
 HELDOUT = "results/shards/{corpus}/{decoder}/{encoder}/validation"
 HELDOUT_BASELINES = "results/heldout/{corpus}/{decoder}/{encoder}/baselines.json"
+QA_SET = "results/qa/{corpus}/{decoder}/{encoder}/{eval_set}.jsonl"
+QA_EVAL = "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/qa"
 
 
 def train_inputs(wildcards):
@@ -217,6 +219,16 @@ def pair_keys():
     return sorted({(d, e) for d, e, _ in run_keys()})
 
 
+def selective_keys():
+    """(decoder, encoder, k) of the runs evaluated with selective compression."""
+    return [key for key in run_keys() if key[2] in config["eval"]["selective"]["k"]]
+
+
+def qa_keys():
+    """(decoder, encoder, k) of the runs evaluated on QA (and fine-tuned by the sft stage)."""
+    return [key for key in run_keys() if key[2] in config["eval"]["qa"]["k"]]
+
+
 def eval_outputs():
     """Every evaluation JSON the perplexity table is made of."""
     files = []
@@ -230,13 +242,41 @@ def eval_outputs():
                 files.append(
                     f"results/eval/{CORPUS}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.json"
                 )
+        for decoder, encoder, k in selective_keys():
+            files.append(
+                f"results/eval/{CORPUS}/{decoder}/{encoder}/{eval_set}/k{k}-selective.json"
+            )
     return files
 
 
-def trained_stages():
-    """The stages eval.stages lists and those they start from, in registry order."""
+def qa_outputs():
+    """Every QA JSON the QA table is made of: the base decoder's baselines (without SFT),
+    REFRAG after cpt (without SFT), and all three variants after sft."""
+    files = []
+    for eval_set in config["eval"]["sets"]:
+        for decoder, encoder in sorted({(d, e) for d, e, _ in qa_keys()}):
+            files.append(
+                f"{QA_EVAL.format(corpus=CORPUS, decoder=decoder, encoder=encoder, eval_set=eval_set)}/baselines.json"
+            )
+        for decoder, encoder, k in qa_keys():
+            folder = QA_EVAL.format(
+                corpus=CORPUS, decoder=decoder, encoder=encoder, eval_set=eval_set
+            )
+            files += [f"{folder}/k{k}-{stage}.json" for stage in ("cpt", "sft")]
+    return files
+
+
+def stages_at(k):
+    """The stages trained at k, in registry order: those eval.stages lists, the policy stage
+    where eval.selective.k lists k, cpt and sft where eval.qa.k does, and the stages they
+    start from."""
+    wanted = list(config["eval"]["stages"])
+    if k in config["eval"]["selective"]["k"]:
+        wanted.append("policy")
+    if k in config["eval"]["qa"]["k"]:
+        wanted += ["cpt", "sft"]
     needed = set()
-    for name in config["eval"]["stages"]:
+    for name in wanted:
         while name is not None:
             needed.add(name)
             name = STAGES[name].previous
@@ -248,13 +288,13 @@ def checkpoints():
     return [
         CHECKPOINT.format(corpus=CORPUS, decoder=d, encoder=e, k=k, stage=stage)
         for d, e, k in run_keys()
-        for stage in trained_stages()
+        for stage in stages_at(k)
     ]
 
 
 def checkpoint_labels():
     """The run label of each of checkpoints(), for the training-curve plot."""
-    return [f"{d} / {e} / k{k}" for d, e, k in run_keys() for _ in trained_stages()]
+    return [f"{d} / {e} / k{k}" for d, e, k in run_keys() for _ in stages_at(k)]
 
 
 def gpu_resources(gpus, vcpu_per_gpu=8, mem_mb_per_gpu=61440, timeout_s=86400):

@@ -70,3 +70,99 @@ rule perplexity_table:
         bootstrap={"seed": config["seed"]} | config["eval"]["bootstrap"],
     script:
         "../scripts/perplexity_table.py"
+
+
+rule eval_selective:
+    """Selective compression: a fraction p of each context's chunks read as tokens, chosen by
+    the policy (refrag_rl), at random or by the perplexity heuristic, all read by the policy
+    stage's mixed-input model."""
+    input:
+        shards="results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
+        checkpoint="results/checkpoints/{corpus}/{decoder}/{encoder}/k{k}/policy",
+    output:
+        "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-selective.json",
+    log:
+        "logs/eval_selective/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}.log",
+    threads: 1
+    params:
+        fractions=config["eval"]["selective"]["p"],
+        seed=config["seed"],
+    script:
+        "../scripts/eval_selective.py"
+
+
+rule qa_set:
+    """The cloze QA set of an eval set's windows (refrag.qa.build_qa): a sentence of a
+    held-out passage with a name or number blanked."""
+    input:
+        "results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
+    output:
+        QA_SET,
+    log:
+        "logs/qa_set/{corpus}/{decoder}/{encoder}/{eval_set}.log",
+    params:
+        seed=config["seed"],
+        per_passage=config["eval"]["qa"]["per_passage"],
+    script:
+        "../scripts/qa_set.py"
+
+
+rule eval_qa_baselines:
+    """QA without SFT by the base decoder: no context, and the passage as tokens."""
+    input:
+        qa_set=QA_SET,
+        decoder="resources/models/{decoder}",
+        encoder="resources/models/{encoder}",
+    output:
+        QA_EVAL + "/baselines.json",
+    log:
+        "logs/eval_qa/{corpus}/{decoder}/{encoder}/{eval_set}/baselines.log",
+    threads: 1
+    params:
+        variants=["no_context", "full_context"],
+        max_new_tokens=config["eval"]["qa"]["max_new_tokens"],
+        batch_size=config["eval"]["qa"]["batch_size"],
+    script:
+        "../scripts/eval_qa.py"
+
+
+rule eval_qa:
+    """QA by a REFRAG checkpoint: after cpt (no SFT) the passage as chunk embeddings; after
+    sft also no context and the passage as tokens, with the fine-tuned decoder."""
+    input:
+        qa_set=QA_SET,
+        checkpoint=CHECKPOINT,
+    output:
+        QA_EVAL + "/k{k}-{stage}.json",
+    log:
+        "logs/eval_qa/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.log",
+    threads: 1
+    params:
+        variants=lambda wc: (
+            ["refrag"]
+            if wc.stage != "sft"
+            else ["no_context", "full_context", "refrag"]
+        ),
+        max_new_tokens=config["eval"]["qa"]["max_new_tokens"],
+        batch_size=config["eval"]["qa"]["batch_size"],
+    script:
+        "../scripts/eval_qa.py"
+
+
+rule qa_table:
+    """results/eval/qa.csv: exact match and F1 per variant × k × SFT, with 95% intervals
+    (bootstrap over documents); refuses rows that answered different questions."""
+    input:
+        qa_outputs(),
+    output:
+        report(
+            "results/eval/qa.csv",
+            caption="../report/qa_table.rst",
+            category="Evaluation",
+        ),
+    log:
+        "logs/qa_table.log",
+    params:
+        bootstrap={"seed": config["seed"]} | config["eval"]["bootstrap"],
+    script:
+        "../scripts/qa_table.py"

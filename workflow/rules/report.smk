@@ -110,6 +110,7 @@ rule plot_ttft:
 rule eval_report:
     """results/report.html (+ report.md): the tables, plots and DAG above in one page."""
     input:
+        unpack(lambda wc: {"qa": "results/eval/qa.csv"} if qa_keys() else {}),
         perplexity="results/eval/perplexity.csv",
         ttft="results/bench/ttft.csv",
         perplexity_plot="results/plots/perplexity.png",
@@ -130,6 +131,8 @@ rule eval_report:
 localrules:
     all,
     perplexity_table,
+    qa_set,
+    qa_table,
     rulegraph,
     ttft_table,
     plot_perplexity,

@@ -5,6 +5,7 @@ with log_to(snakemake.log[0]):
     write_report(
         perplexity_csv=snakemake.input.perplexity,
         ttft_csv=snakemake.input.ttft,
+        qa_csv=snakemake.input.get("qa"),
         figures={
             "Log-perplexity vs compression": snakemake.input.perplexity_plot,
             "Training curves": snakemake.input.training_plot,

@@ -1,0 +1,11 @@
+import json
+from pathlib import Path
+
+from refrag.qa import qa_table
+from refrag.utils import log_to
+
+with log_to(snakemake.log[0]):
+    rows = [row for path in snakemake.input for row in json.loads(Path(path).read_text())]
+    table = qa_table(rows, **({"samples": 1000} | snakemake.params.bootstrap))
+    table.to_csv(snakemake.output[0], index=False)
+    print(table.to_string(index=False))
