@@ -311,7 +311,8 @@ def perplexity_table(
     is_earlier = (
         (frame["variant"] == "refrag") & frame["stage"].notna() & (frame["stage"] != final_stage)
     )
-    frame.loc[is_earlier, "variant"] = "refrag_" + frame.loc[is_earlier, "stage"]
+    if is_earlier.any():
+        frame.loc[is_earlier, "variant"] = "refrag_" + frame.loc[is_earlier, "stage"]
     base = frame[frame["k"].isna()].set_index([*GROUP, "variant"])["log_ppl"]
 
     def retained(row) -> float:

@@ -67,6 +67,22 @@ def test_forward_loss_ignores_chunk_positions(tiny_model, refrag_tokenizer):
     assert torch.allclose(masked_pad.loss, expected.loss)
 
 
+def test_a_labelled_forward_projects_only_the_positions_its_loss_needs(
+    tiny_model, refrag_tokenizer
+):
+    examples = [
+        refrag_tokenizer.encode_parts([("prompt", [7] * n), ("chunks", [9] * 8), ("text", [5] * 3)])
+        for n in (6, 10)
+    ]
+    batch = refrag_tokenizer.pad(examples, padding_side="right")
+    tail = tiny_model(**batch)
+    every = tiny_model(**batch, logits_to_keep=0)  # 0: all positions
+    first = int((batch["labels"] != IGNORE_INDEX).any(0).int().argmax())
+    assert tail.logits.shape[1] == batch["input_ids"].shape[1] - first + 1
+    assert every.logits.shape[1] == batch["input_ids"].shape[1]
+    assert torch.allclose(tail.loss, every.loss)
+
+
 def test_precomputed_chunk_embeddings_give_the_same_logits(tiny_model, refrag_tokenizer):
     batch = refrag_tokenizer(TEXTS)
     chunks = tiny_model.encode_chunks(batch["chunk_input_ids"], batch["chunk_attention_mask"])

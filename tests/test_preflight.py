@@ -61,6 +61,12 @@ def test_numbers_yaml_reads_as_strings_are_accepted_as_numbers(tmp_path):
     assert cfg["train"]["cpt"]["lr"] == 0.001 and cfg["train"]["cpt"]["steps"] == 200
 
 
+def test_selective_and_qa_k_must_be_trained_by_a_run(tmp_path):
+    cfg = config(runs__0__k=[8, 16])
+    cfg["eval"] |= {"selective": {"k": [16]}, "qa": {"k": [16, 12]}}
+    assert check(cfg, tmp_path) == ["config eval.qa.k[1]: no run trains k=12 (runs' k: 8, 16)"]
+
+
 def test_a_non_number_string_names_its_key(tmp_path):
     cfg = config()
     cfg["train"]["align"] = {"lr": "fast"}
@@ -73,7 +79,7 @@ def test_k_that_overflows_the_encoder_positions_is_named(tmp_path):
         "config runs[0].k[1]: k=600 does not fit encoder 'all-minilm-l6-v2': a chunk row is "
         "k + 2 tokens (CLS, SEP) and it has positions for 512; use k <= 510"
     ]
-    assert check(config(runs__0__k=[510]), tmp_path) == []
+    assert check(config(runs__0__k=[16, 510]), tmp_path) == []
 
 
 def test_k_limit_reads_a_local_encoder_and_knows_roberta_offsets(tmp_path, encoder_dir):

@@ -10,11 +10,12 @@ from refrag.qa import (
     cloze_answer,
     exact_match,
     f1_score,
-    mean_with_interval,
     normalize_answer,
+    qa_table,
     question_prompt,
+    read_qa_set,
     split_sentences,
-    summarize,
+    write_qa_set,
 )
 from tests.conftest import TEXT
 
@@ -73,12 +74,44 @@ def test_qa_set_is_deterministic_by_seed_and_deduplicated():
     assert len(others) > 1  # the seed chooses
 
 
-def test_interval_brackets_the_mean_and_counts_what_was_scored():
-    summary = summarize([{"exact_match": float(i % 2), "f1": 0.5} for i in range(40)])
-    assert summary["n"] == 40 and summary["exact_match"] == 0.5
-    assert summary["exact_match_low"] < 0.5 < summary["exact_match_high"]
-    assert summary["f1_low"] == summary["f1_high"] == 0.5
-    assert mean_with_interval([1.0])[0] == 1.0
+def scored_rows(variant, k, sft, hits):
+    """Per-question rows as evaluate_qa writes them: question i of document d{i % 4}."""
+    group = {"decoder": "dec", "encoder": "enc", "eval_set": "test"}
+    return [
+        {"id": f"d{i % 4}#{i}:0", "passage_id": f"d{i % 4}#{i}", "variant": variant, "k": k}
+        | {"sft": sft, "exact_match": float(hit), "f1": 0.5 + hit / 2}
+        | group
+        for i, hit in enumerate(hits)
+    ]
+
+
+def test_qa_table_gives_means_with_document_intervals_and_counts():
+    rows = scored_rows("no_context", None, False, [0] * 20)
+    rows += scored_rows("refrag", 16, False, [i % 2 for i in range(20)])
+    rows += scored_rows("refrag", 16, True, [1] * 20)
+    table = qa_table(rows, samples=200)
+    assert list(zip(table["variant"], table["sft"])) == [
+        ("no_context", False),
+        ("refrag", False),
+        ("refrag", True),
+    ]
+    half = table.iloc[1]
+    assert half["exact_match"] == 0.5 and half["f1"] == 0.75 and half["k"] == 16
+    assert half["exact_match_lo"] < 0.5 < half["exact_match_hi"]
+    assert table.iloc[2][["exact_match_lo", "exact_match_hi"]].tolist() == [1.0, 1.0]
+    assert set(table["n_questions"]) == {20} and set(table["n_documents"]) == {4}
+
+
+def test_qa_table_refuses_rows_that_answered_different_questions():
+    rows = scored_rows("no_context", None, False, [0] * 20)
+    rows += scored_rows("refrag", 16, False, [1] * 19)
+    with pytest.raises(ValueError, match="different questions"):
+        qa_table(rows)
+
+
+def test_the_qa_set_round_trips_through_json_lines(tmp_path):
+    examples = build_qa([{"id": "p", "text": PASSAGE}], per_passage=3)
+    assert read_qa_set(write_qa_set(examples, tmp_path / "qa" / "set.jsonl")) == examples
 
 
 def test_prompts_read_the_passage_as_nothing_tokens_or_a_doc():

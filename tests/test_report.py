@@ -101,6 +101,22 @@ def test_training_panels_follow_the_stage_registry(tmp_path):
     assert stage_order({"cpt", "zeta", "align"}) == ["align", "cpt", "zeta"]
 
 
+def test_the_policy_panel_plots_its_reward(tmp_path, monkeypatch):
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    history = [{"step": s, "loss": 0.01 * s, "reward": -3.0 + 0.1 * s} for s in (2, 4, 6)]
+    (folder / "training_log.json").write_text(
+        json.dumps({"stage": "policy", "log_history": history})
+    )
+    drawn = {}
+    monkeypatch.setattr("matplotlib.axes.Axes.plot", lambda ax, x, y, **kw: drawn.update(y=y))
+    monkeypatch.setattr(
+        "matplotlib.axes.Axes.set_ylabel", lambda ax, label, **kw: drawn.update(label=label)
+    )
+    plot_training([("d / e / k16", folder)], tmp_path / "training.png")
+    assert drawn["y"] == (-2.8, -2.6, -2.4) and "reward" in drawn["label"]
+
+
 def test_report_inlines_the_given_figures_and_links_them_in_markdown(tmp_path):
     csv = perplexity_csv(tmp_path / "perplexity.csv")
     plots = tmp_path / "plots"
@@ -110,9 +126,14 @@ def test_report_inlines_the_given_figures_and_links_them_in_markdown(tmp_path):
     write_ttft_table([({}, tmp_path / "ttft.json")], tmp_path / "t.json", tmp_path / "ttft.csv")
     out = tmp_path / "out"
     out.mkdir()
+    qa = tmp_path / "qa.csv"
+    pd.DataFrame(
+        [{"variant": "refrag", "k": 16, "sft": True, "exact_match": 0.25, "f1": 0.5}]
+    ).to_csv(qa, index=False)
     write_report(
         perplexity_csv=csv,
         ttft_csv=tmp_path / "ttft.csv",
+        qa_csv=qa,
         figures={"Log-perplexity vs compression": figure},
         dag_svg=None,
         html_out=out / "report.html",
@@ -122,6 +143,7 @@ def test_report_inlines_the_given_figures_and_links_them_in_markdown(tmp_path):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64" in html and "context_benefit_retained" in html
     assert "Time to first token" in html and "Configuration" in html
+    assert "Question answering" in html and "exact_match" in html
     assert "](../plots/perplexity.png)" in (out / "report.md").read_text()
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from refrag.data import read_shards
-from refrag.evaluation import window_parts
+from refrag.evaluation import perplexity_table, result_row, score_windows, window_parts
 from refrag.modeling import ChunkPolicy, RefragModel
 from refrag.resume import last_complete_checkpoint
 from refrag.selective import (
@@ -25,7 +25,7 @@ from refrag.selective import (
     sample_selection,
     top_selection,
 )
-from refrag.stages import STAGES, Stage, StageConfig
+from refrag.stages import StageConfig
 from refrag.training import train_stage
 
 from .conftest import interrupt_at_step
@@ -150,21 +150,9 @@ def test_equal_rewards_give_no_gradient():
     assert all(p.grad is None or not p.grad.any() for p in policy.parameters())
 
 
-POLICY_STAGE = Stage(
-    name="policy",
-    summary="test entry: REINFORCE on the policy of a frozen REFRAG model",
-    data="shards",
-    previous=None,
-    dataset="refrag.selective:policy_dataset",
-    trainer="refrag.selective:policy_trainer",
-    defaults=StageConfig(train_encoder=False, train_projector=False, train_decoder=False),
-)
-
-
 def test_policy_stage_trains_only_the_policy_and_saves_it_with_the_model(
-    shards, tiny_checkpoint, tmp_path, monkeypatch
+    shards, tiny_checkpoint, tmp_path
 ):
-    monkeypatch.setitem(STAGES, "policy", POLICY_STAGE)
     out = tmp_path / "policy"
     hp = {"steps": 2, "batch_size": 2, "lr": 1e-3, "logging_steps": 1, "save_steps": 1}
     train_stage("policy", init=tiny_checkpoint, data=shards, out=out, compression=4, hp=hp)
@@ -198,23 +186,51 @@ def test_selectors_report_log_ppl_and_positions_read(
     half = evaluate_selective(
         tiny_model, refrag_tokenizer, rows, p=0.5, selector=selector, policy=policy
     )
-    chunks = sum(len(chunk_spans(r, 4)) for r in rows)
+    chunks = sum(len(chunk_spans(r, 4)) for r in rows) / len(rows)
+    context = sum(len(r["context_ids"]) for r in rows) / len(rows)
     assert none["positions"] == chunks and none["n_tokens"] == sum(
         len(r["target_ids"]) for r in rows
     )
-    assert chunks < half["positions"] < half["full_positions"] + chunks
-    assert half["effective_compression"] == half["full_positions"] / half["positions"]
-    assert math.isfinite(half["log_ppl"]) and half["variant"] == selector
+    assert chunks < half["positions"] < context + chunks
+    assert half["compression"] == context / half["positions"]
+    assert math.isfinite(half["log_ppl"]) and (half["variant"], half["p"]) == (selector, 0.5)
+
+
+def test_selective_rows_score_the_tokens_every_other_row_scores(
+    windows, tiny_model, refrag_tokenizer
+):
+    rows, group = windows[:4], {"decoder": "d", "encoder": "e", "eval_set": "test"}
+    selective = evaluate_selective(
+        tiny_model, refrag_tokenizer, rows, p=0.5, selector="refrag_random", k=4, **group
+    )
+    baselines = [
+        result_row(
+            score_windows(tiny_model.decoder, refrag_tokenizer, rows, variant),
+            rows,
+            variant=variant,
+            k=None,
+            stage=None,
+            **group,
+        )
+        for variant in ("no_context", "full_context")
+    ]
+    assert selective["scored_digest"] == baselines[1]["scored_digest"]
+    table = perplexity_table(baselines + [selective])
+    row = table[table["variant"] == "refrag_random"].iloc[0]
+    assert row["p"] == 0.5 and row["log_ppl_lo"] <= row["log_ppl"] <= row["log_ppl_hi"]
 
 
 def test_mixed_dataset_trains_on_random_fractions(shards, refrag_tokenizer):
-    hp = StageConfig(steps=3, batch_size=4, seed=1)
-    dataset, collator = mixed_dataset(shards, refrag_tokenizer, hp, max_fraction=0.5)
+    hp = StageConfig(steps=3, batch_size=4, seed=1, max_expand_fraction=0.5, target_tokens=4)
+    dataset, collator = mixed_dataset(shards, refrag_tokenizer, hp)
     assert len(dataset) == 12
-    expanded = [len(chunk_spans(r, 4)) - sum(e["chunk_mask"]) for r, e in zip(
-        read_shards(shards).to_dict("records") * 3, dataset.examples
-    )]  # fmt: skip
+    bos = refrag_tokenizer.bos_token_id is not None
+    expanded = [  # context positions that are tokens, not chunk embeddings
+        len(e["input_ids"]) - sum(e["chunk_mask"]) - sum(e["label_mask"]) - bos
+        for e in dataset.examples
+    ]
     assert min(expanded) >= 0 and max(expanded) > 0
+    assert all(sum(e["label_mask"]) == 4 for e in dataset.examples)  # the first target tokens
     batch = collator([dataset[i] for i in range(4)])
     assert batch["chunk_input_ids"].shape[0] == int(batch["chunk_mask"].sum())
 
@@ -224,7 +240,6 @@ def test_an_interrupted_policy_stage_resumes_to_the_same_policy(
 ):
     from refrag.selective import PolicyTrainer
 
-    monkeypatch.setitem(STAGES, "policy", POLICY_STAGE)
     hp = {"steps": 4, "batch_size": 2, "lr": 1e-2, "save_steps": 2, "logging_steps": 1}
     run = {"init": tiny_checkpoint, "data": shards, "compression": 4, "hp": hp}
     train_stage("policy", out=tmp_path / "straight", **run)

@@ -16,6 +16,8 @@ def test_each_stage_starts_from_an_earlier_one_or_the_base_models():
         "reconstruct",
         "reconstruct",
         "cpt",
+        "cpt",
+        "mixed",
     ]
     ablations = {name for name, stage in STAGES.items() if stage.ablation}
     assert ablations == {"cpt_frozen"}
@@ -27,6 +29,13 @@ def test_the_final_stage_is_the_last_main_stage_listed():
     assert final_stage(["cpt_frozen", "reconstruct"]) == "reconstruct"
     with pytest.raises(ValueError, match="main"):
         final_stage(["cpt_frozen"])
+
+
+def test_the_policy_stage_trains_only_its_policy_on_the_mixed_input_model():
+    policy = STAGES["policy"].defaults
+    assert STAGES["policy"].previous == "mixed" and STAGES["mixed"].previous == "cpt"
+    assert not (policy.train_encoder or policy.train_projector or policy.train_decoder)
+    assert STAGES["mixed"].defaults.train_decoder
 
 
 def test_cpt_trains_the_decoder_and_its_ablation_keeps_it_frozen():
@@ -44,7 +53,7 @@ def test_every_stage_names_a_dataset_builder_and_a_trainer_that_exist(name):
 
 
 def test_unknown_stage_names_the_known_ones():
-    with pytest.raises(ValueError, match="align, reconstruct, cpt, cpt_frozen, sft"):
+    with pytest.raises(ValueError, match="align, reconstruct, cpt, cpt_frozen, sft, mixed, policy"):
         get_stage("dpo")
 
 

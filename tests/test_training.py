@@ -23,7 +23,7 @@ from refrag.training import (
     train_stage,
 )
 
-from .conftest import interrupt_at_step
+from .conftest import TEXT, interrupt_at_step
 
 
 @pytest.fixture
@@ -193,13 +193,20 @@ def test_alignment_collator_caps_the_pairs_per_batch(alignment_cache, refrag_tok
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["align", "cpt"])
+@pytest.mark.parametrize("stage", ["align", "cpt", "sft", "mixed", "policy"])  # every trainer
 def test_a_stage_trains_under_torchrun_with_two_processes(
-    stage, base, shards, alignment_cache, tmp_path
+    stage, base, shards, alignment_cache, tiny_checkpoint, tmp_path
 ):
-    """The GPU rules' launch path, on CPU: torchrun, gloo, one log per rank, one output."""
+    """The GPU rules' launch path, on CPU: torchrun, gloo, one log per rank, one output; a
+    stage with a previous one starts from a tiny REFRAG checkpoint."""
     out, ranks = tmp_path / stage, tmp_path / "ranks"
-    data = alignment_cache if stage == "align" else shards
+    data = alignment_cache if STAGES[stage].data == "alignment" else shards
+    if stage == "sft":  # SFT reads a question file here (the tiny windows are too short)
+        data = tmp_path / "qa.jsonl"
+        row = {"question": "Who designed it?", "answer": "Charles Babbage", "context": TEXT[:300]}
+        data.write_text(json.dumps(row) + "\n")
+    start = ["--init", str(tiny_checkpoint)] if STAGES[stage].previous else []
+    start = start or ["--encoder", str(base["encoder"]), "--decoder", str(base["decoder"])]
     cmd = [
         sys.executable,
         "-m",
@@ -212,10 +219,7 @@ def test_a_stage_trains_under_torchrun_with_two_processes(
         stage,
         "--k",
         "4",
-        "--encoder",
-        str(base["encoder"]),
-        "--decoder",
-        str(base["decoder"]),
+        *start,
         "--data",
         str(data),
         "--out",

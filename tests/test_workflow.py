@@ -23,6 +23,7 @@ from refrag.stages import STAGES
 from .conftest import ROOT, TEXT, save_tiny_model
 
 MAIN_STAGES = ["align", "reconstruct", "cpt"]  # what the default eval.stages needs
+AT_K16 = ["sft", "mixed", "policy"]  # and, at k = 16 (eval.qa.k, eval.selective.k), these
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 WORKFLOW_FILES = ["Snakefile", "workflow", "config", "profiles", "benchmarks", "local"]
@@ -87,10 +88,15 @@ def test_default_dag_has_every_stage_once(workspace):
         "prepare_corpus": 1,
         "tokenize": 3,  # train, validation (the held-out curve), test
         "align_pairs": 1,
-        "train": 3 * len(MAIN_STAGES),  # k = 8, 16, 32
+        "train": 3 * len(MAIN_STAGES) + len(AT_K16),  # k = 8, 16, 32
         "eval_baselines": 1,
         "heldout_baselines": 1,
         "eval_refrag": 3 * 2,
+        "eval_selective": 1,
+        "qa_set": 1,
+        "eval_qa_baselines": 1,
+        "eval_qa": 2,  # k16 cpt (no SFT) and sft
+        "qa_table": 1,
         "perplexity_table": 1,
         "plot_perplexity": 1,
         "plot_training": 1,
@@ -122,7 +128,7 @@ def test_a_sweep_over_k_and_encoders_expands_into_jobs(workspace):
     jobs = planned_jobs(
         workspace, "--forceall", "eval_report", *override(workspace, {"runs": runs})
     )
-    assert jobs["train"] == 3 * len(MAIN_STAGES)
+    assert jobs["train"] == 3 * len(MAIN_STAGES) + len(AT_K16)
     assert jobs["eval_refrag"] == 6 and jobs["align_pairs"] == 1 and jobs["eval_baselines"] == 1
 
 
@@ -132,7 +138,8 @@ def test_listing_the_frozen_decoder_ablation_trains_and_evaluates_it(workspace):
     jobs = planned_jobs(
         workspace, "--forceall", "eval_report", *override(workspace, {"eval": eval_config})
     )
-    assert jobs["train"] == 3 * (len(MAIN_STAGES) + 1) and jobs["eval_refrag"] == 3 * 3
+    assert jobs["train"] == 3 * (len(MAIN_STAGES) + 1) + len(AT_K16)
+    assert jobs["eval_refrag"] == 3 * 3
 
 
 @pytest.mark.parametrize(
@@ -287,6 +294,9 @@ def test_end_to_end_run_writes_the_report_and_the_fixed_outputs(finished_run):
         "full_context_lowercase",
         "refrag",
         "refrag_reconstruct",
+        "refrag_rl",
+        "refrag_random",
+        "refrag_heuristic",
     }
     assert table["n_tokens"].nunique() == 1 and (table["log_ppl_lo"] <= table["log_ppl"]).all()
     assert sorted(table.loc[table["variant"] == "refrag", "k"]) == [4, 8]
@@ -320,6 +330,35 @@ def test_end_to_end_run_writes_the_report_and_the_fixed_outputs(finished_run):
 
 
 @pytest.mark.slow
+def test_end_to_end_run_trains_sft_and_the_policy_and_evaluates_qa_and_selective(finished_run):
+    table = pd.read_csv(finished_run / "results/eval/perplexity.csv")
+    selective = table[table["variant"].str.fullmatch("refrag_(rl|random|heuristic)")]
+    assert len(selective) == 3 and set(selective["p"]) == {0.25} and set(selective["k"]) == {4}
+    refrag = table[(table["variant"] == "refrag") & (table["k"] == 4)]["positions"].item()
+    assert (selective["positions"] > refrag).all()  # expanded chunks take their tokens
+    assert (selective["compression"] < 96 / refrag).all()
+    qa = pd.read_csv(finished_run / "results/eval/qa.csv")
+    assert list(zip(qa["variant"], qa["sft"])) == [
+        ("no_context", False),
+        ("full_context", False),
+        ("refrag", False),
+        ("no_context", True),
+        ("full_context", True),
+        ("refrag", True),
+    ]
+    assert qa["n_questions"].nunique() == 1 and qa["n_questions"].iloc[0] > 0
+    assert ((qa["exact_match_lo"] <= qa["exact_match"]) & (qa["f1"] <= qa["f1_hi"])).all()
+    questions = (finished_run / "results/qa/tiny/tiny-decoder/tiny-encoder/test.jsonl").read_text()
+    assert len(questions.splitlines()) == qa["n_questions"].iloc[0]
+    k4 = finished_run / "results/checkpoints/tiny/tiny-decoder/tiny-encoder/k4"
+    policy_log = json.loads((k4 / "policy/training_log.json").read_text())
+    assert any("reward" in entry for entry in policy_log["log_history"])
+    assert json.loads((k4 / "policy/config.json").read_text())["policy"]
+    assert json.loads((k4 / "sft/training_log.json").read_text())["stage"] == "sft"
+    assert "Question answering" in (finished_run / "results/report.html").read_text()
+
+
+@pytest.mark.slow
 def test_nothing_reruns_without_a_change(finished_run):
     assert planned_jobs(finished_run, "eval_report") == {}
 
@@ -348,8 +387,11 @@ def test_changing_a_stage_hyperparameter_reruns_that_stage_onward(finished_run):
     train = config["train"] | {"cpt": config["train"]["cpt"] | {"lr": 1e-5}}
     jobs = planned_jobs(finished_run, "eval_report", *override(finished_run, {"train": train}))
     assert jobs == {
-        "train": 2,
+        "train": 2 + len(AT_K16),  # cpt at k = 4 and 8, and what starts from cpt at k = 4
         "eval_refrag": 2,
+        "eval_selective": 1,
+        "eval_qa": 2,
+        "qa_table": 1,
         "perplexity_table": 1,
         "plot_perplexity": 1,
         "plot_training": 1,
@@ -364,7 +406,7 @@ def test_changing_the_encoder_reruns_alignment_onward_but_not_the_corpus(finishe
     jobs = planned_jobs(finished_run, "eval_report", *override(finished_run, {"runs": runs}))
     assert "prepare_corpus" not in jobs and "fetch_corpus" not in jobs
     assert jobs["fetch_model"] == 1 and jobs["tokenize"] == 3 and jobs["align_pairs"] == 1
-    assert jobs["train"] == 2 * len(MAIN_STAGES) and jobs["bench_ttft"] == 1
+    assert jobs["train"] == 2 * len(MAIN_STAGES) + len(AT_K16) and jobs["bench_ttft"] == 1
     assert jobs["heldout_baselines"] == 1  # the held-out curve's, for the new pair
 
 
@@ -378,6 +420,7 @@ def test_snakemake_report_carries_every_table_and_plot(finished_run):
         names = "\n".join(report.namelist())
     for output in (
         "perplexity.csv",
+        "qa.csv",
         "perplexity.png",
         "training.png",
         "ttft.csv",
