@@ -40,6 +40,8 @@ from refrag.qa import build_qa, question_prompt
 from refrag.stages import StageConfig
 from refrag.tokenization import RefragTokenizer
 
+DATA_FILES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # suffix: datasets builder
+
 
 def user_message(question: str, passages: list[str] = ()) -> str:
     """The user's turn: each passage as a ``<doc>`` (ids 1, 2, …), then the question."""
@@ -88,22 +90,36 @@ def record_from_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_records(source: str | os.PathLike) -> list[dict[str, Any]]:
-    """Question-answer records of a local JSON-lines/JSON/Parquet file or ``hf:<dataset>``
-    (its ``train`` split; ``HF_TOKEN`` from the environment), loaded with ``datasets``."""
+    """Question-answer records of a local JSON-lines/JSON/Parquet file, or of
+    ``hf:<dataset>[@revision]``: its data files are downloaded with ``huggingface_hub`` (token
+    ``HF_TOKEN`` from the environment) and those of its ``train`` split (files named so; all
+    of them where none is) read; loaded with ``datasets``."""
     source = str(source)
     if source.startswith("hf:"):
+        from huggingface_hub import snapshot_download
+
         name, _, revision = source.removeprefix("hf:").partition("@")
-        table = datasets.load_dataset(
-            name, split="train", revision=revision or None, token=os.environ.get("HF_TOKEN")
+        folder = snapshot_download(
+            repo_id=name,
+            repo_type="dataset",
+            revision=revision or None,
+            token=os.environ.get("HF_TOKEN") or None,
+            allow_patterns=[f"*{suffix}" for suffix in DATA_FILES],
         )
+        files = sorted(p for p in Path(folder).rglob("*") if p.suffix in DATA_FILES)
+        files = [p for p in files if "train" in p.name] or files
+        if not files:
+            raise ValueError(f"SFT data {source}: the dataset holds no .jsonl/.json/.parquet file")
     else:
-        path = Path(source)
-        kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-        if path.suffix not in kinds or not path.is_file():
+        files = [Path(source)]
+        if files[0].suffix not in DATA_FILES or not files[0].is_file():
             raise ValueError(
                 f"SFT data {source}: not a shard folder, a .jsonl/.json/.parquet file or hf:<dataset>"
             )
-        table = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
+    kinds = {DATA_FILES[p.suffix] for p in files}
+    if len(kinds) > 1:
+        raise ValueError(f"SFT data {source}: mixes file formats ({', '.join(sorted(kinds))})")
+    table = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
     return [record_from_row(row) for row in table]
 
 

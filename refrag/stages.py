@@ -102,6 +102,12 @@ class StageConfig:
         "selections drawn per window for REINFORCE's leave-one-out baseline (the policy stage)",
         minimum=2,
     )
+    data: str = _hp(
+        "",
+        "what the stage reads instead of the workflow's default (the sft stage: a "
+        ".jsonl/.json/.parquet file of questions and answers, or hf:<dataset>[@revision]); "
+        "empty: the default",
+    )
     save_steps: int = _hp(50, "steps between Trainer checkpoints (resume points)", minimum=1)
     logging_steps: int = _hp(5, "steps between logged losses", minimum=1)
     seed: int = _hp(0, "seed of torch, the Trainer and the alignment-pair sampling")

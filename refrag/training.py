@@ -286,7 +286,8 @@ def train_stage(
     folder to ``out``.
 
     Start from ``init``, a previous stage's folder, or from the base models ``encoder`` and
-    ``decoder`` (both folders); ``data`` is what the stage reads (its ``Stage.data``). ``hp``
+    ``decoder`` (both folders); ``data`` is what the stage reads (its ``Stage.data``; ``hp.data``
+    overrides it). ``hp``
     overrides the stage's default hyperparameters. With ``heldout`` (a validation shard folder)
     and ``hp.eval_steps``, the stage logs its held-out curve (:mod:`refrag.heldout`), against
     ``heldout_baselines`` ({variant: log-ppl}) when given.
@@ -322,7 +323,7 @@ def train_stage(
     model.set_trainable(
         encoder=hp.train_encoder, projector=hp.train_projector, decoder=hp.train_decoder
     )
-    dataset, collator = spec.build_dataset(data, tok, hp)
+    dataset, collator = spec.build_dataset(hp.data or data, tok, hp)
 
     work_dir = out.with_name(out.name + ".work")
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -22,6 +22,7 @@ from refrag.stages import STAGES
 from refrag.tokenization import IGNORE_INDEX
 from refrag.training import train_stage
 from tests.conftest import TEXT, write_text_shards
+from tests.fake_hub import FakeHub
 from tests.test_chat import ROOT, needs_tokenizers, read_until
 
 PASSAGE = (
@@ -81,6 +82,46 @@ def test_local_files_load_with_datasets(tmp_path, suffix):
     records = load_records(path)
     assert [r["answer"] for r in records] == ["Charles Babbage", "1837"]
     assert records[0]["passages"] == [PASSAGE]
+
+
+def test_a_hub_dataset_loads_its_train_files_through_huggingface_hub(tmp_path):
+    """``hf:org/qa`` from a fake hub: its train split's files, read with ``datasets``."""
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    pd.DataFrame([RECORDS[0]]).drop(columns="answers", errors="ignore").to_parquet(
+        repo / "data/train-00000.parquet"
+    )
+    pd.DataFrame([{"question": "held out?", "answer": "no"}]).to_parquet(
+        repo / "data/test-00000.parquet"
+    )
+    with FakeHub({"datasets/org/qa": repo}) as hub:
+        env = os.environ | {
+            "HF_ENDPOINT": hub.url,
+            "HF_TOKEN": "hf_sft_token",
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HOME": str(tmp_path / "home"),
+        }
+        code = "import json; from refrag.sft import load_records; print(json.dumps(load_records('hf:org/qa')))"
+        result = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads(result.stdout.strip().splitlines()[-1])
+    assert records == [
+        {"question": RECORDS[0]["question"], "answer": "Charles Babbage", "passages": [PASSAGE]}
+    ]
+    assert all(auth == "Bearer hf_sft_token" for _, path, auth in hub.requests if "org/qa" in path)
+
+
+def test_a_stage_reads_the_data_its_hyperparameters_name(tiny_checkpoint, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps(RECORDS[0]) + "\n")
+    hp = {"steps": 1, "batch_size": 1, "data": str(data)}
+    missing = tmp_path / "no-shards"  # the workflow's default data, never read
+    train_stage(
+        "sft", init=tiny_checkpoint, data=missing, out=tmp_path / "sft", compression=4, hp=hp
+    )
+    assert json.loads((tmp_path / "sft/training_log.json").read_text())["hp"]["data"] == str(data)
 
 
 def test_unusable_sft_data_is_named(tmp_path):

@@ -142,6 +142,15 @@ def test_listing_the_frozen_decoder_ablation_trains_and_evaluates_it(workspace):
     assert jobs["eval_refrag"] == 3 * 3
 
 
+def test_sft_data_named_in_the_config_is_an_input_of_the_sft_job(workspace, tmp_path):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"question": "Who?", "answer": "Babbage", "context": "Babbage."}\n')
+    values = {"train": {"sft": {"data": str(questions)}}}
+    out = snakemake(workspace, "-n", "--forceall", "eval_report", *override(workspace, values))
+    sft_job = out.stdout.split("k16/sft\n", 1)[0].rsplit("rule train:", 1)[1]
+    assert str(questions) in sft_job
+
+
 @pytest.mark.parametrize(
     ("values", "key", "error"),
     [

@@ -130,7 +130,8 @@ CHECKPOINT = "results/checkpoints/{corpus}/{decoder}/{encoder}/k{k}/{stage}"
 HELDOUT = "results/shards/{corpus}/{decoder}/{encoder}/validation"
 HELDOUT_BASELINES = "results/heldout/{corpus}/{decoder}/{encoder}/baselines.json"
 QA_SET = "results/qa/{corpus}/{decoder}/{encoder}/{eval_set}.jsonl"
-QA_EVAL = "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/qa"
+QA_BASELINES = "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/qa/baselines.json"
+QA_EVAL = "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/qa/k{k}-{stage}.json"
 
 
 def train_inputs(wildcards):
@@ -144,6 +145,9 @@ def train_inputs(wildcards):
     else:
         inputs["encoder"] = f"resources/models/{wildcards.encoder}"
         inputs["decoder"] = f"resources/models/{wildcards.decoder}"
+    own_data = stage_hp(wildcards)["data"]  # e.g. an SFT question file instead of the shards
+    if own_data and not own_data.startswith("hf:"):
+        inputs["own_data"] = own_data
     if stage_hp(wildcards)["eval_steps"]:  # the stage logs its held-out curve
         inputs["heldout"] = HELDOUT.format(**values)
         inputs["heldout_baselines"] = HELDOUT_BASELINES.format(**values)
@@ -254,15 +258,14 @@ def qa_outputs():
     REFRAG after cpt (without SFT), and all three variants after sft."""
     files = []
     for eval_set in config["eval"]["sets"]:
+        where = {"corpus": CORPUS, "eval_set": eval_set}
         for decoder, encoder in sorted({(d, e) for d, e, _ in qa_keys()}):
-            files.append(
-                f"{QA_EVAL.format(corpus=CORPUS, decoder=decoder, encoder=encoder, eval_set=eval_set)}/baselines.json"
-            )
+            files.append(QA_BASELINES.format(decoder=decoder, encoder=encoder, **where))
         for decoder, encoder, k in qa_keys():
-            folder = QA_EVAL.format(
-                corpus=CORPUS, decoder=decoder, encoder=encoder, eval_set=eval_set
-            )
-            files += [f"{folder}/k{k}-{stage}.json" for stage in ("cpt", "sft")]
+            files += [
+                QA_EVAL.format(decoder=decoder, encoder=encoder, k=k, stage=stage, **where)
+                for stage in ("cpt", "sft")
+            ]
     return files
 
 

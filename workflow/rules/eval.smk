@@ -114,7 +114,7 @@ rule eval_qa_baselines:
         decoder="resources/models/{decoder}",
         encoder="resources/models/{encoder}",
     output:
-        QA_EVAL + "/baselines.json",
+        QA_BASELINES,
     log:
         "logs/eval_qa/{corpus}/{decoder}/{encoder}/{eval_set}/baselines.log",
     threads: 1
@@ -133,7 +133,7 @@ rule eval_qa:
         qa_set=QA_SET,
         checkpoint=CHECKPOINT,
     output:
-        QA_EVAL + "/k{k}-{stage}.json",
+        QA_EVAL,
     log:
         "logs/eval_qa/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.log",
     threads: 1
