@@ -145,7 +145,9 @@ def train_inputs(wildcards):
     else:
         inputs["encoder"] = f"resources/models/{wildcards.encoder}"
         inputs["decoder"] = f"resources/models/{wildcards.decoder}"
-    own_data = stage_hp(wildcards)["data"]  # e.g. an SFT question file instead of the shards
+    own_data = stage_hp(wildcards)[
+        "data"
+    ]  # e.g. an SFT question file instead of the shards
     if own_data and not own_data.startswith("hf:"):
         inputs["own_data"] = own_data
     if stage_hp(wildcards)["eval_steps"]:  # the stage logs its held-out curve
@@ -263,7 +265,9 @@ def qa_outputs():
             files.append(QA_BASELINES.format(decoder=decoder, encoder=encoder, **where))
         for decoder, encoder, k in qa_keys():
             files += [
-                QA_EVAL.format(decoder=decoder, encoder=encoder, k=k, stage=stage, **where)
+                QA_EVAL.format(
+                    decoder=decoder, encoder=encoder, k=k, stage=stage, **where
+                )
                 for stage in ("cpt", "sft")
             ]
     return files
