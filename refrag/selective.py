@@ -8,8 +8,8 @@ by the decoder; every other chunk stays one chunk embedding. The decoder reads
 fraction ``p`` is expanded: ``⌊p·L⌋`` chunks (:func:`expand_count`). Three ways to choose:
 
 - ``refrag_random``: uniformly at random (also how the model is trained to read mixed
-  inputs: :func:`mixed_dataset`, a fresh p ~ U[0, max_fraction] per example, as the paper
-  trains with random p first);
+  inputs: :func:`mixed_dataset`, a fresh p ~ U[0, ``max_expand_fraction``] per example, as
+  the paper trains with random p first);
 - ``refrag_heuristic`` (perplexity heuristic): one decoder pass over the whole context as
   tokens gives each context token its NLL given the tokens before it; a chunk's score is the
   mean NLL of its tokens; the ``⌊p·L⌋`` chunks with the highest score are expanded (ties: the
@@ -24,11 +24,14 @@ fraction ``p`` is expanded: ``⌊p·L⌋`` chunks (:func:`expand_count`). Three 
   of the same window (leave-one-out), loss = −advantage · log π(selection). At evaluation the
   policy expands its top ``⌊p·L⌋`` logits.
 
-Both trainings plug into the stage registry (:mod:`refrag.stages`) and so run under
-``train_stage`` (torchrun, resume): ``mixed_dataset`` with ``refrag.training:causal_lm_trainer``
-(random p), and ``policy_dataset`` with ``policy_trainer`` (:class:`PolicyTrainer`: the
-Trainer's model is the policy alone, so its checkpoints, DDP and optimizer hold only the
-policy; the stage's output folder is the REFRAG model with its policy).
+Both trainings are stages of the registry (:mod:`refrag.stages`) and so run under
+``train_stage`` (torchrun, resume): ``mixed`` (:func:`mixed_dataset` with
+``refrag.training:causal_lm_trainer``, random p) and ``policy`` (:func:`policy_dataset` with
+:func:`policy_trainer`, :class:`PolicyTrainer`: the Trainer's model is the policy alone, so
+its checkpoints, DDP and optimizer hold only the policy; the stage's output folder is the
+REFRAG model with its policy). :func:`evaluate_checkpoint` (the workflow's
+``eval_selective``) writes a perplexity-table row per selector and p
+(:func:`evaluate_selective`), scoring the same target tokens as every other row.
 """
 
 from __future__ import annotations

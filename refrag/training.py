@@ -14,7 +14,9 @@ that runs any of them, :func:`train_stage`. The built-in stages:
 - ``cpt`` (paper stage 2, continual pretraining): read the context as chunk embeddings and
   predict the next tokens (next-paragraph prediction), decoder trained; ``cpt_frozen`` is its
   frozen-decoder ablation.
-- ``sft`` (paper stage 3) lives in :mod:`refrag.sft`.
+- ``sft`` (paper stage 3) lives in :mod:`refrag.sft`; ``mixed`` (continual pretraining on
+  inputs with a random fraction of chunks as tokens) and ``policy`` (REINFORCE on the
+  chunk-selection policy) in :mod:`refrag.selective`.
 
 Each stage writes a Hugging Face folder (model, tokenizer, ``training_log.json``) atomically;
 Trainer checkpoints live beside it in ``<out>.work/`` and a rerun resumes from the newest

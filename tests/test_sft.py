@@ -21,7 +21,7 @@ from refrag.sft import (
 from refrag.stages import STAGES
 from refrag.tokenization import IGNORE_INDEX
 from refrag.training import train_stage
-from tests.conftest import TEXT, write_text_shards
+from tests.conftest import TEXT, interrupt_at_step, write_text_shards
 from tests.fake_hub import FakeHub
 from tests.test_chat import ROOT, needs_tokenizers, read_until
 
@@ -122,6 +122,26 @@ def test_a_stage_reads_the_data_its_hyperparameters_name(tiny_checkpoint, tmp_pa
         "sft", init=tiny_checkpoint, data=missing, out=tmp_path / "sft", compression=4, hp=hp
     )
     assert json.loads((tmp_path / "sft/training_log.json").read_text())["hp"]["data"] == str(data)
+
+
+def test_an_interrupted_sft_stage_resumes_from_its_last_complete_checkpoint(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    from refrag.resume import last_complete_checkpoint
+    from refrag.sft import RefragSFTTrainer
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    hp = {"steps": 4, "batch_size": 1, "save_steps": 2, "logging_steps": 1}
+    run = {"init": tiny_checkpoint, "data": data, "out": tmp_path / "sft", "compression": 4}
+    restore = interrupt_at_step(monkeypatch, RefragSFTTrainer, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage("sft", **run, hp=hp)
+    assert last_complete_checkpoint(tmp_path / "sft.work").endswith("checkpoint-2")
+    restore()
+    train_stage("sft", **run, hp=hp)
+    log = json.loads((tmp_path / "sft/training_log.json").read_text())["log_history"]
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]
 
 
 def test_unusable_sft_data_is_named(tmp_path):
