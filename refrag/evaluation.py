@@ -252,16 +252,17 @@ def document_sums(rows: Iterable[dict]) -> tuple[list[str], np.ndarray, np.ndarr
     )
 
 
-def bootstrap_log_ppl(nll: np.ndarray, tokens: np.ndarray, samples: int, seed: int) -> np.ndarray:
-    """Token-weighted log-ppl of each row (``nll``, ``tokens``: rows × documents) in each of
-    ``samples`` resamples of the documents with replacement, the same resamples for every
-    row (paired): shape (samples, rows)."""
+def bootstrap_ratio(totals: np.ndarray, counts: np.ndarray, samples: int, seed: int) -> np.ndarray:
+    """Each row's ratio of sums, Σ totals / Σ counts over the documents (``totals``,
+    ``counts``: rows × documents; e.g. summed NLL and tokens: the token-weighted log-ppl; or
+    summed exact match and questions), in each of ``samples`` resamples of the documents with
+    replacement, the same resamples for every row (paired): shape (samples, rows)."""
     rng = np.random.default_rng(seed)
-    n_docs = nll.shape[1]
+    n_docs = totals.shape[1]
     picks = rng.integers(0, n_docs, size=(samples, n_docs))
     weights = np.zeros((samples, n_docs))
     np.add.at(weights, (np.arange(samples)[:, None], picks), 1.0)
-    return (weights @ nll.T) / (weights @ tokens.T)
+    return (weights @ totals.T) / (weights @ counts.T)
 
 
 def bootstrap_table(
@@ -275,7 +276,7 @@ def bootstrap_table(
     tails = [(1 - level) / 2, (1 + level) / 2]
     for _, part in frame.groupby(GROUP, dropna=False):
         _, nll, tokens = document_sums(part.to_dict("records"))
-        draws = bootstrap_log_ppl(nll, tokens, samples, seed)
+        draws = bootstrap_ratio(nll, tokens, samples, seed)
         variants = list(part["variant"])
         frame.loc[part.index, ["log_ppl_lo", "log_ppl_hi"]] = np.quantile(draws, tails, 0).T
         if {"no_context", "full_context"} <= set(variants):

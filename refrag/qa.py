@@ -174,7 +174,7 @@ def qa_table(rows: list[dict], *, samples: int = 1000, seed: int = 0, level: flo
     answered different questions."""
     import pandas as pd
 
-    from refrag.evaluation import bootstrap_log_ppl
+    from refrag.evaluation import bootstrap_ratio
 
     frame = pd.DataFrame(rows)
     frame["document"] = frame["passage_id"].str.rsplit("#", n=1).str[0]
@@ -198,7 +198,7 @@ def qa_table(rows: list[dict], *, samples: int = 1000, seed: int = 0, level: flo
         result = {"n_questions": counts.sum(1), "n_documents": len(docs)}
         for metric in ("exact_match", "f1"):
             sums = per_doc[metric].sum().unstack(fill_value=0).reindex(counts.index)[docs]
-            draws = bootstrap_log_ppl(sums.to_numpy(), counts.to_numpy(), samples, seed)
+            draws = bootstrap_ratio(sums.to_numpy(), counts.to_numpy(), samples, seed)
             lo, hi = np.quantile(draws, tails, 0)
             result |= {
                 metric: sums.sum(1) / counts.sum(1),

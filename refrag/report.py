@@ -269,12 +269,9 @@ def write_report(
     table = read_perplexity(perplexity_csv)
     ttft = pd.read_csv(ttft_csv) if ttft_csv and Path(ttft_csv).exists() else None
 
-    shown = table.round(4).astype(object).where(table.notna(), "")
+    shown = _shown(table)
     ttft_table = ttft.round(2) if ttft is not None and len(ttft) else None
-    qa = pd.read_csv(qa_csv) if qa_csv else None
-    if qa is not None:
-        qa["k"] = qa["k"].astype("Int64")
-        qa = qa.round(4).astype(object).where(qa.notna(), "")
+    qa = _shown(pd.read_csv(qa_csv).astype({"k": "Int64"})) if qa_csv else None
     md = [
         "# REFRAG experiment report",
         "",
@@ -334,6 +331,11 @@ QA_CAPTION = (
     "(baselines) or the cpt checkpoint (refrag); sft True: the sft checkpoint. [*_lo, *_hi]: "
     "95% bootstrap interval over documents; every row answers the same questions (checked)."
 )
+
+
+def _shown(table: pd.DataFrame) -> pd.DataFrame:
+    """A table as the report prints it: 4 decimals, blanks for missing values."""
+    return table.round(4).astype(object).where(table.notna(), "")
 
 
 def _scroll(table_html: str) -> str:

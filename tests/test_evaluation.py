@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from refrag.data import read_shards
 from refrag.evaluation import (
     VARIANTS,
-    bootstrap_log_ppl,
+    bootstrap_ratio,
     context_benefit_retained,
     perplexity_table,
     score_windows,
@@ -89,11 +89,11 @@ def test_bootstrap_over_documents_matches_the_enumerated_distribution():
     so the token-weighted log-ppl is 2.2 (doc a: 1 token at 1.0; doc b: 4 tokens at 2.5),
     1.0 or 2.5, and the 95% interval runs from 1.0 to 2.5."""
     nll, tokens = np.array([[1.0, 10.0]]), np.array([[1.0, 4.0]])
-    draws = bootstrap_log_ppl(nll, tokens, samples=4000, seed=1)[:, 0]
+    draws = bootstrap_ratio(nll, tokens, samples=4000, seed=1)[:, 0]
     values, counts = np.unique(draws.round(6), return_counts=True)
     assert values.tolist() == [1.0, 2.2, 2.5]
     assert counts / counts.sum() == pytest.approx([0.25, 0.5, 0.25], abs=0.03)
-    assert (draws == bootstrap_log_ppl(nll, tokens, samples=4000, seed=1)[:, 0]).all()
+    assert (draws == bootstrap_ratio(nll, tokens, samples=4000, seed=1)[:, 0]).all()
 
 
 def test_retained_interval_pairs_the_variants_of_one_resample():
