@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -92,6 +93,18 @@ class FakeHub:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def env(self, home: Path, token: str) -> dict[str, str]:
+        """The environment of a child process that talks to this hub (huggingface_hub reads
+        its endpoint at import): ``token`` as HF_TOKEN, its cache under ``home``, online."""
+        env = os.environ | {
+            "HF_ENDPOINT": self.url,
+            "HF_TOKEN": token,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HOME": str(home),
+        }
+        env.pop("HF_HUB_OFFLINE", None)
+        return env
 
     def __enter__(self) -> FakeHub:
         self.thread.start()

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -68,12 +67,7 @@ def test_hf_dataset_source_downloads_through_huggingface_hub(tmp_path):
     )
     (repo / "README.md").write_text("not fetched")
     with FakeHub({"datasets/org/texts": repo}) as hub:
-        env = os.environ | {
-            "HF_ENDPOINT": hub.url,
-            "HF_TOKEN": "hf_dataset_token",
-            "HF_HUB_DISABLE_XET": "1",
-            "HF_HOME": str(tmp_path / "home"),
-        }
+        env = hub.env(tmp_path / "home", "hf_dataset_token")
         code = "import sys; from refrag.corpus import fetch_source; fetch_source('hf:org/texts', sys.argv[1])"
         result = subprocess.run(
             [sys.executable, "-c", code, str(tmp_path / "fetched")],

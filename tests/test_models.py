@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -73,13 +72,7 @@ def test_hub_spec_downloads_through_huggingface_hub_with_the_env_token(tmp_path)
     (repo / "pytorch_model.bin").write_bytes(b"not fetched: only safetensors are")
     token = "hf_test_secret_token_123"
     with FakeHub({"org/tiny-llama": repo}) as hub:
-        env = os.environ | {
-            "HF_ENDPOINT": hub.url,
-            "HF_TOKEN": token,
-            "HF_HUB_DISABLE_XET": "1",
-            "HF_HOME": str(tmp_path / "hf-home"),
-        }
-        env.pop("HF_HUB_OFFLINE", None)
+        env = hub.env(tmp_path / "hf-home", token)
         cmd = [
             sys.executable,
             "-m",

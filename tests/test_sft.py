@@ -95,12 +95,7 @@ def test_a_hub_dataset_loads_its_train_files_through_huggingface_hub(tmp_path):
         repo / "data/test-00000.parquet"
     )
     with FakeHub({"datasets/org/qa": repo}) as hub:
-        env = os.environ | {
-            "HF_ENDPOINT": hub.url,
-            "HF_TOKEN": "hf_sft_token",
-            "HF_HUB_DISABLE_XET": "1",
-            "HF_HOME": str(tmp_path / "home"),
-        }
+        env = hub.env(tmp_path / "home", "hf_sft_token")
         code = "import json; from refrag.sft import load_records; print(json.dumps(load_records('hf:org/qa')))"
         result = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120

@@ -145,12 +145,10 @@ def train_inputs(wildcards):
     else:
         inputs["encoder"] = f"resources/models/{wildcards.encoder}"
         inputs["decoder"] = f"resources/models/{wildcards.decoder}"
-    own_data = stage_hp(wildcards)[
-        "data"
-    ]  # e.g. an SFT question file instead of the shards
-    if own_data and not own_data.startswith("hf:"):
-        inputs["own_data"] = own_data
-    if stage_hp(wildcards)["eval_steps"]:  # the stage logs its held-out curve
+    hp = stage_hp(wildcards)
+    if hp["data"] and not hp["data"].startswith("hf:"):  # e.g. an SFT question file
+        inputs["own_data"] = hp["data"]
+    if hp["eval_steps"]:  # the stage logs its held-out curve
         inputs["heldout"] = HELDOUT.format(**values)
         inputs["heldout_baselines"] = HELDOUT_BASELINES.format(**values)
     return inputs
