@@ -1,4 +1,4 @@
-"""Token alignment: linear-time `refrag.alignment.align` against the seed's O(N²) reference DP.
+"""Token alignment: linear-time `refrag.data.alignment.align` against the seed's O(N²) reference DP.
 
     .venv/bin/python benchmarks/alignment_speed.py [--tokens 2000] [--repeats 5]
 
@@ -17,8 +17,8 @@ import time
 import transformers
 from transformers import AutoTokenizer
 
-from refrag.alignment import align, alignment_pairs_from_dp, compute_dp_matrix
-from refrag.models import DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
+from refrag.data.alignment import align, alignment_pairs_from_dp, compute_dp_matrix
+from refrag.io.models import DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

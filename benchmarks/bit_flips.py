@@ -19,16 +19,16 @@ from pathlib import Path
 import pandas as pd
 from transformers import AutoTokenizer
 
-from refrag.corpus import prepare_corpus, read_split
-from refrag.data import (
+from refrag.data.corpus import prepare_corpus, read_split
+from refrag.data.shards import (
     build_alignment_cache,
     iter_windows,
     read_alignment_cache,
     read_shards,
     write_shards,
 )
-from refrag.integrity import IntegrityError
-from refrag.models import DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
+from refrag.io.integrity import IntegrityError
+from refrag.io.models import DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
 
 
 def trial(path: Path, read, flips: int, seed: int = 0) -> dict:

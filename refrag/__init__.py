@@ -5,9 +5,9 @@
 and per-rank logs are kept here, its Hydra apps became Snakemake rules.
 """
 
-from refrag.alignment import Alignment, align
+from refrag.data.alignment import Alignment, align
 from refrag.modeling import RefragConfig, RefragModel
-from refrag.tokenization import RefragTokenizer, parse_segments
+from refrag.modeling.tokenization import RefragTokenizer, parse_segments
 
 __version__ = "0.1.0"
 __all__ = ["Alignment", "RefragConfig", "RefragModel", "RefragTokenizer", "align", "parse_segments"]

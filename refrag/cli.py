@@ -5,14 +5,21 @@ from __future__ import annotations
 import argparse
 import time
 
-from refrag.integrity import IntegrityError
-from refrag.models import (
+import torch
+
+from refrag.data.alignment import align
+from refrag.io.integrity import IntegrityError
+from refrag.io.models import (
     DEFAULT_CACHE_DIR,
     DEFAULT_DECODER,
     DEFAULT_ENCODER,
     ModelSpecError,
     resolve_model,
 )
+from refrag.io.runtime import quiet_transformers
+from refrag.modeling import RefragModel
+from refrag.modeling.tokenization import RefragTokenizer
+from refrag.serve.chat import run
 
 DEMO_TEXT = (
     "Answer from the document.\n"
@@ -31,13 +38,6 @@ def fetch_models(args: argparse.Namespace) -> None:
 
 def demo(args: argparse.Namespace) -> None:
     """Tokenize a text with a <doc>, align the tokenizers, run forward and generate."""
-    import torch
-
-    from refrag.alignment import align
-    from refrag.modeling import RefragModel
-    from refrag.tokenization import RefragTokenizer
-    from refrag.utils import quiet_transformers
-
     quiet_transformers()
     torch.manual_seed(0)
     enc_dir, dec_dir = (
@@ -79,8 +79,6 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def chat(args: argparse.Namespace) -> int:
-    from refrag.chat import run
-
     return run(args)
 
 

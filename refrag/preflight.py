@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonschema import Draft202012Validator
 
-from refrag.models import EMBEDDED_MODELS, ModelSpecError, cache_name, check_spec
+from refrag.data.corpus import EMBEDDED_CORPORA, read_documents
+from refrag.io.models import EMBEDDED_MODELS, ModelSpecError, cache_name, check_spec
+from refrag.modeling.limits import compression_limit
 
-POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
 CORPUS_SUFFIXES = (".txt", ".parquet", ".jsonl")
 
 
@@ -94,8 +96,6 @@ def coerce_numbers(value: Any, node: dict, root: dict) -> Any:
 
 def schema_errors(config: dict, schema: dict) -> list[str]:
     """One line per schema error, naming the key (``runs[0].train.cpt.lr``)."""
-    from jsonschema import Draft202012Validator
-
     lines = []
     errors = Draft202012Validator(schema).iter_errors(config)
     for error in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
@@ -167,25 +167,6 @@ def chunk_limit(spec: str, fetched: Path | None = None) -> int | None:
     return None
 
 
-def compression_limit(encoder_config: dict | Any) -> int | None:
-    """The largest k an encoder (its config, as a dict or object) can read as one chunk row."""
-    get = encoder_config.get if isinstance(encoder_config, dict) else encoder_config.__dict__.get
-    positions = get("max_position_embeddings")
-    if positions is None:
-        return None
-    return positions - POSITION_OFFSET.get(get("model_type"), 0) - 2
-
-
-def check_compression(encoder_config: Any, k: int) -> None:
-    """Raise ``ValueError`` naming k when chunk rows of k tokens do not fit the encoder."""
-    limit = compression_limit(encoder_config)
-    if limit is not None and k > limit:
-        raise ValueError(
-            f"k={k} does not fit the encoder: a chunk row is k + 2 tokens (CLS, SEP) and it "
-            f"has positions for {limit + 2}; use k <= {limit}"
-        )
-
-
 def eval_k_errors(config: dict) -> list[str]:
     """``eval.selective.k`` and ``eval.qa.k`` name k values that some run trains."""
     trained = {k for run in config["runs"] for k in run["k"]}
@@ -202,8 +183,6 @@ def eval_k_errors(config: dict) -> list[str]:
 
 # -- corpus ----------------------------------------------------------------------------------
 def corpus_errors(config: dict) -> list[str]:
-    from refrag.corpus import EMBEDDED_CORPORA
-
     corpus = config["corpus"]
     source = corpus["source"]
     if source.startswith("embedded:"):
@@ -238,8 +217,6 @@ def corpus_errors(config: dict) -> list[str]:
 
 
 def _texts(folder: Path) -> Iterator[str]:
-    from refrag.corpus import read_documents
-
     try:
         for doc in read_documents(str(folder)):
             if isinstance(doc.get("text"), str):

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from refrag.stages import STAGES  # noqa: E402
+from refrag.train.stages import STAGES  # noqa: E402
 
 PathLike = str | os.PathLike
 
@@ -134,10 +134,10 @@ def stage_order(names: set[str]) -> list[str]:
 
 
 def plot_training(checkpoints: Sequence[tuple[str, PathLike]], out: PathLike) -> Path:
-    """Training loss per step, one panel per stage (in :data:`refrag.stages.STAGES` order), one
+    """Training loss per step, one panel per stage (in :data:`refrag.train.stages.STAGES` order), one
     line per run: ``checkpoints`` are (run label, stage folder holding training_log.json). A
     stage that logged a ``reward`` (the policy stage) shows its mean reward instead.
-    Stages that logged a held-out curve (:mod:`refrag.heldout`) get a second panel below: the
+    Stages that logged a held-out curve (:mod:`refrag.train.heldout`) get a second panel below: the
     share of the context's benefit retained on validation windows against training tokens."""
     logs = [
         (label, json.loads((Path(folder) / "training_log.json").read_text()))

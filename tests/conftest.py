@@ -16,10 +16,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from refrag.integrity import write_manifest
+from refrag.io.integrity import write_manifest
+from refrag.io.models import DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
 from refrag.modeling import RefragConfig, RefragModel
-from refrag.models import DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
-from refrag.tokenization import RefragTokenizer
+from refrag.modeling.tokenization import RefragTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (
@@ -152,7 +152,7 @@ def write_text_shards(
     out: Path, docs: list[dict], tokenizers: tuple, *, context_tokens: int, **kwargs
 ) -> Path:
     """Shards of ``docs``'s (context_tokens + 8)-token windows, written to ``out``."""
-    from refrag.data import iter_windows, write_shards
+    from refrag.data.shards import iter_windows, write_shards
 
     encoder_tokenizer, decoder_tokenizer = tokenizers
     rows = iter_windows(
@@ -178,7 +178,7 @@ def shards(tmp_path_factory, encoder_tokenizer, decoder_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def alignment_cache(tmp_path_factory, shards, encoder_tokenizer, decoder_tokenizer) -> Path:
     """The alignment-pair cache of :func:`shards`."""
-    from refrag.data import build_alignment_cache, read_shards
+    from refrag.data.shards import build_alignment_cache, read_shards
 
     out = tmp_path_factory.mktemp("alignment") / "train.parquet"
     build_alignment_cache(

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from refrag.alignment import (
+from refrag.data.alignment import (
     align,
     alignment_pairs_from_dp,
     compute_dp_matrix,

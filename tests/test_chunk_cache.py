@@ -8,8 +8,8 @@ import threading
 import pytest
 import torch
 
-from refrag.chunk_cache import ChunkEmbeddingCache
 from refrag.modeling import RefragModel
+from refrag.serve.chunk_cache import ChunkEmbeddingCache
 
 from .conftest import tiny_config
 

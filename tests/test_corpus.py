@@ -5,7 +5,7 @@ import sys
 import pandas as pd
 import pytest
 
-from refrag.corpus import assign_split, clean_wikitext, prepare_corpus, read_documents
+from refrag.data.corpus import assign_split, clean_wikitext, prepare_corpus, read_documents
 
 from .fake_hub import FakeHub
 
@@ -68,7 +68,7 @@ def test_hf_dataset_source_downloads_through_huggingface_hub(tmp_path):
     (repo / "README.md").write_text("not fetched")
     with FakeHub({"datasets/org/texts": repo}) as hub:
         env = hub.env(tmp_path / "home", "hf_dataset_token")
-        code = "import sys; from refrag.corpus import fetch_source; fetch_source('hf:org/texts', sys.argv[1])"
+        code = "import sys; from refrag.data.corpus import fetch_source; fetch_source('hf:org/texts', sys.argv[1])"
         result = subprocess.run(
             [sys.executable, "-c", code, str(tmp_path / "fetched")],
             env=env,
@@ -86,8 +86,8 @@ def test_hf_dataset_source_downloads_through_huggingface_hub(tmp_path):
 
 
 def test_a_flipped_byte_in_a_split_is_refused_by_its_reader(tmp_path):
-    from refrag.corpus import read_split
-    from refrag.integrity import IntegrityError
+    from refrag.data.corpus import read_split
+    from refrag.io.integrity import IntegrityError
 
     prepare_corpus(docs(60), tmp_path, validation_fraction=0.2, test_fraction=0.2)
     assert len(read_split(tmp_path / "train.parquet", rule="prepare_corpus")) > 0

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from refrag.data import iter_windows, read_shards, spread
+from refrag.data.shards import iter_windows, read_shards, spread
 
 
 def test_windows_hold_both_tokenizations_of_the_same_context(

@@ -5,18 +5,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refrag.data import read_shards
-from refrag.evaluation import (
+from refrag.data.shards import read_shards
+from refrag.eval.perplexity import perplexity_table
+from refrag.eval.scoring import (
     VARIANTS,
-    bootstrap_ratio,
     context_benefit_retained,
-    perplexity_table,
     score_windows,
     scored_digest,
     target_nll,
     window_parts,
 )
-from refrag.tokenization import RefragTokenizer
+from refrag.eval.statistics import bootstrap_ratio
+from refrag.modeling.tokenization import RefragTokenizer
 
 
 def test_target_nll_counts_only_target_tokens(shards, tiny_model, refrag_tokenizer):

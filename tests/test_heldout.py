@@ -1,10 +1,10 @@
-"""refrag.heldout: the held-out curve a training stage logs."""
+"""refrag.train.heldout: the held-out curve a training stage logs."""
 
 import json
 
 import pytest
 
-from refrag.training import train_stage
+from refrag.train.runner import train_stage
 
 from .conftest import interrupt_at_step
 
@@ -27,7 +27,7 @@ def test_held_out_curve_logs_retained_share_against_tokens(tiny_model_dirs, shar
 def test_a_resumed_stage_keeps_its_baselines_and_adds_no_second_start_point(
     tiny_model_dirs, shards, tmp_path, monkeypatch
 ):
-    from refrag.training import RefragTrainer
+    from refrag.train.trainers import RefragTrainer
 
     base = {"encoder": tiny_model_dirs["encoder"], "decoder": tiny_model_dirs["decoder"]}
     out = tmp_path / "cpt"

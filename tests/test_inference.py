@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import BertConfig, LlamaConfig
 
-from refrag.chunk_cache import ChunkEmbeddingCache, model_fingerprint
-from refrag.inference import greedy_generate, prefill, stream_generate
 from refrag.modeling import RefragConfig, RefragModel, attn_implementations
+from refrag.serve.chunk_cache import ChunkEmbeddingCache, model_fingerprint
+from refrag.serve.inference import greedy_generate, prefill, stream_generate
 
 from .attention_spy import eager_attention_calls
 
@@ -207,7 +207,7 @@ def test_stream_generate_streams_the_greedy_tokens(model):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_loading_without_checkpoint_runs_the_requested_attention(attn, encoder_dir, decoder_dir):
-    from refrag.inference import load_refrag
+    from refrag.serve.inference import load_refrag
 
     model, tok = load_refrag(
         decoder=str(decoder_dir), encoder=str(encoder_dir), attn_implementation=attn
@@ -222,7 +222,7 @@ def test_loading_without_checkpoint_runs_the_requested_attention(attn, encoder_d
 
 @pytest.mark.parametrize("encode", [False, True])
 def test_static_runner_gives_the_dynamic_path_tokens_and_logits(model, encode):
-    from refrag.inference import StaticRunner, decode_step
+    from refrag.serve.inference import StaticRunner, decode_step
 
     batch = mixed_batch()
     batch.pop("attention_mask")

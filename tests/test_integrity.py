@@ -13,12 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from refrag.data import (
-    build_alignment_cache,
-    read_alignment_cache,
-    read_shards,
-)
-from refrag.integrity import (
+from refrag.data.shards import build_alignment_cache, read_alignment_cache, read_shards
+from refrag.io.integrity import (
     MANIFEST,
     IntegrityError,
     atomic_file,
@@ -29,7 +25,7 @@ from refrag.integrity import (
     write_parquet,
 )
 from refrag.modeling import RefragModel
-from refrag.training import save_model_folder
+from refrag.train.runner import save_model_folder
 
 from .conftest import tiny_config
 
@@ -85,9 +81,9 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(checkpoint, tmp_path, d
 
 
 def test_every_checkpoint_reader_verifies_before_loading(checkpoint, shards, tmp_path):
-    from refrag.evaluation import evaluate_windows
-    from refrag.inference import load_refrag
-    from refrag.training import train_stage
+    from refrag.eval.perplexity import evaluate_windows
+    from refrag.serve.inference import load_refrag
+    from refrag.train.runner import train_stage
 
     copy = tmp_path / "cpt"
     shutil.copytree(checkpoint, copy)
@@ -192,7 +188,7 @@ def test_a_damaged_init_ends_the_training_command_with_one_line(checkpoint, shar
     copy = tmp_path / "align"
     shutil.copytree(checkpoint, copy)
     (copy / "model.safetensors").write_bytes(b"")
-    cmd = [sys.executable, "-m", "refrag.training", "--stage", "cpt", "--k", "4"]
+    cmd = [sys.executable, "-m", "refrag.train", "--stage", "cpt", "--k", "4"]
     cmd += ["--init", str(copy), "--data", str(shards), "--out", str(tmp_path / "cpt")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from refrag.modeling import RefragConfig, RefragModel, attn_implementations
-from refrag.tokenization import IGNORE_INDEX
+from refrag.modeling.tokenization import IGNORE_INDEX
 
 from .attention_spy import eager_attention_calls
 from .conftest import tiny_config
@@ -200,7 +200,7 @@ def test_generate_with_kv_cache_matches_greedy_recomputation(tiny_model, refrag_
 @pytest.mark.slow
 def test_real_default_models_end_to_end(encoder_dir, decoder_dir):
     """The embedded MiniLM encoder + SmolLM2 decoder: tokenize a <doc>, forward, generate."""
-    from refrag.tokenization import RefragTokenizer
+    from refrag.modeling.tokenization import RefragTokenizer
 
     pair = {"encoder_name_or_path": str(encoder_dir), "decoder_name_or_path": str(decoder_dir)}
     tok = RefragTokenizer.from_encoder_decoder_pretrained(**pair, compression=16)

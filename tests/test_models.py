@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from refrag.models import EMBEDDED_MODELS, ModelSpecError, cache_name, fetch_model, resolve_model
+from refrag.io.models import EMBEDDED_MODELS, ModelSpecError, cache_name, fetch_model, resolve_model
 
 from .fake_hub import FakeHub
 

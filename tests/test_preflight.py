@@ -12,9 +12,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from refrag.models import ModelSpecError, fetch_model
-from refrag.preflight import check_config, compression_limit
-from refrag.stages import StageConfig, with_stage_schemas
+from refrag.io.models import ModelSpecError, fetch_model
+from refrag.modeling.limits import compression_limit
+from refrag.preflight import check_config
+from refrag.train.stages import StageConfig, with_stage_schemas
 
 from .conftest import ROOT
 

@@ -51,7 +51,7 @@ rule cancelled_probe:
     shell:
         "echo running as Slurm job $SLURM_JOB_ID > {log}; sleep 600; touch {output}"
 """
-TRAIN_RULES = ("train",)  # one rule, a job per stage (refrag.stages)
+TRAIN_RULES = ("train",)  # one rule, a job per stage (refrag.train.stages)
 # Rules grouped into one sbatch job per group (and connected part): fewer Slurm jobs, so the
 # test stays short on 2 cores. The workflow's localrules (perplexity_table, rulegraph,
 # eval_report) run on the submitting host, as on a real cluster.

@@ -1,21 +1,23 @@
 import pytest
 import torch
 
-from refrag.qa import (
+from refrag.data.qa import (
     BLANK,
     QAExample,
-    answer_questions,
     answer_spans,
     build_qa,
+    question_prompt,
+    read_qa_set,
+    split_sentences,
+    write_qa_set,
+)
+from refrag.eval.qa import (
+    answer_questions,
     cloze_answer,
     exact_match,
     f1_score,
     normalize_answer,
     qa_table,
-    question_prompt,
-    read_qa_set,
-    split_sentences,
-    write_qa_set,
 )
 from tests.conftest import TEXT
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import Trainer
 
-from refrag.integrity import MANIFEST, IntegrityError, write_manifest
-from refrag.resume import check_checkpoint_files, last_complete_checkpoint, resumed_train_loss
-from refrag.training import train_stage
+from refrag.io.integrity import MANIFEST, IntegrityError, write_manifest
+from refrag.train.resume import check_checkpoint_files, last_complete_checkpoint, resumed_train_loss
+from refrag.train.runner import train_stage
 
 HP = {"steps": 4, "batch_size": 2, "save_steps": 2, "logging_steps": 1}
 

@@ -7,26 +7,21 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from refrag.data import read_shards
-from refrag.evaluation import perplexity_table, result_row, score_windows, window_parts
-from refrag.modeling import ChunkPolicy, RefragModel
-from refrag.resume import last_complete_checkpoint
-from refrag.selective import (
+from refrag.data.mixed import chunk_spans, context_positions, expand_count, mixed_parts
+from refrag.data.shards import read_shards
+from refrag.eval.perplexity import perplexity_table
+from refrag.eval.scoring import result_row, score_windows, window_parts
+from refrag.eval.selective import (
     chunk_embeddings,
-    chunk_spans,
     chunk_surprise,
-    context_positions,
     evaluate_selective,
-    expand_count,
-    mixed_dataset,
-    mixed_parts,
-    reinforce_loss,
-    rewards,
-    sample_selection,
     top_selection,
 )
-from refrag.stages import StageConfig
-from refrag.training import train_stage
+from refrag.modeling import ChunkPolicy, RefragModel
+from refrag.train.resume import last_complete_checkpoint
+from refrag.train.runner import train_stage
+from refrag.train.selective import mixed_dataset, reinforce_loss, rewards, sample_selection
+from refrag.train.stages import StageConfig
 
 from .conftest import interrupt_at_step
 
@@ -238,7 +233,7 @@ def test_mixed_dataset_trains_on_random_fractions(shards, refrag_tokenizer):
 def test_an_interrupted_policy_stage_resumes_to_the_same_policy(
     shards, tiny_checkpoint, tmp_path, monkeypatch
 ):
-    from refrag.selective import PolicyTrainer
+    from refrag.train.selective import PolicyTrainer
 
     hp = {"steps": 4, "batch_size": 2, "lr": 1e-2, "save_steps": 2, "logging_steps": 1}
     run = {"init": tiny_checkpoint, "data": shards, "compression": 4, "hp": hp}

@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 from trl import SFTTrainer
 
-from refrag.chat import render_chat, template_tokenizer
 from refrag.modeling import RefragModel
-from refrag.sft import (
+from refrag.modeling.prompting import render_chat, template_tokenizer
+from refrag.modeling.tokenization import IGNORE_INDEX
+from refrag.train.runner import train_stage
+from refrag.train.sft import (
     SFTCollator,
     load_records,
     sft_dataset,
@@ -18,9 +20,7 @@ from refrag.sft import (
     shard_records,
     user_message,
 )
-from refrag.stages import STAGES
-from refrag.tokenization import IGNORE_INDEX
-from refrag.training import train_stage
+from refrag.train.stages import STAGES
 from tests.conftest import TEXT, interrupt_at_step, write_text_shards
 from tests.fake_hub import FakeHub
 from tests.test_chat import ROOT, needs_tokenizers, read_until
@@ -96,7 +96,7 @@ def test_a_hub_dataset_loads_its_train_files_through_huggingface_hub(tmp_path):
     )
     with FakeHub({"datasets/org/qa": repo}) as hub:
         env = hub.env(tmp_path / "home", "hf_sft_token")
-        code = "import json; from refrag.sft import load_records; print(json.dumps(load_records('hf:org/qa')))"
+        code = "import json; from refrag.train.sft import load_records; print(json.dumps(load_records('hf:org/qa')))"
         result = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
         )
@@ -122,8 +122,8 @@ def test_a_stage_reads_the_data_its_hyperparameters_name(tiny_checkpoint, tmp_pa
 def test_an_interrupted_sft_stage_resumes_from_its_last_complete_checkpoint(
     tiny_checkpoint, tmp_path, monkeypatch
 ):
-    from refrag.resume import last_complete_checkpoint
-    from refrag.sft import RefragSFTTrainer
+    from refrag.train.resume import last_complete_checkpoint
+    from refrag.train.sft import RefragSFTTrainer
 
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
@@ -157,7 +157,7 @@ def long_shards(tmp_path_factory, encoder_tokenizer, decoder_tokenizer):
 
 
 def test_default_data_asks_cloze_questions_about_the_train_windows(long_shards):
-    from refrag.data import read_shards
+    from refrag.data.shards import read_shards
 
     records = shard_records(long_shards)
     windows = set(read_shards(long_shards)["context_text"])

@@ -1,7 +1,7 @@
 import jsonschema
 import pytest
 
-from refrag.stages import STAGES, StageConfig, final_stage, get_stage, stage_config_schema
+from refrag.train.stages import STAGES, StageConfig, final_stage, get_stage, stage_config_schema
 
 
 def test_each_stage_starts_from_an_earlier_one_or_the_base_models():
@@ -45,7 +45,7 @@ def test_cpt_trains_the_decoder_and_its_ablation_keeps_it_frozen():
 
 @pytest.mark.parametrize("name", list(STAGES))
 def test_every_stage_names_a_dataset_builder_and_a_trainer_that_exist(name):
-    from refrag.stages import _resolve
+    from refrag.train.stages import _resolve
 
     stage = STAGES[name]
     assert callable(_resolve(stage.dataset)) and callable(_resolve(stage.trainer))

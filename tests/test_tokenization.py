@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from refrag.tokenization import (
+from refrag.modeling.tokenization import (
     IGNORE_INDEX,
     DocMarkupError,
     DuplicateDocIdError,
@@ -254,7 +254,7 @@ def test_special_token_strings_in_a_document_are_plain_text(refrag_tokenizer, en
 )
 @given(st.text(min_size=1, max_size=200).filter(str.strip))
 def test_any_escaped_file_text_is_exactly_one_document(refrag_tokenizer, body):
-    from refrag.chat import escape_doc_text
+    from refrag.modeling.prompting import escape_doc_text
 
     escaped, _ = escape_doc_text(body)
     segments = parse_segments(f"Q <doc id='f'>{escaped}</doc> A")

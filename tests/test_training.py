@@ -7,21 +7,20 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
-from refrag.data import read_shards
+from refrag.data.shards import read_shards
 from refrag.modeling import RefragModel
-from refrag.stages import STAGES
-from refrag.tokenization import RefragTokenizer
-from refrag.training import (
+from refrag.modeling.tokenization import RefragTokenizer
+from refrag.train.datasets import (
     AlignmentCollator,
-    RefragTrainer,
     aligned_spans,
-    alignment_losses,
     curriculum_lengths,
-    last_complete_checkpoint,
     reconstruction_examples,
     shuffled_cycle,
-    train_stage,
 )
+from refrag.train.resume import last_complete_checkpoint
+from refrag.train.runner import train_stage
+from refrag.train.stages import STAGES
+from refrag.train.trainers import RefragTrainer, alignment_losses
 
 from .conftest import TEXT, interrupt_at_step
 
@@ -214,7 +213,7 @@ def test_a_stage_trains_under_torchrun_with_two_processes(
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "refrag.training",
+        "refrag.train",
         "--stage",
         stage,
         "--k",
@@ -256,7 +255,7 @@ def test_unset_hyperparameters_come_from_the_stage_registry(base, shards, tmp_pa
 
 
 def test_cli_wants_the_encoder_with_the_decoder(capsys):
-    from refrag.training import main
+    from refrag.train.runner import main
 
     with pytest.raises(SystemExit):
         main(["--stage", "cpt", "--k", "4", "--encoder", "e", "--data", "d", "--out", "o"])
@@ -268,7 +267,7 @@ def test_a_damaged_init_stops_the_cli_in_one_line_naming_the_rule_that_rebuilds_
 ):
     import shutil
 
-    from refrag.training import main
+    from refrag.train.runner import main
 
     init = shutil.copytree(tiny_checkpoint, tmp_path / "reconstruct")
     weights = init / "model.safetensors"

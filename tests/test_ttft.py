@@ -1,4 +1,4 @@
-"""The TTFT benchmark (refrag.ttft): what it runs, computes and reports; never how fast."""
+"""The TTFT benchmark (refrag.bench.ttft): what it runs, computes and reports; never how fast."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from refrag import ttft
+from refrag.bench import output, shapes, timing, ttft
 
 from .attention_spy import eager_attention_calls
 
@@ -58,7 +58,7 @@ def test_rows_record_the_settings_that_ran(tiny_rows):
 
 def test_rows_compute_ratios_and_the_limit_from_the_positions_fed(tiny_rows):
     rows, _, _ = tiny_rows
-    d = ttft.DECODER_SHAPES["tiny"]["hidden_size"]
+    d = shapes.DECODER_SHAPES["tiny"]["hidden_size"]
     for r in rows:
         assert r["refrag_positions"] == 1 + r["context"] // r["k"] + 16
         assert r["baseline_positions"] == 1 + r["context"] + 16
@@ -104,7 +104,7 @@ def test_a_ratio_over_the_limit_is_a_warning_not_a_result(capsys):
     assert row["speedup_cached"] is None and row["speedup_recomputed"] == 10.0
     assert "30.0x above the analytic limit 21.84x" in row["suspect"]["speedup_cached"]
     assert "WARNING s=2048 k=16 cached" in capsys.readouterr().err
-    assert "suspect" in ttft.format_table([row | _table_fields()])
+    assert "suspect" in output.format_table([row | _table_fields()])
 
 
 def test_the_warning_names_a_busy_machine_or_a_noisy_baseline():
@@ -129,23 +129,23 @@ def _table_fields() -> dict:
 @pytest.mark.parametrize("fast", ["sdpa", "eager"])
 def test_the_baseline_is_the_fastest_candidate_and_runs_with_its_kernel(fast, monkeypatch):
     args = ttft.parse_args([*TINY.split(), "--contexts", "64", "--k", "8"])
-    model = ttft.build_model(args, torch.device("cpu"), torch.float32)
-    x = ttft.make_inputs(model, 64, 8, 16, torch.Generator().manual_seed(0))
+    model = shapes.build_model(args, torch.device("cpu"), torch.float32)
+    x = timing.make_inputs(model, 64, 8, 16, torch.Generator().manual_seed(0))
     seen = []
 
     def fake_timed_ms(fn, device):  # the candidate running `fast` attention is the quick one
         fn()
-        seen.append(ttft.attn_of(model.decoder))
+        seen.append(timing.attn_of(model.decoder))
         return 1.0 if seen[-1] == fast else 2.0
 
     monkeypatch.setattr(ttft, "timed_ms", fake_timed_ms)
-    candidates = ttft.baseline_candidates(torch.device("cpu"), None)
+    candidates = timing.baseline_candidates(torch.device("cpu"), None)
     assert [c.label for c in candidates] == ["sdpa", "eager"]
-    prompt, attn, times = ttft.choose_baseline(model, x, torch.device("cpu"), candidates, args)
+    prompt, attn, times = timing.choose_baseline(model, x, torch.device("cpu"), candidates, args)
     assert attn == fast and times == {fast: 1.0, ({"sdpa", "eager"} - {fast}).pop(): 2.0}
     assert seen == ["sdpa", "eager"]  # each candidate timed with its own kernel
-    assert ttft.attn_of(model.decoder) == "sdpa"  # the model's own setting is restored
-    with ttft.decoder_attn(model, attn), eager_attention_calls() as calls:
+    assert timing.attn_of(model.decoder) == "sdpa"  # the model's own setting is restored
+    with timing.decoder_attn(model, attn), eager_attention_calls() as calls:
         prompt.plain()
     assert bool(calls) == (fast == "eager")
 
@@ -164,8 +164,8 @@ def test_context_must_divide_by_k():
 
 
 def test_shape_overrides_reach_the_config():
-    config = ttft.shape_config(
-        "llama2-7b:num_hidden_layers=2,rope_theta=5e5", ttft.DECODER_SHAPES, 16448
+    config = shapes.shape_config(
+        "llama2-7b:num_hidden_layers=2,rope_theta=5e5", shapes.DECODER_SHAPES, 16448
     )
     assert (config.hidden_size, config.num_hidden_layers, config.max_position_embeddings) == (
         4096,

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from refrag.stages import STAGES
+from refrag.train.stages import STAGES
 
 from .conftest import ROOT, TEXT, save_tiny_model
 

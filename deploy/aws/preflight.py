@@ -18,7 +18,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import boto3
 import yaml
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from snakemake_executor_plugin_aws_basic_batch import Executor
 
 DEPLOYMENT = Path("profiles/aws-batch/deployment.yaml")  # relative to the work tree
 # What the image holds of the work tree (the allow-list in .dockerignore) and jobs run.
@@ -53,8 +57,6 @@ def load_deployment(path: Path | None = None) -> dict:
 
 def check_credentials(sts) -> str:
     """The caller's ARN; one line and exit 1 when credentials are missing, expired or refused."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
     try:
         return sts.get_caller_identity()["Arn"]
     except NoCredentialsError:
@@ -153,10 +155,6 @@ def log_stream(executor, job_id: str) -> str:
 
 def run() -> dict:
     """All checks; the deployment settings for the profile."""
-    import boto3
-    from botocore.config import Config
-    from snakemake_executor_plugin_aws_basic_batch import Executor
-
     deployment = load_deployment()
     config = Config(connect_timeout=10, read_timeout=20, retries={"max_attempts": 2})
     sts = boto3.session.Session(region_name=deployment["region"]).client("sts", config=config)

@@ -1,4 +1,5 @@
-"""The REFRAG model, registered with the ``Auto`` classes under ``model_type="refrag"``."""
+"""The REFRAG model (registered with the ``Auto`` classes as ``model_type="refrag"``), its
+tokenizer, prompt rendering and chunk limits. May import refrag.io only."""
 
 from transformers import AutoConfig, AutoModel
 

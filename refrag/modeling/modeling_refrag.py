@@ -69,7 +69,7 @@ class RefragModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
-    chunk_cache = None  # a refrag.chunk_cache.ChunkEmbeddingCache; see use_chunk_cache
+    chunk_cache = None  # a refrag.serve.chunk_cache.ChunkEmbeddingCache; see use_chunk_cache
 
     def __init__(
         self,
@@ -150,7 +150,7 @@ class RefragModel(PreTrainedModel):
 
     def use_chunk_cache(self, cache=None) -> None:
         """Let ``embed_inputs`` take chunk embeddings from ``cache`` (a
-        :class:`~refrag.chunk_cache.ChunkEmbeddingCache`) whenever gradients are off;
+        :class:`~refrag.serve.chunk_cache.ChunkEmbeddingCache`) whenever gradients are off;
         ``None`` turns it off. Training (grad enabled) always runs the encoder."""
         self.chunk_cache = cache
 

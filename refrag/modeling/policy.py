@@ -8,7 +8,7 @@ from torch import nn
 
 class ChunkPolicy(nn.Module):
     """A small transformer over a context's chunk embeddings (projected, the decoder's width):
-    one logit per chunk, the higher the more worth expanding (see :mod:`refrag.selective`)."""
+    one logit per chunk, the higher the more worth expanding (see :mod:`refrag.eval.selective`)."""
 
     def __init__(
         self,

@@ -37,7 +37,7 @@ def _check_environment():
 
 _check_environment()
 
-from refrag.stages import (
+from refrag.train.stages import (
     STAGES,
     final_stage,
     with_stage_schemas,
@@ -46,7 +46,7 @@ from refrag.stages import (
 
 def config_schema():
     """workflow/schemas/config.schema.yaml, whose stage sections (names, hyperparameters and
-    their defaults) come from the stage registry refrag.stages.STAGES."""
+    their defaults) come from the stage registry refrag.train.stages.STAGES."""
     schema = yaml.safe_load(
         Path(workflow.basedir, "workflow/schemas/config.schema.yaml").read_text()
     )
@@ -155,7 +155,7 @@ def train_inputs(wildcards):
 
 
 def train_start(wildcards, input):
-    """`python -m refrag.training` arguments naming where the stage starts (and the held-out
+    """`python -m refrag.train` arguments naming where the stage starts (and the held-out
     windows of its curve)."""
     heldout = ""
     if "heldout" in input.keys():

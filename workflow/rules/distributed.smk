@@ -11,5 +11,5 @@ rule hello_dist:
         python=PYTHON,
     shell:
         "{params.python} -m torch.distributed.run --standalone --nproc_per_node={params.nproc} "
-        "--log-dir={log.ranks}/torchrun -m refrag.distributed hello "
+        "--log-dir={log.ranks}/torchrun -m refrag.train.distributed hello "
         "--out {output} --rank-log-dir {log.ranks} > {log.torchrun} 2>&1"

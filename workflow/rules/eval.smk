@@ -92,7 +92,7 @@ rule eval_selective:
 
 
 rule qa_set:
-    """The cloze QA set of an eval set's windows (refrag.qa.build_qa): a sentence of a
+    """The cloze QA set of an eval set's windows (refrag.data.qa.build_qa): a sentence of a
     held-out passage with a name or number blanked."""
     input:
         "results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",

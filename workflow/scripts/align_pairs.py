@@ -1,8 +1,8 @@
 from transformers import AutoTokenizer
 
-from refrag.data import build_alignment_cache, read_shards
-from refrag.integrity import one_line_errors
-from refrag.utils import log_to
+from refrag.data.shards import build_alignment_cache, read_shards
+from refrag.io.integrity import one_line_errors
+from refrag.io.runtime import log_to
 
 with log_to(snakemake.log[0]), one_line_errors({snakemake.input.shards: "tokenize"}):
     pairs = build_alignment_cache(

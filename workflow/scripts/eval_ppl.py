@@ -1,8 +1,8 @@
 import torch
 
-from refrag.evaluation import evaluate_windows
-from refrag.integrity import one_line_errors
-from refrag.utils import log_to
+from refrag.eval.perplexity import evaluate_windows
+from refrag.io.integrity import one_line_errors
+from refrag.io.runtime import log_to
 
 rules = {snakemake.input.shards: "tokenize"}
 if snakemake.input.get("checkpoint"):

@@ -1,8 +1,8 @@
 import torch
 
-from refrag.integrity import one_line_errors
-from refrag.qa import evaluate_qa
-from refrag.utils import log_to
+from refrag.eval.qa import evaluate_qa
+from refrag.io.integrity import one_line_errors
+from refrag.io.runtime import log_to
 
 rules = {snakemake.input.qa_set: "qa_set"}
 if snakemake.input.get("checkpoint"):

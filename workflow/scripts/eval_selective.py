@@ -1,8 +1,8 @@
 import torch
 
-from refrag.integrity import one_line_errors
-from refrag.selective import evaluate_checkpoint
-from refrag.utils import log_to
+from refrag.eval.selective import evaluate_checkpoint
+from refrag.io.integrity import one_line_errors
+from refrag.io.runtime import log_to
 
 rules = {snakemake.input.shards: "tokenize", snakemake.input.checkpoint: "train"}
 with log_to(snakemake.log[0]), one_line_errors(rules):

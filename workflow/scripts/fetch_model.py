@@ -1,5 +1,5 @@
-from refrag.models import fetch_model
-from refrag.utils import log_to
+from refrag.io.models import fetch_model
+from refrag.io.runtime import log_to
 
 with log_to(snakemake.log[0]):
     fetch_model(snakemake.params.spec, snakemake.output[0])

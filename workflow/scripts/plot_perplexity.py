@@ -1,5 +1,5 @@
+from refrag.io.runtime import log_to
 from refrag.report import plot_perplexity
-from refrag.utils import log_to
 
 with log_to(snakemake.log[0]):
     plot_perplexity(snakemake.input[0], snakemake.output[0])

@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from refrag.corpus import prepare_corpus, read_documents
-from refrag.utils import log_to
+from refrag.data.corpus import prepare_corpus, read_documents
+from refrag.io.runtime import log_to
 
 with log_to(snakemake.log[0]):
     manifest = prepare_corpus(

@@ -1,7 +1,7 @@
-from refrag.data import read_shards
-from refrag.integrity import one_line_errors
-from refrag.qa import build_qa, write_qa_set
-from refrag.utils import log_to
+from refrag.data.qa import build_qa, write_qa_set
+from refrag.data.shards import read_shards
+from refrag.io.integrity import one_line_errors
+from refrag.io.runtime import log_to
 
 with log_to(snakemake.log[0]), one_line_errors({snakemake.input[0]: "tokenize"}):
     windows = read_shards(snakemake.input[0]).to_dict("records")

@@ -1,8 +1,8 @@
 import json
 from pathlib import Path
 
-from refrag.qa import qa_table
-from refrag.utils import log_to
+from refrag.eval.qa import qa_table
+from refrag.io.runtime import log_to
 
 with log_to(snakemake.log[0]):
     rows = [row for path in snakemake.input for row in json.loads(Path(path).read_text())]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from refrag.utils import log_to
+from refrag.io.runtime import log_to
 
 # The outer run's effective config goes to the inner Snakemake, so the graph is this run's.
 with log_to(snakemake.log[0]), tempfile.TemporaryDirectory() as tmp:

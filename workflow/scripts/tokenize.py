@@ -2,10 +2,10 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from refrag.corpus import read_split
-from refrag.data import iter_windows, spread, tokenizer_id, write_shards
-from refrag.integrity import one_line_errors
-from refrag.utils import log_to
+from refrag.data.corpus import read_split
+from refrag.data.shards import iter_windows, spread, tokenizer_id, write_shards
+from refrag.io.integrity import one_line_errors
+from refrag.io.runtime import log_to
 
 with log_to(snakemake.log[0]), one_line_errors():
     encoder = AutoTokenizer.from_pretrained(snakemake.input.encoder)

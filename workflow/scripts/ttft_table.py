@@ -1,5 +1,5 @@
+from refrag.io.runtime import log_to
 from refrag.report import write_ttft_table
-from refrag.utils import log_to
 
 with log_to(snakemake.log[0]):
     write_ttft_table(

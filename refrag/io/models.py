@@ -22,7 +22,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from refrag.utils import atomic_folder
+from huggingface_hub import snapshot_download
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from refrag.io.integrity import atomic_folder
 
 DEFAULT_CACHE_DIR = Path("resources/models")
 
@@ -58,7 +61,11 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         max_positions=512,
     ),
 }
+
+
 DEFAULT_DECODER = "embedded:smollm2-135m-instruct"
+
+
 DEFAULT_ENCODER = "embedded:all-minilm-l6-v2"
 
 
@@ -138,8 +145,6 @@ def fetch_hub_model(repo: str, out: Path, revision: str | None = None) -> Path:
     """Download ``repo`` from the Hugging Face Hub into ``out`` (skipped if already there)."""
     if _is_complete(out):
         return out
-    from huggingface_hub import snapshot_download
-
     with atomic_folder(out) as tmp:
         snapshot_download(
             repo_id=repo,
@@ -197,8 +202,6 @@ def download_wheel(package: str, version: str, dest: Path) -> Path:
 
 def convert_gguf(gguf_file: Path, out: Path) -> None:
     """Dequantize a GGUF checkpoint into a plain safetensors folder with its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     kwargs = {"gguf_file": gguf_file.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, **kwargs)

@@ -24,12 +24,16 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import mwparserfromhell
 import pandas as pd
+from huggingface_hub import snapshot_download
 
-from refrag.integrity import IntegrityError, atomic_file, read_manifest, verify_file, write_json
-from refrag.models import download_wheel
+from refrag.io.integrity import IntegrityError, atomic_file, read_manifest, verify_file, write_json
+from refrag.io.models import download_wheel
 
 SPLITS = ("train", "validation", "test")
+
+
 EMBEDDED_CORPORA = {
     "gensim-enwiki": (
         "gensim",
@@ -45,8 +49,6 @@ def fetch_source(source: str, out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if source.startswith("hf:"):
-        from huggingface_hub import snapshot_download
-
         repo, _, revision = source.removeprefix("hf:").partition("@")
         snapshot_download(
             repo_id=repo,
@@ -85,8 +87,6 @@ def read_documents(source: str, fetched: str | os.PathLike | None = None) -> Ite
 
 def read_mediawiki_dump(path: str | os.PathLike) -> Iterator[dict]:
     """Articles (namespace 0, no redirects) of a bz2 MediaWiki XML dump, as plain text."""
-    import mwparserfromhell
-
     with bz2.open(path, "rb") as fh:
         for _, elem in ET.iterparse(fh):
             if not elem.tag.endswith("}page"):
@@ -198,7 +198,7 @@ def read_split(
     path: str | os.PathLike, manifest: str | os.PathLike | None = None, rule: str | None = None
 ) -> pd.DataFrame:
     """A split written by :func:`prepare_corpus`, checked against the sha256 in its manifest
-    (``manifest.json`` beside it by default); raises :class:`~refrag.integrity.IntegrityError`."""
+    (``manifest.json`` beside it by default); raises :class:`~refrag.io.integrity.IntegrityError`."""
     path = Path(path)
     manifest = read_manifest(manifest or path.with_name("manifest.json"), rule)
     entry = next(

@@ -26,17 +26,21 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from refrag.modeling import RefragModel
+from refrag.modeling import RefragModel
 
 _MULT = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F))
+
+
 _FINGERPRINT_ATTR = "_refrag_chunk_fingerprint"
+
+
 _TABLE = "chunks_v2"  # rows carry a checksum (v1 files are ignored, not trusted)
+
+
 LOG = logging.getLogger(__name__)
 
 

@@ -20,8 +20,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from refrag.alignment import align
-from refrag.integrity import (
+from refrag.data.alignment import align
+from refrag.io.integrity import (
     IntegrityError,
     atomic_file,
     read_manifest,
@@ -31,6 +31,7 @@ from refrag.integrity import (
     write_json,
     write_parquet,
 )
+from refrag.modeling.tokenization import RefragTokenizer
 
 SHARD_ROWS = 1000
 
@@ -96,6 +97,18 @@ def spread(rows: list[dict], limit: int | None) -> list[dict]:
     return [rows[i] for i in sorted(picked)]
 
 
+def start_token(tok: RefragTokenizer) -> int | None:
+    """The token a sequence without context starts from when the decoder has no BOS: its EOS
+    (the document separator it was trained to continue after), else none."""
+    return tok.decoder_tokenizer.eos_token_id if tok.bos_token_id is None else None
+
+
+def first_scored(tok: RefragTokenizer) -> int:
+    """Target tokens every variant leaves unscored: 0, or 1 for a decoder with neither BOS nor
+    EOS, where nothing can precede the first target token without context."""
+    return int(tok.bos_token_id is None and start_token(tok) is None)
+
+
 def write_shards(
     rows: list[dict], out_dir: str | os.PathLike, *, metadata: dict, shard_rows: int = SHARD_ROWS
 ) -> dict:
@@ -125,7 +138,7 @@ def read_shards(
     shard_dir: str | os.PathLike, verify: bool = True, rule: str | None = None
 ) -> pd.DataFrame:
     """All rows of a shard folder, checking each shard's checksum against the manifest;
-    raises :class:`~refrag.integrity.IntegrityError` (naming the file) on any mismatch."""
+    raises :class:`~refrag.io.integrity.IntegrityError` (naming the file) on any mismatch."""
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir / "manifest.json", rule)
     if not isinstance(manifest.get("shards"), list):

@@ -3,7 +3,7 @@
 Each turn renders the whole conversation (the decoder's chat template when it has one),
 tokenizes it with the document-tag tokenizer, and generates with a KV cache while streaming
 the text. Two caches make later turns cheap: chunk embeddings of documents already seen come
-from a :class:`~refrag.chunk_cache.ChunkEmbeddingCache`, and the decoder's KV cache of the
+from a :class:`~refrag.serve.chunk_cache.ChunkEmbeddingCache`, and the decoder's KV cache of the
 previous turn is kept for the longest prefix the new prompt shares with it, so a turn only
 pays for its new positions. TTFT is printed after every turn.
 
@@ -15,9 +15,7 @@ a non-terminal stdin, one turn each; ``--json`` prints one JSON object per turn.
 from __future__ import annotations
 
 import argparse
-import copy as _copy
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -27,26 +25,20 @@ from typing import TextIO
 import torch
 from transformers import DynamicCache
 
-from refrag.chunk_cache import ChunkEmbeddingCache, row_hashes
-from refrag.inference import load_refrag, model_inputs, stream_generate
-from refrag.integrity import IntegrityError
+from refrag.io.integrity import IntegrityError
+from refrag.io.models import ModelSpecError, resolve_model
+from refrag.io.runtime import pick_device, quiet_transformers
 from refrag.modeling import RefragModel
-from refrag.models import ModelSpecError, resolve_model
-from refrag.tokenization import RefragTokenizer
-from refrag.utils import pick_device, quiet_transformers
+from refrag.modeling.prompting import doc_tag, escape_doc_text, render_chat
+from refrag.modeling.tokenization import RefragTokenizer
+from refrag.serve.chunk_cache import ChunkEmbeddingCache, row_hashes
+from refrag.serve.inference import load_refrag, model_inputs, stream_generate
 
 MAX_DOC_BYTES = 1_000_000
-_DOC_TAG = re.compile(r"<(/?doc\b)")
 
 
 class ChatInputError(ValueError):
     """An attachment or checkpoint the chat cannot use; its message is one line."""
-
-
-def escape_doc_text(text: str) -> tuple[str, int]:
-    """``text`` with every ``<doc``/``</doc`` written as ``&lt;doc``/``&lt;/doc``, so a file
-    is always data inside its own ``<doc>``, never markup; and how many tags were escaped."""
-    return _DOC_TAG.subn(r"&lt;\1", text)
 
 
 def read_attachment(path: str | Path, max_bytes: int | None = MAX_DOC_BYTES) -> str:
@@ -74,41 +66,12 @@ def read_attachment(path: str | Path, max_bytes: int | None = MAX_DOC_BYTES) -> 
     return text
 
 
-def doc_tag(text: str, doc_id: str) -> str:
-    """``text`` as a ``<doc>`` with id ``doc_id``: doc tags in the text escaped (see
-    :func:`escape_doc_text`), quotes and brackets in the id replaced by ``_``."""
-    body, _ = escape_doc_text(text)
-    safe_id = re.sub(r"['\"<>&]", "_", doc_id)
-    return f"<doc id='{safe_id}'>{body}</doc>"
-
-
 def doc_markup(path: str | Path, max_bytes: int | None = MAX_DOC_BYTES) -> tuple[str, int]:
     """A file as a ``<doc>`` whose id is the file name (:func:`doc_tag`); and the number of
     doc tags escaped in it."""
     path = Path(path)
     text = read_attachment(path, max_bytes)
     return doc_tag(text, path.name), escape_doc_text(text)[1]
-
-
-def render_chat(decoder_tokenizer, messages: list[dict[str, str]]) -> str:
-    """A conversation as one text, ready for the assistant's next message: the decoder's chat
-    template when it has one, else ``Role: content`` lines ending in ``Assistant:``."""
-    if getattr(decoder_tokenizer, "chat_template", None):
-        return decoder_tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join([*lines, "Assistant:"])
-
-
-def template_tokenizer(tok: RefragTokenizer) -> RefragTokenizer:
-    """``tok``, or a copy without the BOS it adds where the decoder has a chat template (the
-    template opens the sequence itself), as :class:`ChatSession` reads prompts."""
-    if not getattr(tok.decoder_tokenizer, "chat_template", None) or not tok.add_bos:
-        return tok
-    copy = _copy.copy(tok)
-    copy.add_bos = False
-    return copy
 
 
 def check_checkpoint(checkpoint: str, cache_dir: str | Path) -> Path:
@@ -191,7 +154,7 @@ class ChatSession:
     def turn(self, user_text: str, stream: TextIO | None = None) -> tuple[str, TurnStats]:
         """Answer ``user_text`` (may hold ``<doc>`` tags), writing text to ``stream`` as it comes.
 
-        Raises :class:`~refrag.tokenization.DocMarkupError` for bad markup (or any error of
+        Raises :class:`~refrag.modeling.tokenization.DocMarkupError` for bad markup (or any error of
         the tokenizer or the model); the history is then unchanged and the session usable.
         """
         try:

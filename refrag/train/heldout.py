@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 from transformers import TrainerCallback
 
-from refrag.evaluation import context_benefit_retained, target_nll
-from refrag.tokenization import RefragTokenizer
+from refrag.eval.scoring import context_benefit_retained, target_nll
+from refrag.modeling.tokenization import RefragTokenizer
 
 
 class HeldOutCurve(TrainerCallback):

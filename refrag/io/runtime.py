@@ -1,14 +1,15 @@
-"""Small helpers shared by the library's entry points."""
+"""Process-level helpers: a job's log file, the device to run on, quiet transformers."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
 
 
 @contextlib.contextmanager
@@ -38,37 +39,11 @@ def pick_device(requested: str = "auto") -> str:
     """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``."""
     if requested != "auto":
         return requested
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def quiet_transformers() -> None:
     """Silence loading-progress bars and advisory warnings for command-line output."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-@contextlib.contextmanager
-def atomic_folder(out: str | os.PathLike) -> Iterator[str]:
-    """Build a folder under a temporary name beside ``out``; rename it into place only when
-    the block completes, so a killed writer never leaves a half-written ``out``."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.chmod(tmp, 0o755)
-    old = None
-    if out.exists():  # moved aside, not deleted, until the new folder is in place
-        old = tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent)
-        os.replace(out, Path(old) / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from refrag.utils import log_to
+from refrag.io.runtime import log_to
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def hello(out: str | os.PathLike) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m refrag.distributed")
+    parser = argparse.ArgumentParser(prog="python -m refrag.train.distributed")
     sub = parser.add_subparsers(dest="app", required=True)
     p = sub.add_parser("hello", help="minimal distributed check")
     p.add_argument("--out", required=True)
@@ -80,7 +80,3 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with log_to(rank_log_path(args.rank_log_dir)):
         hello(args.out)
-
-
-if __name__ == "__main__":
-    main()

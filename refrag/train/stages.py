@@ -4,14 +4,14 @@ A :class:`Stage` names what a stage reads (``data``), the stage whose checkpoint
 from (``previous``; ``None``: the base encoder and decoder), how its examples are built
 (``dataset``), which trainer optimizes them (``trainer``) and its default hyperparameters
 (``defaults``, a :class:`StageConfig`). Everything else reads this table: ``train_stage`` and
-``python -m refrag.training --stage NAME``, the workflow's one ``train`` rule and its config
+``python -m refrag.train --stage NAME``, the workflow's one ``train`` rule and its config
 schema (:func:`stage_config_schema`), and the report. Adding a stage is one entry here, plus
-its dataset builder and trainer in :mod:`refrag.training`.
+its dataset builder and trainer (:mod:`refrag.train.datasets`, :mod:`refrag.train.trainers`).
 
 To add a stage:
 
 1. write its dataset builder ``(data, tok, hp) -> (dataset, collator)`` and trainer factory
-   ``(hp, **trainer_kwargs) -> Trainer`` in :mod:`refrag.training` (or reuse existing ones);
+   ``(hp, **trainer_kwargs) -> Trainer`` in :mod:`refrag.train.trainers` (or reuse existing ones);
    new hyperparameters become :class:`StageConfig` fields (with a description and JSON-schema
    constraints: the config schema is generated from them);
 2. add its :class:`Stage` below, after the stage named in ``previous`` (table order is
@@ -147,8 +147,8 @@ STAGES: dict[str, Stage] = {
             "projected), should become that token's embedding (MSE + KL + argmax losses)",
             data="alignment",
             previous=None,
-            dataset="refrag.training:alignment_dataset",
-            trainer="refrag.training:alignment_trainer",
+            dataset="refrag.train.datasets:alignment_dataset",
+            trainer="refrag.train.trainers:alignment_trainer",
             defaults=StageConfig(
                 steps=10, batch_size=8, lr=1e-3, max_pairs=128, train_encoder=False
             ),
@@ -160,8 +160,8 @@ STAGES: dict[str, Stage] = {
             "whole context",
             data="shards",
             previous="align",
-            dataset="refrag.training:reconstruction_dataset",
-            trainer="refrag.training:curriculum_trainer",
+            dataset="refrag.train.datasets:reconstruction_dataset",
+            trainer="refrag.train.trainers:curriculum_trainer",
             defaults=StageConfig(steps=20, batch_size=4, lr=2e-4, curriculum=[1, 2, 4, 8, 16, 32]),
         ),
         Stage(
@@ -170,8 +170,8 @@ STAGES: dict[str, Stage] = {
             "read s context tokens as chunk embeddings and predict the next o tokens",
             data="shards",
             previous="reconstruct",
-            dataset="refrag.training:continuation_dataset",
-            trainer="refrag.training:causal_lm_trainer",
+            dataset="refrag.train.datasets:continuation_dataset",
+            trainer="refrag.train.trainers:causal_lm_trainer",
             defaults=StageConfig(
                 steps=60,
                 batch_size=4,
@@ -186,8 +186,8 @@ STAGES: dict[str, Stage] = {
             summary="ablation of cpt with the decoder frozen (encoder and projector train)",
             data="shards",
             previous="reconstruct",
-            dataset="refrag.training:continuation_dataset",
-            trainer="refrag.training:causal_lm_trainer",
+            dataset="refrag.train.datasets:continuation_dataset",
+            trainer="refrag.train.trainers:causal_lm_trainer",
             defaults=StageConfig(steps=60, batch_size=4, lr=2e-4, target_tokens=32, eval_steps=20),
             ablation=True,
         ),
@@ -196,10 +196,10 @@ STAGES: dict[str, Stage] = {
             summary="paper stage 3 (SFT, TRL's SFTTrainer): answer questions about passages "
             "read as chunk embeddings in <doc> tags, in the decoder's chat template; loss on "
             "the answer only",
-            data="shards",  # cloze questions of the train windows (or a file: refrag.sft)
+            data="shards",  # cloze questions of the train windows (or a file: refrag.train.sft)
             previous="cpt",
-            dataset="refrag.sft:sft_dataset",
-            trainer="refrag.sft:sft_trainer",
+            dataset="refrag.train.sft:sft_dataset",
+            trainer="refrag.train.sft:sft_trainer",
             defaults=StageConfig(steps=10, batch_size=2, lr=5e-5, train_decoder=True),
         ),
         Stage(
@@ -209,8 +209,8 @@ STAGES: dict[str, Stage] = {
             "chunks read as tokens and the rest as chunk embeddings",
             data="shards",
             previous="cpt",
-            dataset="refrag.selective:mixed_dataset",
-            trainer="refrag.training:causal_lm_trainer",
+            dataset="refrag.train.selective:mixed_dataset",
+            trainer="refrag.train.trainers:causal_lm_trainer",
             defaults=StageConfig(
                 steps=15, batch_size=4, lr=5e-5, train_decoder=True, target_tokens=32
             ),
@@ -222,8 +222,8 @@ STAGES: dict[str, Stage] = {
             "fraction p of the chunks to expand; the mixed-input model stays frozen",
             data="shards",
             previous="mixed",
-            dataset="refrag.selective:policy_dataset",
-            trainer="refrag.selective:policy_trainer",
+            dataset="refrag.train.selective:policy_dataset",
+            trainer="refrag.train.selective:policy_trainer",
             defaults=StageConfig(
                 steps=20,
                 batch_size=4,
@@ -269,7 +269,7 @@ def stage_config_schema(defaults: StageConfig | None = None) -> dict[str, Any]:
         properties[f.name] = prop
     return {
         "type": "object",
-        "description": "hyperparameters of one training stage (refrag.stages.StageConfig)",
+        "description": "hyperparameters of one training stage (refrag.train.stages.StageConfig)",
         "properties": properties,
         "additionalProperties": False,
     }

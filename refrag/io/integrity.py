@@ -18,12 +18,19 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 MANIFEST = "integrity.json"
+
+
 PARQUET_DIGEST_KEY = b"refrag.content_sha256"
 
 
@@ -153,17 +160,12 @@ def table_digest(table) -> str:
 
 def _type_name(kind) -> str:
     """A type's name without list field names (Parquet renames ``item`` to ``element``)."""
-    import pyarrow as pa
-
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         return f"list<{_type_name(kind.value_type)}>"
     return str(kind)
 
 
 def _hash_array(digest, array) -> None:
-    import numpy as np
-    import pyarrow as pa
-
     kind = array.type
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         offsets = np.asarray(array.offsets, dtype=np.int64)
@@ -179,9 +181,6 @@ def _hash_array(digest, array) -> None:
 
 def write_parquet(frame, path: str | os.PathLike) -> str:
     """Write a DataFrame as Parquet (atomically) with a digest of its contents in its metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = pa.Table.from_pandas(frame, preserve_index=False)
     digest = table_digest(table)
     # only the digest as metadata: pandas' own (dtypes, index) would be unchecked input
@@ -193,8 +192,6 @@ def write_parquet(frame, path: str | os.PathLike) -> str:
 
 def read_parquet(path: str | os.PathLike, rule: str | None = None):
     """Read a file written by :func:`write_parquet`, checking its contents against its digest."""
-    import pyarrow.parquet as pq
-
     path = Path(path)
     if not path.is_file():
         raise IntegrityError(path, "is missing", rule)
@@ -237,3 +234,25 @@ def one_line_errors(rules: Mapping[str | os.PathLike | None, str] | None = None)
 def _inside(path: Path, where: Path) -> bool:
     path, where = path.absolute(), where.absolute()
     return path == where or where in path.parents
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike) -> Iterator[str]:
+    """Build a folder under a temporary name beside ``out``; rename it into place only when
+    the block completes, so a killed writer never leaves a half-written ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.chmod(tmp, 0o755)
+    old = None
+    if out.exists():  # moved aside, not deleted, until the new folder is in place
+        old = tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent)
+        os.replace(out, Path(old) / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

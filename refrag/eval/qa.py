@@ -1,28 +1,10 @@
-"""Passage-grounded question answering: a cloze QA set built from text, SQuAD-style scoring,
-and a generation-based scorer for the three ways of reading the passage.
-
-How the QA set is built (:func:`build_qa`), from passages of held-out documents (for the
-evaluation: the test split's windows, never the training documents):
-
-1. each passage is cut into sentences; its first and last sentence are skipped (a window may
-   cut them), and so are sentences outside 8–60 words;
-2. in each remaining sentence the candidate answer spans are numbers (``1837``, ``3,500``) and
-   runs of capitalized words (``Charles Babbage``) that do not open the sentence, of at most
-   four words, occurring exactly once in the sentence and leaving at least six other words;
-3. per passage, up to ``per_passage`` (sentence, span) pairs are drawn with a random generator
-   seeded by ``(seed, passage id)``, so a passage gives the same questions whatever else is in
-   the set; the question is the sentence with the span replaced by a blank, the answer is the
-   span;
-4. questions whose normalized text repeats an earlier one are dropped.
-
-So every question is a sentence of its passage with a named entity or number removed: the
-answer is in the passage (extractive), the question carries the rest of the sentence (never
-just a position), and without the passage only knowledge or a guess can fill it.
+"""Question answering scored SQuAD-style, for the three ways of reading the passage.
 
 Scoring follows SQuAD v1.1: answers are normalized (lower case, punctuation and articles
 removed, whitespace collapsed); exact match is 1 when the normalized strings are equal, F1
 is the bag-of-tokens overlap. :func:`answer_questions` generates an answer greedily for each
-question (read from the generation by :func:`cloze_answer`), with the passage read as nothing (``no_context``), as decoder tokens
+question of a QA set (:mod:`refrag.data.qa`; read from the generation by
+:func:`cloze_answer`), with the passage read as nothing (``no_context``), as decoder tokens
 (``full_context``) or as chunk embeddings in a ``<doc>`` (``refrag``), through the decoder's
 chat template as ``refrag chat`` renders it.
 """
@@ -30,123 +12,35 @@ chat template as ``refrag chat`` renders it.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
-import random
 import re
-import string
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
-from refrag.chat import doc_tag, render_chat, template_tokenizer
-from refrag.tokenization import RefragTokenizer
-
-VARIANTS = ("no_context", "full_context", "refrag")
-BLANK = "____"
-INSTRUCTION = (
-    "Fill in the blank ({blank}) with a few words from the text. Reply with those words only."
+from refrag.data.qa import (
+    BLANK,
+    VARIANTS,
+    QAExample,
+    normalize_answer,
+    question_prompt,
+    read_qa_set,
 )
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
-_NUMBER = re.compile(r"(?<![\w.,])\d{1,3}(?:,\d{3})+(?![\w,])|(?<![\w.,])\d+(?:\.\d+)?(?![\w])")
-_NAME = re.compile(r"\b[A-Z][a-z]+(?:(?:\s+(?:of|de|da|von|van|der|del|la|le))?\s+[A-Z][a-z]+)*")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-@dataclass(frozen=True)
-class QAExample:
-    """One question about one passage; ``answer`` occurs in ``passage``."""
-
-    id: str
-    passage_id: str
-    passage: str
-    question: str
-    answer: str
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text``: its lines (a heading is a line of its own), each split after
-    ., ! or ? followed by a space and a capital or digit."""
-    return [s.strip() for line in text.splitlines() for s in _SENTENCE_END.split(line) if s.strip()]
-
-
-def answer_spans(sentence: str, max_words: int = 4, min_rest: int = 6) -> list[tuple[int, int]]:
-    """Character spans of the candidate answers in ``sentence``: numbers and capitalized names
-    not at its start, of at most ``max_words`` words, occurring once in the sentence and
-    leaving at least ``min_rest`` other words."""
-    words = len(sentence.split())
-    spans = []
-    for pattern in (_NUMBER, _NAME):
-        for m in pattern.finditer(sentence):
-            text = m.group()
-            if m.start() == 0 or len(text.split()) > max_words:
-                continue
-            if sentence.count(text) != 1 or words - len(text.split()) < min_rest:
-                continue
-            spans.append((m.start(), m.end()))
-    return sorted(set(spans))
-
-
-def cloze_candidates(
-    passage: str, min_words: int = 8, max_words: int = 60, keep_edges: bool = False
-) -> list[tuple[str, str]]:
-    """All (question sentence with a blank, answer) pairs of a passage (steps 1–2 of the
-    module docstring); ``keep_edges`` keeps its first and last sentence (training data)."""
-    sentences = split_sentences(passage)
-    sentences = sentences if keep_edges else sentences[1:-1]
-    pairs = []
-    for sentence in sentences:
-        if not min_words <= len(sentence.split()) <= max_words:
-            continue
-        for start, end in answer_spans(sentence):
-            pairs.append((sentence[:start] + BLANK + sentence[end:], sentence[start:end]))
-    return pairs
-
-
-def build_qa(
-    passages: Iterable[dict],
-    *,
-    seed: int = 0,
-    per_passage: int = 1,
-    limit: int | None = None,
-    keep_edges: bool = False,
-) -> list[QAExample]:
-    """Cloze questions over ``passages`` (dicts with ``text``, or a shard window's
-    ``context_text``, and an id: ``id``, or ``doc_id`` and ``window``); see the module
-    docstring (``keep_edges``: :func:`cloze_candidates`). Deterministic in ``seed``; at most
-    ``limit`` questions, in passage order."""
-    examples: list[QAExample] = []
-    seen: set[str] = set()
-    for row in passages:
-        text = row.get("text", row.get("context_text"))
-        pid = str(row["id"]) if "id" in row else f"{row['doc_id']}#{row.get('window', 0)}"
-        pairs = cloze_candidates(text, keep_edges=keep_edges)
-        digest = hashlib.sha256(f"{seed}:{pid}".encode()).digest()
-        rng = random.Random(int.from_bytes(digest[:8], "big"))
-        rng.shuffle(pairs)
-        taken = 0
-        for question, answer in pairs:
-            key = normalize_answer(question) + "\0" + normalize_answer(answer)
-            if key in seen or taken == per_passage:
-                continue
-            seen.add(key)
-            examples.append(QAExample(f"{pid}:{taken}", pid, text, question, answer))
-            taken += 1
-        if limit is not None and len(examples) >= limit:
-            return examples[:limit]
-    return examples
-
+from refrag.eval.statistics import bootstrap_ratio
+from refrag.io.integrity import verify_folder
+from refrag.io.runtime import pick_device
+from refrag.modeling import RefragModel
+from refrag.modeling.prompting import render_chat, template_tokenizer
+from refrag.modeling.tokenization import RefragTokenizer
 
 # -- SQuAD v1.1 scoring -------------------------------------------------------------------
-def normalize_answer(text: str) -> str:
-    """Lower case, no punctuation, no articles (a/an/the), single spaces (SQuAD v1.1)."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def exact_match(prediction: str, answer: str) -> float:
@@ -172,10 +66,6 @@ def qa_table(rows: list[dict], *, samples: int = 1000, seed: int = 0, level: flo
     of a decoder, encoder and eval set resampled together, so their differences are paired),
     ``n_questions`` and ``n_documents``. Raises ``ValueError`` where rows of one group
     answered different questions."""
-    import pandas as pd
-
-    from refrag.evaluation import bootstrap_ratio
-
     frame = pd.DataFrame(rows)
     frame["document"] = frame["passage_id"].str.rsplit("#", n=1).str[0]
     frame["row"] = [
@@ -216,32 +106,6 @@ def qa_table(rows: list[dict], *, samples: int = 1000, seed: int = 0, level: flo
     first = ["variant", "k", "sft", "eval_set", "exact_match", "exact_match_lo", "exact_match_hi"]
     first += ["f1", "f1_lo", "f1_hi", "n_questions", "n_documents"]
     return table[first + [c for c in table.columns if c not in first]].reset_index(drop=True)
-
-
-def write_qa_set(examples: Iterable[QAExample], path: str | os.PathLike) -> Path:
-    """The QA set as JSON lines (one :class:`QAExample` per line)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(asdict(e)) + "\n" for e in examples))
-    return path
-
-
-def read_qa_set(path: str | os.PathLike) -> list[QAExample]:
-    return [QAExample(**json.loads(line)) for line in Path(path).read_text().splitlines() if line]
-
-
-# -- answering with a model ----------------------------------------------------------------
-def question_prompt(example: QAExample, variant: str) -> str:
-    """The user message for one question: the passage (none, as text, or in a ``<doc>``),
-    then the instruction and the question."""
-    ask = f"{INSTRUCTION.format(blank=BLANK)}\n{example.question}"
-    if variant == "no_context":
-        return ask
-    if variant == "full_context":
-        return f"{example.passage}\n\n{ask}"
-    if variant == "refrag":
-        return f"{doc_tag(example.passage, example.passage_id)}\n{ask}"
-    raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
 
 
 def cloze_answer(generation: str, question: str) -> str:
@@ -340,12 +204,6 @@ def evaluate_qa(
     with the base ``decoder`` (``encoder`` only supplies the tokenizer pair; no SFT), reading
     the passage as each of ``variants``. Writes and returns one row per question and variant
     (:func:`answer_questions`, with ``labels``)."""
-    from transformers import AutoModelForCausalLM
-
-    from refrag.integrity import verify_folder
-    from refrag.modeling import RefragModel
-    from refrag.utils import pick_device
-
     examples = read_qa_set(qa_set)
     if checkpoint is not None:
         verify_folder(checkpoint)

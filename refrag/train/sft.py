@@ -1,6 +1,6 @@
 """Supervised fine-tuning (paper stage 3) on passage-grounded questions, with TRL.
 
-An example is one chat turn rendered as ``refrag chat`` renders it (:func:`refrag.chat.render_chat`,
+An example is one chat turn rendered as ``refrag chat`` renders it (:func:`refrag.modeling.prompting.render_chat`,
 the decoder's chat template): the user message holds the context passages as ``<doc>``
 elements, which the document-tag tokenizer sends through the encoder as chunk embeddings,
 then the question; the assistant's reply is the answer and the template's end-of-turn text.
@@ -8,9 +8,9 @@ Only the reply's tokens are labelled; the prompt and the chunk positions are ``-
 
 Data (what the ``sft`` stage's ``data`` names, :func:`sft_dataset`):
 
-- a train shard folder (the default): the cloze construction of :mod:`refrag.qa` applied to
+- a train shard folder (the default): the cloze construction of :mod:`refrag.eval.qa` applied to
   the training documents' windows (their first and last sentences kept), asked exactly as the
-  QA evaluation asks (:func:`refrag.qa.question_prompt`, variant ``refrag``). The held-out
+  QA evaluation asks (:func:`refrag.data.qa.question_prompt`, variant ``refrag``). The held-out
   documents are never read: the evaluation's questions come from the test split's windows;
 - a local ``.jsonl``/``.json``/``.parquet`` file, or ``hf:<dataset>[@revision]``, loaded with
   ``datasets``: rows with ``question``, an answer (``answer``, or SQuAD's ``answers.text``)
@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from huggingface_hub import snapshot_download
 from trl import SFTConfig, SFTTrainer
 
-from refrag.chat import doc_tag, render_chat, template_tokenizer
-from refrag.qa import build_qa, question_prompt
-from refrag.stages import StageConfig
-from refrag.tokenization import RefragTokenizer
+from refrag.data.qa import build_qa, question_prompt
+from refrag.data.shards import read_shards
+from refrag.modeling.prompting import doc_tag, render_chat, template_tokenizer
+from refrag.modeling.tokenization import RefragTokenizer
+from refrag.train.stages import StageConfig
 
 DATA_FILES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # suffix: datasets builder
 
@@ -96,8 +98,6 @@ def load_records(source: str | os.PathLike) -> list[dict[str, Any]]:
     of them where none is) read; loaded with ``datasets``."""
     source = str(source)
     if source.startswith("hf:"):
-        from huggingface_hub import snapshot_download
-
         name, _, revision = source.removeprefix("hf:").partition("@")
         folder = snapshot_download(
             repo_id=name,
@@ -125,8 +125,6 @@ def load_records(source: str | os.PathLike) -> list[dict[str, Any]]:
 
 def shard_records(shard_dir: str | os.PathLike, seed: int = 0) -> list[dict[str, Any]]:
     """Cloze records of a (train) shard folder's windows, asked as the QA evaluation asks."""
-    from refrag.data import read_shards
-
     windows = read_shards(shard_dir).to_dict("records")
     examples = build_qa(windows, seed=seed, keep_edges=True)
     if not examples:

@@ -1,7 +1,7 @@
 """Fast REFRAG inference: loading, prefill, KV-cached decoding, streaming and CUDA graphs.
 
 Time-to-first-token is one encoder pass over the chunks that are not cached yet (see
-:mod:`refrag.chunk_cache`), one scatter into the decoder's input embeddings and one decoder
+:mod:`refrag.serve.chunk_cache`), one scatter into the decoder's input embeddings and one decoder
 prefill over ``s/k`` chunk positions plus the prompt tokens; every later token is one
 ordinary decoder step against the KV cache (:class:`transformers.DynamicCache`)::
 
@@ -23,13 +23,13 @@ from threading import Thread
 from typing import Any
 
 import torch
-from transformers import DynamicCache, TextIteratorStreamer
+from transformers import DynamicCache, StaticCache, TextIteratorStreamer
 
-from refrag.chunk_cache import ChunkEmbeddingCache
-from refrag.integrity import verify_folder
+from refrag.io.integrity import verify_folder
+from refrag.io.models import DEFAULT_CACHE_DIR, DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
 from refrag.modeling import RefragModel
-from refrag.models import DEFAULT_CACHE_DIR, DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
-from refrag.tokenization import RefragTokenizer
+from refrag.modeling.tokenization import RefragTokenizer
+from refrag.serve.chunk_cache import ChunkEmbeddingCache
 
 MODEL_KEYS = (
     "input_ids",
@@ -291,8 +291,6 @@ class StaticRunner:
         graph: bool = False,
         warmup: int = 2,
     ):
-        from transformers import StaticCache
-
         self.model, self.decoder = model, model.decoder
         device = next(self.decoder.parameters()).device
         dtype = self.decoder.get_input_embeddings().weight.dtype

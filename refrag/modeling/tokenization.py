@@ -33,10 +33,20 @@ from typing import Any, Literal
 import torch
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
+from refrag.io.models import resolve_tokenizer_source as source
+
 IGNORE_INDEX = -100
+
+
 _TAG_START = re.compile(r"</?doc\b")
+
+
 _OPEN_TAG = re.compile(r"<doc((?:\s+[^\s=>]+\s*=\s*(?:\"[^\"]*\"|'[^']*'))*)\s*>")
+
+
 _CLOSE_TAG = re.compile(r"</doc\s*>")
+
+
 _ATTRIBUTE = re.compile(r"([^\s=>]+)\s*=\s*(?:\"([^\"]*)\"|'([^']*)')")
 
 
@@ -436,10 +446,8 @@ class RefragTokenizer:
         **kwargs: Any,
     ) -> RefragTokenizer:
         """Pair two tokenizers, each named by a model spec (``hf:…``, ``embedded:…``, see
-        :mod:`refrag.models`) or by anything ``AutoTokenizer.from_pretrained`` accepts (a hub
+        :mod:`refrag.io.models`) or by anything ``AutoTokenizer.from_pretrained`` accepts (a hub
         name, a model folder, a folder holding only tokenizer files)."""
-        from refrag.models import resolve_tokenizer_source as source
-
         return cls(
             encoder_tokenizer=AutoTokenizer.from_pretrained(source(str(encoder_name_or_path))),
             decoder_tokenizer=AutoTokenizer.from_pretrained(source(str(decoder_name_or_path))),

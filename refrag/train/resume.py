@@ -16,16 +16,15 @@ import os
 import shutil
 from pathlib import Path
 
+from safetensors import safe_open
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from refrag.integrity import IntegrityError, verify_folder, write_manifest
+from refrag.io.integrity import IntegrityError, verify_folder, write_manifest
 
 
 def check_checkpoint_files(folder: str | os.PathLike) -> None:
     """Raise :class:`IntegrityError` if a Trainer checkpoint's state or weights are incomplete."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     try:
         json.loads((folder / "trainer_state.json").read_text())

@@ -1,0 +1,2 @@
+"""Data: corpora and their splits, token alignment, windows and Parquet shards, mixed
+inputs, the QA set. May import refrag.modeling and refrag.io."""

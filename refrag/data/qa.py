@@ -1,0 +1,169 @@
+"""The passage-grounded QA set: cloze questions built from held-out passages.
+
+How the QA set is built (:func:`build_qa`), from passages of held-out documents (for the
+evaluation: the test split's windows, never the training documents):
+
+1. each passage is cut into sentences; its first and last sentence are skipped (a window may
+   cut them), and so are sentences outside 8–60 words;
+2. in each remaining sentence the candidate answer spans are numbers (``1837``, ``3,500``) and
+   runs of capitalized words (``Charles Babbage``) that do not open the sentence, of at most
+   four words, occurring exactly once in the sentence and leaving at least six other words;
+3. per passage, up to ``per_passage`` (sentence, span) pairs are drawn with a random generator
+   seeded by ``(seed, passage id)``, so a passage gives the same questions whatever else is in
+   the set; the question is the sentence with the span replaced by a blank, the answer is the
+   span;
+4. questions whose normalized text repeats an earlier one are dropped.
+
+So every question is a sentence of its passage with a named entity or number removed: the
+answer is in the passage (extractive), the question carries the rest of the sentence (never
+just a position), and without the passage only knowledge or a guess can fill it. Scoring is
+in :mod:`refrag.eval.qa`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import string
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from refrag.modeling.prompting import doc_tag
+
+BLANK = "____"
+
+
+INSTRUCTION = (
+    "Fill in the blank ({blank}) with a few words from the text. Reply with those words only."
+)
+
+
+VARIANTS = ("no_context", "full_context", "refrag")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+
+
+_NUMBER = re.compile(r"(?<![\w.,])\d{1,3}(?:,\d{3})+(?![\w,])|(?<![\w.,])\d+(?:\.\d+)?(?![\w])")
+
+
+_NAME = re.compile(r"\b[A-Z][a-z]+(?:(?:\s+(?:of|de|da|von|van|der|del|la|le))?\s+[A-Z][a-z]+)*")
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """One question about one passage; ``answer`` occurs in ``passage``."""
+
+    id: str
+    passage_id: str
+    passage: str
+    question: str
+    answer: str
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text``: its lines (a heading is a line of its own), each split after
+    ., ! or ? followed by a space and a capital or digit."""
+    return [s.strip() for line in text.splitlines() for s in _SENTENCE_END.split(line) if s.strip()]
+
+
+def answer_spans(sentence: str, max_words: int = 4, min_rest: int = 6) -> list[tuple[int, int]]:
+    """Character spans of the candidate answers in ``sentence``: numbers and capitalized names
+    not at its start, of at most ``max_words`` words, occurring once in the sentence and
+    leaving at least ``min_rest`` other words."""
+    words = len(sentence.split())
+    spans = []
+    for pattern in (_NUMBER, _NAME):
+        for m in pattern.finditer(sentence):
+            text = m.group()
+            if m.start() == 0 or len(text.split()) > max_words:
+                continue
+            if sentence.count(text) != 1 or words - len(text.split()) < min_rest:
+                continue
+            spans.append((m.start(), m.end()))
+    return sorted(set(spans))
+
+
+def cloze_candidates(
+    passage: str, min_words: int = 8, max_words: int = 60, keep_edges: bool = False
+) -> list[tuple[str, str]]:
+    """All (question sentence with a blank, answer) pairs of a passage (steps 1–2 of the
+    module docstring); ``keep_edges`` keeps its first and last sentence (training data)."""
+    sentences = split_sentences(passage)
+    sentences = sentences if keep_edges else sentences[1:-1]
+    pairs = []
+    for sentence in sentences:
+        if not min_words <= len(sentence.split()) <= max_words:
+            continue
+        for start, end in answer_spans(sentence):
+            pairs.append((sentence[:start] + BLANK + sentence[end:], sentence[start:end]))
+    return pairs
+
+
+def build_qa(
+    passages: Iterable[dict],
+    *,
+    seed: int = 0,
+    per_passage: int = 1,
+    limit: int | None = None,
+    keep_edges: bool = False,
+) -> list[QAExample]:
+    """Cloze questions over ``passages`` (dicts with ``text``, or a shard window's
+    ``context_text``, and an id: ``id``, or ``doc_id`` and ``window``); see the module
+    docstring (``keep_edges``: :func:`cloze_candidates`). Deterministic in ``seed``; at most
+    ``limit`` questions, in passage order."""
+    examples: list[QAExample] = []
+    seen: set[str] = set()
+    for row in passages:
+        text = row.get("text", row.get("context_text"))
+        pid = str(row["id"]) if "id" in row else f"{row['doc_id']}#{row.get('window', 0)}"
+        pairs = cloze_candidates(text, keep_edges=keep_edges)
+        digest = hashlib.sha256(f"{seed}:{pid}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "big"))
+        rng.shuffle(pairs)
+        taken = 0
+        for question, answer in pairs:
+            key = normalize_answer(question) + "\0" + normalize_answer(answer)
+            if key in seen or taken == per_passage:
+                continue
+            seen.add(key)
+            examples.append(QAExample(f"{pid}:{taken}", pid, text, question, answer))
+            taken += 1
+        if limit is not None and len(examples) >= limit:
+            return examples[:limit]
+    return examples
+
+
+def write_qa_set(examples: Iterable[QAExample], path: str | os.PathLike) -> Path:
+    """The QA set as JSON lines (one :class:`QAExample` per line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(asdict(e)) + "\n" for e in examples))
+    return path
+
+
+def read_qa_set(path: str | os.PathLike) -> list[QAExample]:
+    return [QAExample(**json.loads(line)) for line in Path(path).read_text().splitlines() if line]
+
+
+# -- answering with a model ----------------------------------------------------------------
+def question_prompt(example: QAExample, variant: str) -> str:
+    """The user message for one question: the passage (none, as text, or in a ``<doc>``),
+    then the instruction and the question."""
+    ask = f"{INSTRUCTION.format(blank=BLANK)}\n{example.question}"
+    if variant == "no_context":
+        return ask
+    if variant == "full_context":
+        return f"{example.passage}\n\n{ask}"
+    if variant == "refrag":
+        return f"{doc_tag(example.passage, example.passage_id)}\n{ask}"
+    raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles (a/an/the), single spaces (SQuAD v1.1)."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(_ARTICLES.sub(" ", text).split())

@@ -1,0 +1,95 @@
+"""The stages' trainers: Hugging Face ``Trainer`` subclasses with their losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import SequentialSampler
+from transformers import Trainer
+
+from refrag.modeling import RefragModel
+from refrag.train.stages import StageConfig
+
+
+class RefragTrainer(Trainer):
+    """Trainer on the model's causal-LM loss; ``sequential`` keeps curriculum order.
+
+    The loss is the Trainer's own: it passes ``num_items_in_batch`` (target tokens in the whole
+    accumulated batch) to the model, so gradient accumulation averages over tokens instead of
+    multiplying the loss by the accumulation steps."""
+
+    def __init__(self, *args, sequential: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sequential = sequential
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.sequential:
+            return SequentialSampler(
+                train_dataset if train_dataset is not None else self.train_dataset
+            )
+        return super()._get_train_sampler(train_dataset)
+
+
+class AlignmentTrainer(Trainer):
+    """The seed's alignment losses between projected chunk embeddings and decoder embeddings."""
+
+    def __init__(self, *args, loss_weights: dict[str, float], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_weights = loss_weights
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        losses = alignment_losses(model, **inputs)
+        loss = sum(self.loss_weights[name] * value for name, value in losses.items())
+        if self.state.global_step % max(1, self.args.logging_steps) == 0 and model.training:
+            self.log({f"align_{name}": value.item() for name, value in losses.items()})
+        return (loss, losses) if return_outputs else loss
+
+
+def alignment_losses(
+    model: RefragModel,
+    chunk_input_ids: torch.Tensor,
+    chunk_attention_mask: torch.Tensor,
+    pair_decoder_ids: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """MSE, KL and argmax losses of all aligned pairs of the batch in one pass.
+
+    Each pair is a span of encoder tokens that decodes to exactly one decoder token. The span
+    is read as one chunk, the way the model reads context (CLS state, projected), and that
+    chunk embedding should equal the decoder's embedding of the token; compared through the
+    (detached) embedding matrix, its similarity profile over the vocabulary should match the
+    token's (KL) and pick the token itself (argmax). ``model`` may be DDP-wrapped: the chunk
+    embeddings come from its ``forward`` so that gradients are synchronised.
+    """
+    projected = model(
+        chunk_input_ids=chunk_input_ids,
+        chunk_attention_mask=chunk_attention_mask,
+        chunk_embeds_only=True,
+    ).chunk_embeds
+    table = getattr(model, "module", model).get_input_embeddings().weight.detach()
+    table = table.to(projected.dtype)
+    target = table[pair_decoder_ids]
+    logits = projected @ table.T
+    target_logits = target @ table.T
+    return {
+        "mse": F.mse_loss(projected, target),
+        "kld": F.kl_div(
+            F.log_softmax(logits, -1),
+            F.log_softmax(target_logits, -1),
+            log_target=True,
+            reduction="batchmean",
+        ),
+        "argmax": F.cross_entropy(logits, pair_decoder_ids),
+    }
+
+
+# -- (hp, **Trainer kwargs) -> Trainer --------------------------------------------------------
+def alignment_trainer(hp: StageConfig, **kwargs) -> AlignmentTrainer:
+    return AlignmentTrainer(**kwargs, loss_weights=hp.loss_weights)
+
+
+def curriculum_trainer(hp: StageConfig, **kwargs) -> RefragTrainer:
+    return RefragTrainer(**kwargs, sequential=True)
+
+
+def causal_lm_trainer(hp: StageConfig, **kwargs) -> RefragTrainer:
+    return RefragTrainer(**kwargs)
