@@ -11,7 +11,17 @@ configfile: "config/config.yaml"
 report: "workflow/report/workflow.rst"
 
 
+include: "workflow/rules/config.smk"
+
+
+# Every rule's software: this image under --sdm apptainer, the conda environment each rule
+# names (workflow/envs/refrag.yaml) under --sdm conda; without either, the project's .venv.
+container: config["container"]
+
+
 include: "workflow/rules/common.smk"
+include: "workflow/rules/stages.smk"
+include: "workflow/rules/resources.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/corpus.smk"
 include: "workflow/rules/data.smk"

@@ -1,9 +1,17 @@
-"""``refrag`` command line: fetch models, run the library demo."""
+"""``refrag`` command line: fetch models, the library demo, chat, one training stage, the
+distributed check. The library raises exceptions with one-line messages; this module alone
+turns them into exit codes (:func:`one_line_errors` in the workflow's scripts too)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import sys
 import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
 
@@ -16,10 +24,13 @@ from refrag.io.models import (
     ModelSpecError,
     resolve_model,
 )
-from refrag.io.runtime import quiet_transformers
+from refrag.io.runtime import log_to, quiet_transformers
 from refrag.modeling import RefragModel
 from refrag.modeling.tokenization import RefragTokenizer
 from refrag.serve.chat import run
+from refrag.train.distributed import hello, rank_log_path
+from refrag.train.runner import read_baselines, train_stage
+from refrag.train.stages import STAGES
 
 DEMO_TEXT = (
     "Answer from the document.\n"
@@ -29,6 +40,30 @@ DEMO_TEXT = (
     "calculation.</doc>\n"
     "Question: Whose machine did Ada Lovelace write about?\nAnswer:"
 )
+
+
+@contextlib.contextmanager
+def one_line_errors(rules: Mapping[str | os.PathLike | None, str] | None = None) -> Iterator[None]:
+    """Turn an :class:`IntegrityError` into ``SystemExit`` with its one line (no traceback).
+
+    ``rules`` maps the input paths of the calling step to the step that writes each; an error
+    without a rule hint gets the one whose path contains the damaged file.
+    """
+    try:
+        yield
+    except IntegrityError as err:
+        if err.rule is None:
+            for where, rule in (rules or {}).items():
+                if where is not None and _inside(err.path, Path(where)):
+                    err.rule = rule
+                    break
+        print(f"error: {err}", file=sys.stderr, flush=True)  # into the step's log, if redirected
+        raise SystemExit(f"error: {err}") from None
+
+
+def _inside(path: Path, where: Path) -> bool:
+    path, where = path.absolute(), where.absolute()
+    return path == where or where in path.parents
 
 
 def fetch_models(args: argparse.Namespace) -> None:
@@ -125,6 +160,68 @@ def chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stage", choices=list(STAGES), required=True)
+    parser.add_argument("--k", type=int, required=True, help="compression rate")
+    start = parser.add_mutually_exclusive_group(required=True)
+    start.add_argument("--init", help="the previous stage's folder")
+    start.add_argument("--encoder", help="base encoder folder (with --decoder)")
+    parser.add_argument("--decoder", help="base decoder folder (with --encoder)")
+    parser.add_argument(
+        "--data", required=True, help="what the stage reads: alignment cache or train shards"
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--heldout", help="validation shard folder: log the held-out curve every eval_steps"
+    )
+    parser.add_argument(
+        "--heldout-baselines",
+        help="the validation set's baselines JSON (refrag.eval.perplexity rows) for the curve",
+    )
+    parser.add_argument(
+        "--hp", default="{}", help="overrides of the stage's defaults, as JSON (StageConfig)"
+    )
+    parser.add_argument(
+        "--rebuilt-by",
+        default="{}",
+        help="JSON {input path: the step that writes it}, named by a damaged input's error",
+    )
+    parser.add_argument(
+        "--rank-log-dir", help="under torchrun, each rank writes DIR/run-{RANK}.log"
+    )
+
+
+def train(args: argparse.Namespace) -> None:
+    """One stage of the registry, inline or under torchrun (one log per rank)."""
+    if (args.encoder is None) != (args.decoder is None):
+        raise SystemExit("refrag train: --encoder and --decoder go together")
+    # the Trainer joins torchrun's process group itself (NCCL on GPUs, gloo on CPU)
+    per_rank = args.rank_log_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    with (
+        log_to(rank_log_path(args.rank_log_dir) if per_rank else None),
+        one_line_errors(json.loads(args.rebuilt_by)),
+    ):
+        metrics = train_stage(
+            args.stage,
+            init=args.init,
+            encoder=args.encoder,
+            decoder=args.decoder,
+            data=args.data,
+            heldout=args.heldout,
+            heldout_baselines=args.heldout_baselines and read_baselines(args.heldout_baselines),
+            out=args.out,
+            compression=args.k,
+            hp=json.loads(args.hp),
+        )
+        print(json.dumps(metrics))
+
+
+def hello_dist(args: argparse.Namespace) -> None:
+    """The seed's minimal distributed app (under torchrun): all_reduce, one log per rank."""
+    with log_to(rank_log_path(args.rank_log_dir)):
+        hello(args.out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="refrag", description=__doc__)
     parser.add_argument(
@@ -149,6 +246,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     chat_arguments(p)
     p.set_defaults(func=chat)
+    p = sub.add_parser(
+        "train", help="train one stage of the registry (what the workflow's train jobs run)"
+    )
+    train_arguments(p)
+    p.set_defaults(func=train)
+    p = sub.add_parser("hello-dist", help="minimal distributed check (run it under torchrun)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--rank-log-dir", required=True)
+    p.set_defaults(func=hello_dist)
     args = parser.parse_args(argv)
     try:
         status = args.func(args)

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -50,15 +49,20 @@ def check_config(
         schema = load_schema(schema)
     coerce_numbers(config, schema, schema)
     errors = schema_errors(config, schema)
+    # each further check reads keys whose shape the schema guarantees: it runs only when the
+    # schema found nothing wrong under them (one error is enough to name a key)
+    invalid = {
+        next(iter(error.absolute_path), None)
+        for error in Draft202012Validator(schema).iter_errors(config)
+    }
     checks = (
-        lambda: model_errors(config, Path(cache_dir)),
-        lambda: corpus_errors(config),
-        lambda: eval_k_errors(config),
+        (("models", "runs"), lambda: model_errors(config, Path(cache_dir))),
+        (("corpus", "data"), lambda: corpus_errors(config)),
+        (("eval", "runs"), lambda: eval_k_errors(config)),
     )
-    for more in checks:
-        # a value of the wrong shape is skipped here: the schema has said so already
-        with contextlib.suppress(KeyError, TypeError, AttributeError, ValueError):
-            errors += more()
+    for keys, check in checks:
+        if None not in invalid and not invalid & set(keys):
+            errors += check()
     return errors
 
 

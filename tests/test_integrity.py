@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
+from refrag.cli import one_line_errors
 from refrag.data.shards import build_alignment_cache, read_alignment_cache, read_shards
 from refrag.io.integrity import (
     MANIFEST,
     IntegrityError,
     atomic_file,
-    one_line_errors,
     read_parquet,
     verify_folder,
     write_manifest,
@@ -188,7 +188,7 @@ def test_a_damaged_init_ends_the_training_command_with_one_line(checkpoint, shar
     copy = tmp_path / "align"
     shutil.copytree(checkpoint, copy)
     (copy / "model.safetensors").write_bytes(b"")
-    cmd = [sys.executable, "-m", "refrag.train", "--stage", "cpt", "--k", "4"]
+    cmd = [sys.executable, "-m", "refrag.cli", "train", "--stage", "cpt", "--k", "4"]
     cmd += ["--init", str(copy), "--data", str(shards), "--out", str(tmp_path / "cpt")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1

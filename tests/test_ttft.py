@@ -138,7 +138,7 @@ def test_the_baseline_is_the_fastest_candidate_and_runs_with_its_kernel(fast, mo
         seen.append(timing.attn_of(model.decoder))
         return 1.0 if seen[-1] == fast else 2.0
 
-    monkeypatch.setattr(ttft, "timed_ms", fake_timed_ms)
+    monkeypatch.setattr(timing, "timed_ms", fake_timed_ms)
     candidates = timing.baseline_candidates(torch.device("cpu"), None)
     assert [c.label for c in candidates] == ["sdpa", "eager"]
     prompt, attn, times = timing.choose_baseline(model, x, torch.device("cpu"), candidates, args)

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from refrag.data.shards import read_shards
 from refrag.eval.scoring import BASELINES, context_benefit_retained, result_row, score_windows
 from refrag.eval.statistics import bootstrap_ratio, document_sums
+from refrag.eval.tables import PERPLEXITY_COLUMNS, ordered, write_rows
 from refrag.io.integrity import verify_folder
 from refrag.io.runtime import pick_device
 from refrag.modeling import RefragModel
@@ -65,8 +66,7 @@ def evaluate_windows(
             result_row(records, windows, variant=variant, k=k, stage=stage, **(labels or {}))
         )
         print({key: v for key, v in rows[-1].items() if key != "windows"})
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(rows, indent=2) + "\n")
+    write_rows(rows, out)
     return rows
 
 
@@ -148,23 +148,4 @@ def perplexity_table(
     frame["context_benefit_retained"] = frame.apply(retained, axis=1)
     frame = bootstrap_table(frame, **({"samples": 1000, "seed": 0} | (bootstrap or {})))
     frame["k"] = frame["k"].astype("Int64")
-    first = [
-        "variant",
-        "k",
-        "p",
-        "eval_set",
-        "log_ppl",
-        "log_ppl_lo",
-        "log_ppl_hi",
-        "context_benefit_retained",
-        "retained_lo",
-        "retained_hi",
-        "positions",
-        "compression",
-        "n_tokens",
-        "n_windows",
-        "n_documents",
-    ]
-    first = [c for c in first if c in frame.columns]
-    rest = [c for c in frame.columns if c not in first and c not in ("windows", "scored_digest")]
-    return frame[first + rest]
+    return ordered(frame, PERPLEXITY_COLUMNS, drop=("windows", "scored_digest"))

@@ -34,6 +34,7 @@ from refrag.data.qa import (
     read_qa_set,
 )
 from refrag.eval.statistics import bootstrap_ratio
+from refrag.eval.tables import QA_COLUMNS, ordered, write_rows
 from refrag.io.integrity import verify_folder
 from refrag.io.runtime import pick_device
 from refrag.modeling import RefragModel
@@ -103,9 +104,7 @@ def qa_table(rows: list[dict], *, samples: int = 1000, seed: int = 0, level: flo
     table["k"] = table["k"].astype("Int64")
     table["order"] = table["variant"].map({v: i for i, v in enumerate(VARIANTS)})
     table = table.sort_values([*group, "sft", "order", "k"]).drop(columns="order")
-    first = ["variant", "k", "sft", "eval_set", "exact_match", "exact_match_lo", "exact_match_hi"]
-    first += ["f1", "f1_lo", "f1_hi", "n_questions", "n_documents"]
-    return table[first + [c for c in table.columns if c not in first]].reset_index(drop=True)
+    return ordered(table, QA_COLUMNS).reset_index(drop=True)
 
 
 def cloze_answer(generation: str, question: str) -> str:
@@ -198,10 +197,12 @@ def evaluate_qa(
     labels: dict | None = None,
     max_new_tokens: int = 16,
     batch_size: int = 8,
+    sft: bool = False,
 ) -> list[dict]:
     """Answer the questions of ``qa_set`` (:func:`write_qa_set`) with a REFRAG
-    ``checkpoint`` (``k`` and ``sft`` read from it: fine-tuned when its stage is ``sft``), or
-    with the base ``decoder`` (``encoder`` only supplies the tokenizer pair; no SFT), reading
+    ``checkpoint`` (``k`` read from it; ``sft``: the caller says whether its stage fine-tuned
+    it for QA), or with the base ``decoder`` (``encoder`` only supplies the tokenizer pair; no
+    SFT), reading
     the passage as each of ``variants``. Writes and returns one row per question and variant
     (:func:`answer_questions`, with ``labels``)."""
     examples = read_qa_set(qa_set)
@@ -210,7 +211,7 @@ def evaluate_qa(
         model = RefragModel.from_pretrained(checkpoint)
         tok = RefragTokenizer.from_pretrained(checkpoint)
         stage = json.loads(Path(checkpoint, "training_log.json").read_text())["stage"]
-        run = {"k": model.config.compression, "stage": stage, "sft": stage == "sft"}
+        run = {"k": model.config.compression, "stage": stage, "sft": sft}
     else:
         model = AutoModelForCausalLM.from_pretrained(decoder)
         tok = RefragTokenizer.from_encoder_decoder_pretrained(
@@ -226,6 +227,5 @@ def evaluate_qa(
         rows += [row | run | (labels or {}) for row in answered]
         mean = sum(r["exact_match"] for r in answered) / max(len(answered), 1)
         print(f"{variant} {run}: exact match {mean:.3f} over {len(answered)} questions")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(rows, indent=2) + "\n")
+    write_rows(rows, out)
     return rows

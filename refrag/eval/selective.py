@@ -55,6 +55,7 @@ from refrag.data.mixed import (
 )
 from refrag.data.shards import first_scored, read_shards
 from refrag.eval.scoring import result_row
+from refrag.eval.tables import write_rows
 from refrag.io.integrity import verify_folder
 from refrag.io.runtime import pick_device
 from refrag.modeling import ChunkPolicy, RefragModel
@@ -241,6 +242,5 @@ def evaluate_checkpoint(
             )
             rows.append(row)
             print({key: v for key, v in row.items() if key != "windows"})
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(rows, indent=2) + "\n")
+    write_rows(rows, out)
     return rows

@@ -1,2 +1,2 @@
 """Files and model specs: integrity manifests and atomic writes, model specs (hub, folder,
-embedded) and their fetching, process helpers (logs, device). Imports nothing of refrag."""
+embedded) and their fetching, process helpers (logs, device). May import nothing of refrag."""

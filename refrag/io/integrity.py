@@ -19,9 +19,8 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -212,28 +211,6 @@ def read_parquet(path: str | os.PathLike, rule: str | None = None):
 
 
 # -- reporting -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def one_line_errors(rules: Mapping[str | os.PathLike | None, str] | None = None) -> Iterator[None]:
-    """Turn an :class:`IntegrityError` into ``SystemExit`` with its one line (no traceback).
-
-    ``rules`` maps the input paths of the calling step to the step that writes each; an error
-    without a rule hint gets the one whose path contains the damaged file.
-    """
-    try:
-        yield
-    except IntegrityError as err:
-        if err.rule is None:
-            for where, rule in (rules or {}).items():
-                if where is not None and _inside(err.path, Path(where)):
-                    err.rule = rule
-                    break
-        print(f"error: {err}", file=sys.stderr, flush=True)  # into the step's log, if redirected
-        raise SystemExit(f"error: {err}") from None
-
-
-def _inside(path: Path, where: Path) -> bool:
-    path, where = path.absolute(), where.absolute()
-    return path == where or where in path.parents
 
 
 @contextlib.contextmanager

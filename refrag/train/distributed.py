@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -11,8 +10,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-from refrag.io.runtime import log_to
 
 
 @dataclass(frozen=True)
@@ -69,14 +66,3 @@ def hello(out: str | os.PathLike) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m refrag.train.distributed")
-    sub = parser.add_subparsers(dest="app", required=True)
-    p = sub.add_parser("hello", help="minimal distributed check")
-    p.add_argument("--out", required=True)
-    p.add_argument("--rank-log-dir", required=True)
-    args = parser.parse_args(argv)
-    with log_to(rank_log_path(args.rank_log_dir)):
-        hello(args.out)

@@ -25,7 +25,6 @@ complete one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -35,15 +34,13 @@ import torch
 from transformers import TrainingArguments
 
 from refrag.data.shards import read_shards
-from refrag.io.integrity import atomic_folder, one_line_errors, verify_folder, write_manifest
-from refrag.io.runtime import log_to
+from refrag.io.integrity import atomic_folder, verify_folder, write_manifest
 from refrag.modeling import RefragModel
 from refrag.modeling.limits import check_compression
 from refrag.modeling.tokenization import RefragTokenizer
-from refrag.train.distributed import rank_log_path
 from refrag.train.heldout import HeldOutCurve
 from refrag.train.resume import SealCheckpoints, last_complete_checkpoint, resumed_train_loss
-from refrag.train.stages import STAGES, StageConfig, get_stage
+from refrag.train.stages import StageConfig, get_stage
 
 
 def train_stage(
@@ -189,58 +186,3 @@ def save_model_folder(
         for name, content in (extra or {}).items():
             Path(tmp, name).write_text(json.dumps(content, indent=2, default=str) + "\n")
         write_manifest(tmp)  # last: checked by every load (refrag.io.integrity.verify_folder)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m refrag.train``: one stage, inline or under torchrun (one log per rank)."""
-    parser = argparse.ArgumentParser(prog="python -m refrag.train", description=main.__doc__)
-    parser.add_argument("--stage", choices=list(STAGES), required=True)
-    parser.add_argument("--k", type=int, required=True, help="compression rate")
-    start = parser.add_mutually_exclusive_group(required=True)
-    start.add_argument("--init", help="the previous stage's folder")
-    start.add_argument("--encoder", help="base encoder folder (with --decoder)")
-    parser.add_argument("--decoder", help="base decoder folder (with --encoder)")
-    parser.add_argument(
-        "--data", required=True, help="what the stage reads: alignment cache or train shards"
-    )
-    parser.add_argument("--out", required=True)
-    parser.add_argument(
-        "--heldout", help="validation shard folder: log the held-out curve every eval_steps"
-    )
-    parser.add_argument(
-        "--heldout-baselines",
-        help="the validation set's baselines JSON (refrag.eval.perplexity rows) for the curve",
-    )
-    parser.add_argument(
-        "--hp", default="{}", help="overrides of the stage's defaults, as JSON (StageConfig)"
-    )
-    parser.add_argument(
-        "--rebuilt-by",
-        default="{}",
-        help="JSON {input path: the step that writes it}, named by a damaged input's error",
-    )
-    parser.add_argument(
-        "--rank-log-dir", help="under torchrun, each rank writes DIR/run-{RANK}.log"
-    )
-    args = parser.parse_args(argv)
-    if (args.encoder is None) != (args.decoder is None):
-        parser.error("--encoder and --decoder go together")
-    # the Trainer joins torchrun's process group itself (NCCL on GPUs, gloo on CPU)
-    per_rank = args.rank_log_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    with (
-        log_to(rank_log_path(args.rank_log_dir) if per_rank else None),
-        one_line_errors(json.loads(args.rebuilt_by)),
-    ):
-        metrics = train_stage(
-            args.stage,
-            init=args.init,
-            encoder=args.encoder,
-            decoder=args.decoder,
-            data=args.data,
-            heldout=args.heldout,
-            heldout_baselines=args.heldout_baselines and read_baselines(args.heldout_baselines),
-            out=args.out,
-            compression=args.k,
-            hp=json.loads(args.hp),
-        )
-        print(json.dumps(metrics))

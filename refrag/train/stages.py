@@ -4,7 +4,7 @@ A :class:`Stage` names what a stage reads (``data``), the stage whose checkpoint
 from (``previous``; ``None``: the base encoder and decoder), how its examples are built
 (``dataset``), which trainer optimizes them (``trainer``) and its default hyperparameters
 (``defaults``, a :class:`StageConfig`). Everything else reads this table: ``train_stage`` and
-``python -m refrag.train --stage NAME``, the workflow's one ``train`` rule and its config
+``python -m refrag.cli train --stage NAME``, the workflow's one ``train`` rule and its config
 schema (:func:`stage_config_schema`), and the report. Adding a stage is one entry here, plus
 its dataset builder and trainer (:mod:`refrag.train.datasets`, :mod:`refrag.train.trainers`).
 
@@ -129,6 +129,9 @@ class Stage:
     trainer: str  # "module:function" (hp, **trainer_kwargs) -> transformers.Trainer
     defaults: StageConfig
     ablation: bool = False  # a variant of another stage, reported beside it, never built on
+    # the evaluation that reads this stage's checkpoints besides perplexity: "qa" (answers
+    # with and without this stage: it and the stage it starts from), "selective" (its policy)
+    role: Literal["qa", "selective"] | None = None
 
     def build_dataset(self, data: str | os.PathLike, tok: Any, hp: StageConfig) -> tuple:
         return _resolve(self.dataset)(data, tok, hp)
@@ -201,6 +204,7 @@ STAGES: dict[str, Stage] = {
             dataset="refrag.train.sft:sft_dataset",
             trainer="refrag.train.sft:sft_trainer",
             defaults=StageConfig(steps=10, batch_size=2, lr=5e-5, train_decoder=True),
+            role="qa",
         ),
         Stage(
             name="mixed",
@@ -232,6 +236,7 @@ STAGES: dict[str, Stage] = {
                 train_projector=False,
                 logging_steps=2,
             ),
+            role="selective",
         ),
     )
 }
@@ -244,6 +249,20 @@ def final_stage(names: list[str]) -> str:
     if not main:
         raise ValueError(f"no stage among {names} is a main (non-ablation) stage")
     return main[-1]
+
+
+def stage_with_role(role: str) -> str:
+    """The one stage whose checkpoints the ``role`` evaluation reads (``qa``, ``selective``)."""
+    names = [name for name, stage in STAGES.items() if stage.role == role]
+    if len(names) != 1:
+        raise ValueError(f"{len(names)} stages have the role {role!r}; the registry needs one")
+    return names[0]
+
+
+def qa_stages() -> list[str]:
+    """The stages QA evaluates: the QA stage's starting point (no fine-tuning) and itself."""
+    qa = stage_with_role("qa")
+    return [STAGES[qa].previous, qa]
 
 
 def get_stage(name: str) -> Stage:

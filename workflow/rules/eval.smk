@@ -1,6 +1,4 @@
 rule eval_baselines:
-    """Log-perplexity of the plain decoder with no context, the full context as tokens, and the
-    lowercased context as tokens."""
     input:
         shards="results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
         decoder="resources/models/{decoder}",
@@ -9,6 +7,10 @@ rule eval_baselines:
         "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/baselines.json",
     log:
         "logs/eval_baselines/{corpus}/{decoder}/{encoder}/{eval_set}.log",
+    """Log-perplexity of the plain decoder with no context, the full context as tokens, and the
+    lowercased context as tokens."""
+    conda:
+        CONDA_ENV
     threads: 1
     params:
         batch_size=config["eval"]["batch_size"],
@@ -17,8 +19,6 @@ rule eval_baselines:
 
 
 rule heldout_baselines:
-    """The held-out curve's baselines: the base decoder on the validation windows with no
-    context and the full context (once for every k; no eval.* value reruns it)."""
     input:
         shards=HELDOUT,
         decoder="resources/models/{decoder}",
@@ -28,6 +28,10 @@ rule heldout_baselines:
     log:
         "logs/heldout_baselines/{corpus}/{decoder}/{encoder}.log",
     priority: 10  # every cpt job waits on it
+    """The held-out curve's baselines: the base decoder on the validation windows with no
+    context and the full context (once for every k; no eval.* value reruns it)."""
+    conda:
+        CONDA_ENV
     threads: 1
     params:
         batch_size=8,
@@ -37,7 +41,6 @@ rule heldout_baselines:
 
 
 rule eval_refrag:
-    """Log-perplexity of a REFRAG checkpoint reading the context as chunk embeddings."""
     input:
         shards="results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
         checkpoint=CHECKPOINT,
@@ -45,6 +48,9 @@ rule eval_refrag:
         "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.json",
     log:
         "logs/eval_refrag/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.log",
+    """Log-perplexity of a REFRAG checkpoint reading the context as chunk embeddings."""
+    conda:
+        CONDA_ENV
     threads: 1
     params:
         batch_size=config["eval"]["batch_size"],
@@ -53,8 +59,6 @@ rule eval_refrag:
 
 
 rule perplexity_table:
-    """results/eval/perplexity.csv: one row per variant × k × evaluation set, with 95%
-    intervals (bootstrap over documents); refuses rows that scored different tokens."""
     input:
         eval_outputs(),
     output:
@@ -65,6 +69,10 @@ rule perplexity_table:
         ),
     log:
         "logs/perplexity_table.log",
+    """results/eval/perplexity.csv: one row per variant × k × evaluation set, with 95%
+    intervals (bootstrap over documents); refuses rows that scored different tokens."""
+    conda:
+        CONDA_ENV
     params:
         final_stage=final_stage(config["eval"]["stages"]),
         bootstrap={"seed": config["seed"]} | config["eval"]["bootstrap"],
@@ -73,16 +81,18 @@ rule perplexity_table:
 
 
 rule eval_selective:
-    """Selective compression: a fraction p of each context's chunks read as tokens, chosen by
-    the policy (refrag_rl), at random or by the perplexity heuristic, all read by the policy
-    stage's mixed-input model."""
     input:
         shards="results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
-        checkpoint="results/checkpoints/{corpus}/{decoder}/{encoder}/k{k}/policy",
+        checkpoint=lambda wc: CHECKPOINT.format(**wc, stage=SELECTIVE_STAGE),
     output:
         "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-selective.json",
     log:
         "logs/eval_selective/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}.log",
+    """Selective compression: a fraction p of each context's chunks read as tokens, chosen by
+    the policy (refrag_rl), at random or by the perplexity heuristic, all read by the selective
+    stage's (policy's) mixed-input model."""
+    conda:
+        CONDA_ENV
     threads: 1
     params:
         fractions=config["eval"]["selective"]["p"],
@@ -92,14 +102,16 @@ rule eval_selective:
 
 
 rule qa_set:
-    """The cloze QA set of an eval set's windows (refrag.data.qa.build_qa): a sentence of a
-    held-out passage with a name or number blanked."""
     input:
         "results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
     output:
         QA_SET,
     log:
         "logs/qa_set/{corpus}/{decoder}/{encoder}/{eval_set}.log",
+    """The cloze QA set of an eval set's windows (refrag.data.qa.build_qa): a sentence of a
+    held-out passage with a name or number blanked."""
+    conda:
+        CONDA_ENV
     params:
         seed=config["seed"],
         per_passage=config["eval"]["qa"]["per_passage"],
@@ -108,7 +120,6 @@ rule qa_set:
 
 
 rule eval_qa_baselines:
-    """QA without SFT by the base decoder: no context, and the passage as tokens."""
     input:
         qa_set=QA_SET,
         decoder="resources/models/{decoder}",
@@ -117,6 +128,9 @@ rule eval_qa_baselines:
         QA_BASELINES,
     log:
         "logs/eval_qa/{corpus}/{decoder}/{encoder}/{eval_set}/baselines.log",
+    """QA without SFT by the base decoder: no context, and the passage as tokens."""
+    conda:
+        CONDA_ENV
     threads: 1
     params:
         variants=["no_context", "full_context"],
@@ -127,8 +141,6 @@ rule eval_qa_baselines:
 
 
 rule eval_qa:
-    """QA by a REFRAG checkpoint: after cpt (no SFT) the passage as chunk embeddings; after
-    sft also no context and the passage as tokens, with the fine-tuned decoder."""
     input:
         qa_set=QA_SET,
         checkpoint=CHECKPOINT,
@@ -136,13 +148,18 @@ rule eval_qa:
         QA_EVAL,
     log:
         "logs/eval_qa/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.log",
+    """QA by a REFRAG checkpoint: before the QA stage (cpt, no SFT) the passage as chunk
+    embeddings; after it (sft) also no context and the passage as tokens, fine-tuned."""
+    conda:
+        CONDA_ENV
     threads: 1
     params:
         variants=lambda wc: (
             ["refrag"]
-            if wc.stage != "sft"
+            if wc.stage != QA_STAGE
             else ["no_context", "full_context", "refrag"]
         ),
+        sft=lambda wc: wc.stage == QA_STAGE,
         max_new_tokens=config["eval"]["qa"]["max_new_tokens"],
         batch_size=config["eval"]["qa"]["batch_size"],
     script:
@@ -150,8 +167,6 @@ rule eval_qa:
 
 
 rule qa_table:
-    """results/eval/qa.csv: exact match and F1 per variant × k × SFT, with 95% intervals
-    (bootstrap over documents); refuses rows that answered different questions."""
     input:
         qa_outputs(),
     output:
@@ -162,6 +177,10 @@ rule qa_table:
         ),
     log:
         "logs/qa_table.log",
+    """results/eval/qa.csv: exact match and F1 per variant × k × SFT, with 95% intervals
+    (bootstrap over documents); refuses rows that answered different questions."""
+    conda:
+        CONDA_ENV
     params:
         bootstrap={"seed": config["seed"]} | config["eval"]["bootstrap"],
     script:

@@ -3,6 +3,8 @@ rule fetch_model:
         directory("resources/models/{model}"),
     log:
         "logs/fetch_model/{model}.log",
+    conda:
+        CONDA_ENV
     params:
         spec=lambda wc: model_spec(wc.model),
     script:

@@ -1,11 +1,10 @@
 # One rule trains every stage of refrag.train.stages.STAGES: the registry says what a stage reads
-# and which stage's checkpoint it starts from (train_inputs in common.smk). Each job writes an
+# and which stage's checkpoint it starts from (train_inputs in stages.smk). Each job writes an
 # HF folder results/checkpoints/{corpus}/{decoder}/{encoder}/k{k}/{stage}; on GPUs it runs
 # under torchrun (one process per GPU, per-rank logs), on CPU inline.
 
 
 rule train:
-    """One training stage of one run (python -m refrag.train --stage {stage})."""
     input:
         unpack(train_inputs),
     output:
@@ -15,6 +14,9 @@ rule train:
     benchmark:
         "results/benchmarks/train/{corpus}/{decoder}/{encoder}/k{k}/{stage}.tsv"
     priority: 5  # training is the critical path: before evaluations that could wait
+    """One training stage of one run (python -m refrag.cli train --stage {stage})."""
+    conda:
+        CONDA_ENV
     threads: train_threads
     resources:
         **gpu_resources(run_gpus),
@@ -25,6 +27,6 @@ rule train:
         launch=launcher,
         ranks="logs/train/{corpus}/{decoder}/{encoder}/k{k}/{stage}",
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} -m refrag.train --stage {wildcards.stage} "
+        "OMP_NUM_THREADS={threads} {params.launch} -m refrag.cli train --stage {wildcards.stage} "
         "--k {wildcards.k} {params.start} --data {input.data} --out {output} "
         "--hp {params.hp:q} --rebuilt-by {params.rebuilt_by} --rank-log-dir {params.ranks} > {log} 2>&1"

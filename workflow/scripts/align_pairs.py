@@ -1,7 +1,7 @@
 from transformers import AutoTokenizer
 
+from refrag.cli import one_line_errors
 from refrag.data.shards import build_alignment_cache, read_shards
-from refrag.io.integrity import one_line_errors
 from refrag.io.runtime import log_to
 
 with log_to(snakemake.log[0]), one_line_errors({snakemake.input.shards: "tokenize"}):

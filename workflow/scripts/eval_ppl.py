@@ -1,7 +1,7 @@
 import torch
 
+from refrag.cli import one_line_errors
 from refrag.eval.perplexity import evaluate_windows
-from refrag.io.integrity import one_line_errors
 from refrag.io.runtime import log_to
 
 rules = {snakemake.input.shards: "tokenize"}

@@ -1,7 +1,7 @@
 import torch
 
+from refrag.cli import one_line_errors
 from refrag.eval.qa import evaluate_qa
-from refrag.io.integrity import one_line_errors
 from refrag.io.runtime import log_to
 
 rules = {snakemake.input.qa_set: "qa_set"}
@@ -20,4 +20,5 @@ with log_to(snakemake.log[0]), one_line_errors(rules):
         labels={"decoder": wc.decoder, "encoder": wc.encoder, "eval_set": wc.eval_set},
         max_new_tokens=snakemake.params.max_new_tokens,
         batch_size=snakemake.params.batch_size,
+        sft=snakemake.params.get("sft", False),
     )

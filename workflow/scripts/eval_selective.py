@@ -1,7 +1,7 @@
 import torch
 
+from refrag.cli import one_line_errors
 from refrag.eval.selective import evaluate_checkpoint
-from refrag.io.integrity import one_line_errors
 from refrag.io.runtime import log_to
 
 rules = {snakemake.input.shards: "tokenize", snakemake.input.checkpoint: "train"}

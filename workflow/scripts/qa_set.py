@@ -1,6 +1,6 @@
+from refrag.cli import one_line_errors
 from refrag.data.qa import build_qa, write_qa_set
 from refrag.data.shards import read_shards
-from refrag.io.integrity import one_line_errors
 from refrag.io.runtime import log_to
 
 with log_to(snakemake.log[0]), one_line_errors({snakemake.input[0]: "tokenize"}):

@@ -2,9 +2,9 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from refrag.cli import one_line_errors
 from refrag.data.corpus import read_split
 from refrag.data.shards import iter_windows, spread, tokenizer_id, write_shards
-from refrag.io.integrity import one_line_errors
 from refrag.io.runtime import log_to
 
 with log_to(snakemake.log[0]), one_line_errors():
