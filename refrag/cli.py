@@ -8,7 +8,7 @@ import time
 import torch
 
 from refrag.data.alignment import align
-from refrag.io.integrity import IntegrityError
+from refrag.io.integrity import DiskFullError, IntegrityError, UnsafeFolderError
 from refrag.io.models import (
     DEFAULT_CACHE_DIR,
     DEFAULT_DECODER,
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         status = args.func(args)
-    except (ModelSpecError, IntegrityError) as err:  # one line, not a traceback
+    except (ModelSpecError, IntegrityError, UnsafeFolderError, DiskFullError) as err:  # one line
         raise SystemExit(f"refrag {args.command}: {err}") from None
     if status:
         raise SystemExit(status)

@@ -24,6 +24,7 @@ from refrag.eval.statistics import bootstrap_ratio, document_sums
 from refrag.io.integrity import verify_folder
 from refrag.io.runtime import pick_device
 from refrag.modeling import RefragModel
+from refrag.modeling.modeling_refrag import load_pretrained
 from refrag.modeling.tokenization import RefragTokenizer
 
 
@@ -52,7 +53,7 @@ def evaluate_windows(
         stage = json.loads((Path(checkpoint) / "training_log.json").read_text())["stage"]
         runs = [("refrag", model.config.compression, stage)]
     else:
-        model = AutoModelForCausalLM.from_pretrained(decoder)
+        model = load_pretrained(AutoModelForCausalLM, decoder)
         tok = RefragTokenizer.from_encoder_decoder_pretrained(
             encoder_name_or_path=encoder, decoder_name_or_path=decoder
         )

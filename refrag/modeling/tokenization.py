@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
+from refrag.io.integrity import refuse_code
 from refrag.io.models import resolve_tokenizer_source as source
 
 IGNORE_INDEX = -100
@@ -431,8 +432,8 @@ class RefragTokenizer:
         path = Path(path)
         settings = json.loads((path / "refrag_tokenizer.json").read_text()) | overrides
         return cls(
-            encoder_tokenizer=AutoTokenizer.from_pretrained(path / "encoder_tokenizer"),
-            decoder_tokenizer=AutoTokenizer.from_pretrained(path / "decoder_tokenizer"),
+            encoder_tokenizer=load_tokenizer(path / "encoder_tokenizer"),
+            decoder_tokenizer=load_tokenizer(path / "decoder_tokenizer"),
             **settings,
         )
 
@@ -449,8 +450,15 @@ class RefragTokenizer:
         :mod:`refrag.io.models`) or by anything ``AutoTokenizer.from_pretrained`` accepts (a hub
         name, a model folder, a folder holding only tokenizer files)."""
         return cls(
-            encoder_tokenizer=AutoTokenizer.from_pretrained(source(str(encoder_name_or_path))),
-            decoder_tokenizer=AutoTokenizer.from_pretrained(source(str(decoder_name_or_path))),
+            encoder_tokenizer=load_tokenizer(source(str(encoder_name_or_path))),
+            decoder_tokenizer=load_tokenizer(source(str(decoder_name_or_path))),
             compression=compression,
             **kwargs,
         )
+
+
+def load_tokenizer(name_or_path: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` that never runs code: a folder is checked first
+    (:func:`~refrag.io.integrity.refuse_code`) and remote code is refused, stated."""
+    refuse_code(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, **kwargs)

@@ -25,7 +25,7 @@ from typing import TextIO
 import torch
 from transformers import DynamicCache
 
-from refrag.io.integrity import IntegrityError
+from refrag.io.integrity import IntegrityError, UnsafeFolderError
 from refrag.io.models import ModelSpecError, resolve_model
 from refrag.io.runtime import pick_device, quiet_transformers
 from refrag.modeling import RefragModel
@@ -256,7 +256,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
             device=device,
             cache_dir=cache_dir,
         )
-    except (ChatInputError, IntegrityError, ModelSpecError, OSError) as err:
+    except (ChatInputError, IntegrityError, UnsafeFolderError, ModelSpecError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"refrag chat: {first}", file=sys.stderr, flush=True)
         return 2
