@@ -120,6 +120,18 @@ def chat_arguments(parser: argparse.ArgumentParser) -> None:
         help="refuse attachments larger than this (default 1 MB)",
     )
     parser.add_argument(
+        "--max-text-chars",
+        type=int,
+        help="refuse a prompt (history, attachments and message) longer than this many "
+        "characters (default 1,000,000, or --max-doc-bytes when larger; 0: no cap)",
+    )
+    parser.add_argument(
+        "--max-chunk-rows",
+        type=int,
+        default=16_384,
+        help="refuse a prompt whose documents make more chunk rows than this (default 16,384; 0: no cap)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="one JSON object per turn on stdout (non-interactive)"
     )
     parser.add_argument("--seed", type=int, default=0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -83,8 +84,9 @@ class MalformedDocTagError(DocMarkupError):
     """Text that starts like a doc tag but does not parse as one."""
 
 
-class EmptyDocumentError(DocMarkupError):
-    """A ``<doc>`` whose text gives no encoder token (it would yield no chunk at all)."""
+class EmptyDocumentWarning(UserWarning):
+    """A ``<doc>`` whose text gives no encoder token: it adds no chunk (a retriever may return
+    an empty passage; the prompt goes on without it)."""
 
 
 class TextTypeError(TypeError):
@@ -266,8 +268,8 @@ class RefragTokenizer:
         """Parse ``text`` and tokenize each segment; documents are packed into rows of k.
 
         Document text is data: special-token strings in it (``[SEP]``) are split into plain
-        tokens. Raises :class:`EmptyDocumentError` for a document without tokens and
-        :class:`TextTooLargeError` past ``max_text_chars`` or ``max_chunk_rows``.
+        tokens. A document without tokens adds no chunk (:class:`EmptyDocumentWarning`).
+        Raises :class:`TextTooLargeError` past ``max_text_chars`` or ``max_chunk_rows``.
         """
         check_text(text)
         if self.max_text_chars is not None and len(text) > self.max_text_chars:
@@ -283,8 +285,11 @@ class RefragTokenizer:
                 continue
             seg.tokens = self._ids(self.encoder_tokenizer, seg.raw_text, data=True)
             if not seg.tokens:
-                raise EmptyDocumentError(
-                    f"document {seg.meta['id']!r} is empty (no encoder token)", seg.start
+                warnings.warn(
+                    f"document {seg.meta['id']!r} at position {seg.start} is empty (no encoder "
+                    "token): it adds no chunk",
+                    EmptyDocumentWarning,
+                    stacklevel=2,
                 )
             seg.packed_tokens, seg.attention_mask = self.pack(seg.tokens)
             rows += len(seg.packed_tokens)
