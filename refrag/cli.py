@@ -14,6 +14,7 @@ from refrag.io.models import (
     DEFAULT_DECODER,
     DEFAULT_ENCODER,
     ModelSpecError,
+    check_specs,
     resolve_model,
 )
 from refrag.io.runtime import quiet_transformers
@@ -32,7 +33,9 @@ DEMO_TEXT = (
 
 
 def fetch_models(args: argparse.Namespace) -> None:
-    for spec in args.specs or [DEFAULT_DECODER, DEFAULT_ENCODER]:
+    specs = args.specs or [DEFAULT_DECODER, DEFAULT_ENCODER]
+    check_specs(specs, args.cache_dir)  # all named before any is fetched
+    for spec in specs:
         print(f"{spec} -> {resolve_model(spec, args.cache_dir)}", flush=True)
 
 
@@ -40,6 +43,7 @@ def demo(args: argparse.Namespace) -> None:
     """Tokenize a text with a <doc>, align the tokenizers, run forward and generate."""
     quiet_transformers()
     torch.manual_seed(0)
+    check_specs([args.encoder, args.decoder], args.cache_dir)
     enc_dir, dec_dir = (
         resolve_model(args.encoder, args.cache_dir),
         resolve_model(args.decoder, args.cache_dir),
