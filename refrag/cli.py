@@ -16,17 +16,19 @@ from pathlib import Path
 import torch
 
 from refrag.data.alignment import align
-from refrag.io.integrity import IntegrityError
+from refrag.io.integrity import DiskFullError, IntegrityError, UnsafeFolderError
 from refrag.io.models import (
     DEFAULT_CACHE_DIR,
     DEFAULT_DECODER,
     DEFAULT_ENCODER,
     ModelSpecError,
+    check_specs,
     resolve_model,
 )
 from refrag.io.runtime import log_to, quiet_transformers
 from refrag.modeling import RefragModel
 from refrag.modeling.tokenization import RefragTokenizer
+from refrag.preflight import ConfigFileError, check_config_files, configfile_args
 from refrag.serve.chat import run
 from refrag.train.distributed import hello, rank_log_path
 from refrag.train.runner import read_baselines, train_stage
@@ -44,13 +46,17 @@ DEMO_TEXT = (
 
 @contextlib.contextmanager
 def one_line_errors(rules: Mapping[str | os.PathLike | None, str] | None = None) -> Iterator[None]:
-    """Turn an :class:`IntegrityError` into ``SystemExit`` with its one line (no traceback).
+    """Turn an :class:`IntegrityError` (or :class:`UnsafeFolderError`, :class:`DiskFullError`)
+    into ``SystemExit`` with its one line (no traceback).
 
     ``rules`` maps the input paths of the calling step to the step that writes each; an error
     without a rule hint gets the one whose path contains the damaged file.
     """
     try:
         yield
+    except (UnsafeFolderError, DiskFullError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(f"error: {err}") from None
     except IntegrityError as err:
         if err.rule is None:
             for where, rule in (rules or {}).items():
@@ -66,8 +72,20 @@ def _inside(path: Path, where: Path) -> bool:
     return path == where or where in path.parents
 
 
+def exit_on_config_file_errors(argv: list[str], defaults: tuple[str, ...] = ()) -> None:
+    """Exit with ``config: file:line:column: message`` when a config file of a Snakemake
+    command line (``--configfile``), or one of ``defaults``, is not valid YAML/JSON (Snakemake
+    itself names neither the file nor the line); a missing default is Snakemake's to report."""
+    try:
+        check_config_files([*(d for d in defaults if Path(d).is_file()), *configfile_args(argv)])
+    except ConfigFileError as err:
+        raise SystemExit(f"config: {err}") from None
+
+
 def fetch_models(args: argparse.Namespace) -> None:
-    for spec in args.specs or [DEFAULT_DECODER, DEFAULT_ENCODER]:
+    specs = args.specs or [DEFAULT_DECODER, DEFAULT_ENCODER]
+    check_specs(specs, args.cache_dir)  # all named before any is fetched
+    for spec in specs:
         print(f"{spec} -> {resolve_model(spec, args.cache_dir)}", flush=True)
 
 
@@ -75,6 +93,7 @@ def demo(args: argparse.Namespace) -> None:
     """Tokenize a text with a <doc>, align the tokenizers, run forward and generate."""
     quiet_transformers()
     torch.manual_seed(0)
+    check_specs([args.encoder, args.decoder], args.cache_dir)
     enc_dir, dec_dir = (
         resolve_model(args.encoder, args.cache_dir),
         resolve_model(args.decoder, args.cache_dir),
@@ -153,6 +172,18 @@ def chat_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1_000_000,
         help="refuse attachments larger than this (default 1 MB)",
+    )
+    parser.add_argument(
+        "--max-text-chars",
+        type=int,
+        help="refuse a prompt (history, attachments and message) longer than this many "
+        "characters (default 1,000,000, or --max-doc-bytes when larger; 0: no cap)",
+    )
+    parser.add_argument(
+        "--max-chunk-rows",
+        type=int,
+        default=16_384,
+        help="refuse a prompt whose documents make more chunk rows than this (default 16,384; 0: no cap)",
     )
     parser.add_argument(
         "--json", action="store_true", help="one JSON object per turn on stdout (non-interactive)"
@@ -258,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         status = args.func(args)
-    except (ModelSpecError, IntegrityError) as err:  # one line, not a traceback
+    except (ModelSpecError, IntegrityError, UnsafeFolderError, DiskFullError) as err:  # one line
         raise SystemExit(f"refrag {args.command}: {err}") from None
     if status:
         raise SystemExit(status)

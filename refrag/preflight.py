@@ -1,5 +1,9 @@
 """The whole experiment config checked before the first job runs, one line per problem.
 
+Before it is read at all, :func:`check_config_files` parses each config file (``--configfile``
+and ``config/config.yaml``) and names a syntax error as ``file:line:column: message``
+(:class:`ConfigFileError`), which Snakemake's own message does not.
+
 :func:`check_config` returns every error it finds (an empty list when the config is good):
 
 - the JSON schema (unknown keys anywhere, types, ranges), one line per error naming the key;
@@ -33,6 +37,55 @@ from refrag.io.models import EMBEDDED_MODELS, ModelSpecError, cache_name, check_
 from refrag.modeling.limits import compression_limit
 
 CORPUS_SUFFIXES = (".txt", ".parquet", ".jsonl")
+
+
+class ConfigFileError(ValueError):
+    """A config file that does not parse: ``file:line:column: message``, one line."""
+
+
+def config_file_error(path: str | os.PathLike) -> str | None:
+    """``file:line:column: message`` when ``path`` is neither JSON nor YAML (or unreadable), else
+    ``None``. Line and column are 1-based, from the YAML error's ``problem_mark``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return f"{path}: no such config file"
+    except (OSError, UnicodeDecodeError) as err:
+        return f"{path}: unreadable ({type(err).__name__}: {err})"
+    try:
+        yaml.safe_load(text)  # YAML is a superset of the JSON Snakemake also accepts
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else f"{path}"
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+        context = getattr(err, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        return f"{where}: {detail}"
+    return None
+
+
+def check_config_files(paths) -> None:
+    """Raise :class:`ConfigFileError` naming the first config file that does not parse."""
+    for path in paths:
+        if (error := config_file_error(path)) is not None:
+            raise ConfigFileError(error)
+
+
+def configfile_args(argv: list[str]) -> list[str]:
+    """The files given to ``--configfile``/``--configfiles`` on a Snakemake command line."""
+    files, taking = [], False
+    for arg in argv[1:]:
+        if arg in ("--configfile", "--configfiles"):
+            taking = True
+        elif arg.startswith(("--configfile=", "--configfiles=")):
+            files.append(arg.split("=", 1)[1])
+            taking = False
+        elif taking and not arg.startswith("-"):
+            files.append(arg)
+        else:
+            taking = False
+    return files
 
 
 def load_schema(path: str | os.PathLike) -> dict:

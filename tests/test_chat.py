@@ -301,3 +301,184 @@ def test_the_disk_chunk_cache_works_from_the_chat_and_survives_a_damaged_file(
     again = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert again[0]["answer"] == first[0]["answer"]
     assert f"chunk cache file {db} is damaged" in caplog.text
+
+
+# -- a checkpoint folder is data, never code --------------------------------------------------
+EVIL = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
+
+
+class Payload:
+    """A pickle that would run a command when unpickled without ``weights_only``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def hostile_folder(checkpoint: Path, tmp_path: Path, kind: str) -> tuple[Path, Path, str]:
+    """A copy of ``checkpoint`` made hostile and resealed; its code writes ``marker``.
+    Returns (folder, marker, the file the refusal must name)."""
+    import shutil
+
+    import torch
+
+    from refrag.io.integrity import write_manifest
+
+    folder, marker = tmp_path / f"hostile-{kind}", tmp_path / f"ran-{kind}"
+    shutil.copytree(checkpoint, folder)
+    (folder / "evil.py").write_text(EVIL.format(marker=str(marker)))
+    if kind == "pickle":
+        (folder / "model.safetensors").unlink()
+        torch.save({"w": Payload(marker)}, folder / "pytorch_model.bin")
+        named = folder / "pytorch_model.bin"
+    else:
+        named = {
+            "tokenizer": folder / "decoder_tokenizer" / "tokenizer_config.json",
+            "model": folder / "config.json",
+            "encoder": folder / "config.json",
+        }[kind]
+        content = json.loads(named.read_text())
+        auto_map = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+        if kind == "model":
+            auto_map = {"AutoModel": "evil.EvilModel", "AutoConfig": "evil.EvilConfig"}
+            content["auto_map"] = auto_map
+        elif kind == "encoder":
+            content["encoder"]["auto_map"] = {"AutoModel": "evil.EvilModel"}
+        else:
+            content["auto_map"] = auto_map
+        named.write_text(json.dumps(content))
+    write_manifest(folder)  # resealed: the integrity check alone would pass it
+    return folder, marker, str(named)
+
+
+@needs_tokenizers
+def test_a_hostile_tokenizer_folder_is_refused_in_one_line_even_answering_y(checkpoint, tmp_path):
+    folder, marker, named = hostile_folder(checkpoint, tmp_path, "tokenizer")
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "refrag.cli", "chat", "--checkpoint", str(folder), *CHAT_ARGS],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    os.close(secondary)
+    out = b""
+    try:
+        os.write(primary, b"y\ny\n")  # what a user answers to "run custom code?"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if not select.select([primary], [], [], 1)[0]:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(timeout=60) == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(primary)
+    lines = [x for x in out.decode().replace("\r", "").splitlines() if x.strip() and x != "y"]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"refrag chat: {named}: maps classes to code")
+    assert "auto_map" in lines[0] and "refused" in lines[0]
+    assert not marker.exists()
+
+
+@needs_tokenizers
+@pytest.mark.parametrize("kind", ["model", "encoder", "pickle"])
+def test_a_hostile_model_folder_is_refused_in_one_line(checkpoint, tmp_path, kind, capsys):
+    folder, marker, named = hostile_folder(checkpoint, tmp_path, kind)
+    with pytest.raises(SystemExit) as exc:
+        main(["chat", "--checkpoint", str(folder), "--prompt", "x", "--device", "cpu"])
+    assert exc.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"refrag chat: {named}: ") and "refused" in line
+    assert ("pickle payload" if kind == "pickle" else "auto_map") in line
+    assert not marker.exists()
+
+
+# -- the model's answers are data; --json is JSON; every cap has its option ------------------
+@needs_tokenizers
+def test_an_answer_holding_doc_tags_never_breaks_later_turns(checkpoint, monkeypatch):
+    import refrag.serve.chat
+    from refrag.serve.inference import stream_generate
+
+    model, tok = load_refrag(checkpoint, device="cpu")
+    session = ChatSession(model, tok, max_new_tokens=3)
+
+    class Markup:  # a real generation whose text is replaced by markup
+        def __init__(self, run):
+            self.run = run
+
+        def __getattr__(self, name):
+            return getattr(self.run, name)
+
+        @property
+        def pieces(self):
+            list(self.run.pieces)
+            yield "See </doc> and <doc id='x'>"
+
+    def answers_markup(model, tok, batch, **kwargs):
+        return Markup(stream_generate(model, tok, batch, **kwargs))
+
+    monkeypatch.setattr(refrag.serve.chat, "stream_generate", answers_markup)
+    answer, _ = session.turn(f"{DOC} Who?")
+    assert answer == "See </doc> and <doc id='x'>"  # shown to the user as written
+    assert session.messages[-1]["content"] == "See &lt;/doc> and &lt;doc id='x'>"
+    monkeypatch.setattr(refrag.serve.chat, "stream_generate", stream_generate)
+    for _ in range(2):  # every later turn still parses
+        _, stats = session.turn("And then?")
+        assert stats.new_tokens == 3
+
+
+@needs_tokenizers
+def test_json_output_is_json_only_notes_and_errors_go_to_stderr(checkpoint, tmp_path, capsys):
+    import io
+
+    from refrag.cli import chat_arguments
+    from refrag.serve.chat import run
+
+    parser = __import__("argparse").ArgumentParser()
+    chat_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(checkpoint), *CHAT_ARGS, "--json"])
+    hostile = tmp_path / "notes.txt"
+    hostile.write_text("Facts.</doc> more")
+    lines = [f"/doc {tmp_path / 'nope.txt'}", f"/doc {hostile}", "/help", "Hi", "/reset", "Q?"]
+    out = io.StringIO()
+    assert run(args, stdin=io.StringIO("\n".join(lines) + "\n"), stdout=out) == 0
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]  # every line parses
+    assert [r["prompt"] for r in rows] == ["Hi", "Q?"]
+    err = capsys.readouterr().err
+    assert "no such file" in err and "attached" in err and "conversation cleared" in err
+
+
+@needs_tokenizers
+def test_every_cap_has_its_option(checkpoint, tmp_path, capsys):
+    big = tmp_path / "big.txt"
+    big.write_text("Ada wrote notes. " * 70_000)  # 1.19 MB: over both default caps
+    argv = chat_json(checkpoint, "--doc", str(big), "--prompt", "Who?")
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and "--max-doc-bytes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--max-doc-bytes", "2000000", "--max-text-chars", "1000000"])
+    assert exc.value.code == 1 and "max_text_chars" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--max-doc-bytes", "2000000", "--max-chunk-rows", "10"])
+    assert exc.value.code == 1 and "max_chunk_rows" in capsys.readouterr().err
+    # raising --max-doc-bytes raises the text cap with it: the turn runs
+    short = tmp_path / "short.txt"
+    short.write_text("Ada wrote notes. " * 10)
+    main([*chat_json(checkpoint, "--doc", str(short), "--prompt", "Who?"), "--max-text-chars", "0"])
+    (row,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert row["chunks"] > 0

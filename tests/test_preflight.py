@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -218,3 +220,63 @@ def test_snakemake_stops_before_any_job_with_one_line_per_config_error(tmp_path)
     ]
     assert not any("lr" in line for line in lines)  # 1e-3 is read as a number
     assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
+# -- a config file that does not parse is named with its line and column ---------------------
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
+    from refrag.preflight import ConfigFileError, check_config_files, config_file_error
+
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("runs:\n  - name: a\n    k: [16]\n")
+    bad.write_text("runs:\n  - name: a\n   k: [16]\n")  # one space short
+    assert config_file_error(good) is None
+    assert config_file_error(ROOT / "config/config.yaml") is None
+    message = config_file_error(bad)
+    assert message.startswith(f"{bad}:3:4: ") and "\n" not in message
+    with pytest.raises(ConfigFileError, match=rf"^{bad}:3:4: "):
+        check_config_files([good, bad])
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("a:\n\tb: 1\n")
+    assert config_file_error(tab).startswith(f"{tab}:2:1: found character '\\t'")
+    assert (
+        config_file_error(tmp_path / "none.yaml")
+        == f"{tmp_path / 'none.yaml'}: no such config file"
+    )
+
+
+def test_configfile_arguments_are_found_on_a_snakemake_command_line():
+    from refrag.preflight import configfile_args
+
+    argv = [
+        "snakemake",
+        "-n",
+        "--configfile",
+        "a.yaml",
+        "b.yaml",
+        "-j",
+        "1",
+        "--configfiles=c.yaml",
+    ]
+    assert configfile_args(argv) == ["a.yaml", "b.yaml", "c.yaml"]
+
+
+def test_snakemake_names_a_broken_configfile_in_one_line(tmp_path):
+    """The workflow profile runs refrag.cli.exit_on_config_file_errors before Snakemake parses
+    the config files: file, line and column, one line, no traceback."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 0\nmodels: {a: b\n")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "snakemake"), "-n", "--configfile", str(bad)],
+        env=os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if line.startswith("config:")]
+    assert lines == [
+        f"config: {bad}:3:1: expected ',' or '}}', but got '<stream end>' (while parsing a flow mapping)"
+    ]
+    assert "Traceback" not in run.stderr

@@ -590,3 +590,81 @@ def test_delete_all_output_keeps_the_bucket(workflow_run, deployed):
     assert f"{PREFIX}/results/hello_dist/world.json" not in keys
     assert ".refrag-bucket-sentinel" in keys  # so the plugin left the bucket alone
     client.head_bucket(Bucket=BUCKET)
+
+
+# -- the profile from any folder; the Batch resources it submits to are checked at start-up ----
+def test_the_profile_finds_its_own_files_from_another_folder(tmp_path, monkeypatch):
+    from snakemake.profiles import ProfileConfigFileParser
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REFRAG_AWS_DEPLOYMENT", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the profile prepends deploy/aws
+    deployment = REPO / "profiles" / "aws-batch" / "deployment.yaml"
+    if deployment.exists():
+        pytest.skip("a real deployment.yaml is present")
+    profile = REPO / "profiles" / "aws-batch" / "config.yaml"
+    with open(profile) as stream, pytest.raises(SystemExit) as stopped:
+        ProfileConfigFileParser().parse(stream)
+    assert str(stopped.value) == (
+        f"aws-batch: {deployment} not found: run deploy/aws/setup_batch.py first "
+        "(deploy/aws/README.md)"
+    )
+
+
+def batch_stub(queue: list[dict], definitions: dict[str, list]):
+    from botocore.stub import Stubber
+
+    batch = boto3.client(
+        "batch", region_name=REGION, aws_access_key_id="a", aws_secret_access_key="b"
+    )
+    stub = Stubber(batch)
+    stub.add_response("describe_job_queues", {"jobQueues": queue}, {"jobQueues": ["rf-queue"]})
+    for name, found in definitions.items():
+        stub.add_response(
+            "describe_job_definitions",
+            {"jobDefinitions": found},
+            {"jobDefinitionName": name, "status": "ACTIVE"},
+        )
+    return batch, stub
+
+
+def test_a_deployment_without_its_queue_or_job_definitions_stops_in_one_line():
+    sys.path.insert(0, str(REPO / "deploy" / "aws"))
+    import preflight
+
+    deployment = {
+        "region": REGION,
+        "job_queue": "rf-queue",
+        "job_definitions": {"cpu": "rf-cpu", "gpu": "rf-gpu"},
+    }
+    queue = {
+        "jobQueueName": "rf-queue",
+        "jobQueueArn": "arn:aws:batch:eu-west-1:123456789012:job-queue/rf-queue",
+        "state": "ENABLED",
+        "status": "VALID",
+        "priority": 1,
+        "computeEnvironmentOrder": [],
+    }
+    definition = {
+        "jobDefinitionName": "rf-cpu",
+        "jobDefinitionArn": "arn:aws:batch:eu-west-1:123456789012:job-definition/rf-cpu:1",
+        "revision": 1,
+        "type": "container",
+    }
+    cases = [
+        ([], {}, "aws-batch: job queue rf-queue does not exist in eu-west-1: rerun "),
+        ([queue | {"state": "DISABLED"}], {}, "aws-batch: job queue rf-queue is DISABLED/VALID"),
+        (
+            [queue],
+            {"rf-cpu": [definition], "rf-gpu": []},
+            "aws-batch: job definition rf-gpu (gpu) has no ACTIVE revision in eu-west-1: rerun ",
+        ),
+    ]
+    for found, definitions, message in cases:
+        batch, stub = batch_stub(found, definitions)
+        with stub, pytest.raises(SystemExit) as stopped:
+            preflight.check_batch_resources(batch, deployment)
+        assert str(stopped.value).startswith(message) and "\n" not in str(stopped.value)
+    batch, stub = batch_stub([queue], {"rf-cpu": [definition], "rf-gpu": [definition]})
+    with stub:
+        preflight.check_batch_resources(batch, deployment)  # all there: passes

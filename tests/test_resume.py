@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import random
 import shutil
 
 import pytest
 import torch
 from transformers import Trainer
 
+from refrag.cli import main
 from refrag.io.integrity import MANIFEST, IntegrityError, write_manifest
 from refrag.train.resume import check_checkpoint_files, last_complete_checkpoint, resumed_train_loss
 from refrag.train.runner import train_stage
@@ -31,7 +35,7 @@ def fake_checkpoint(work, step: int, *, sealed: bool) -> None:
     path.mkdir(parents=True)
     (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     save_file({"w": torch.ones(64)}, str(path / "model.safetensors"))
-    (path / "optimizer.pt").write_bytes(b"\0" * 64)
+    torch.save({"state": {}, "param_groups": []}, path / "optimizer.pt")
     if sealed:
         write_manifest(path)
 
@@ -125,3 +129,51 @@ def test_checkpoints_of_a_finished_stage_are_removed(tiny_model_dirs, shards, tm
     train_stage("cpt", **tiny_model_dirs, data=shards, out=out, compression=4, hp=HP | {"steps": 2})
     assert not (tmp_path / "cpt.work").exists() and (out / MANIFEST).is_file()
     shutil.rmtree(out)
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_payload_in_a_sealed_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys):
+    import numpy as np
+
+    work, marker = tmp_path / "work", tmp_path / "ran"
+    for step in (2, 4):
+        fake_checkpoint(work, step, sealed=False)
+        rng = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cpu": torch.random.get_rng_state(),
+        }  # what the Trainer saves, numpy state included: loads as weights only
+        torch.save(rng, work / f"checkpoint-{step}" / "rng_state.pth")
+        write_manifest(work / f"checkpoint-{step}")
+    torch.save({"python": Payload(marker)}, work / "checkpoint-4" / "rng_state.pth")
+    write_manifest(work / "checkpoint-4")  # resealed: the seal alone would pass it
+    assert last_complete_checkpoint(work) == str(work / "checkpoint-2")
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith("skipping checkpoint checkpoint-4: rng_state.pth holds a pickle payload")
+    assert not marker.exists()
+
+
+def test_a_full_disk_during_a_checkpoint_save_ends_in_one_line(
+    tiny_model_dirs, shards, tmp_path, monkeypatch, capsys
+):
+    def disk_full(self, output_dir):
+        raise OSError(errno.ENOSPC, "No space left on device", f"{output_dir}/optimizer.pt")
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", disk_full)
+    out = tmp_path / "cpt"
+    argv = ["train", "--stage", "cpt", "--k", "4", "--data", str(shards), "--out", str(out)]
+    argv += ["--encoder", str(tiny_model_dirs["encoder"])]
+    argv += ["--decoder", str(tiny_model_dirs["decoder"]), "--hp", json.dumps(HP)]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    message = str(exc.value.code)
+    assert "\n" not in message
+    assert message.startswith(f"error: {out}.work/checkpoint-2/optimizer.pt: no space left")
+    assert "MiB free there" in message and "resumes from its last complete checkpoint" in message

@@ -5,7 +5,11 @@ ends the run in one line (exit 1) instead of a traceback per S3 call:
 - deployment.yaml missing or incomplete (deploy/aws/setup_batch.py writes it);
 - AWS credentials missing, expired or rejected (one STS GetCallerIdentity call);
 - the image built from another commit than the work tree (jobs run the workflow baked into
-  the image, not this checkout), or the work tree changed since.
+  the image, not this checkout), or the work tree changed since;
+- the job queue (ENABLED, VALID) and every job definition (ACTIVE) that jobs will be submitted
+  to, so a deployment without them stops here, not after a local job has run.
+Paths are the workflow's (``root``, found by the profile from its own folder), never the
+current folder's.
 It also bounds how long a job may stay unknown to the executor's status check (which reports
 "still running" on any API error or a job it cannot find): after `REFRAG_AWS_UNKNOWN_LIMIT_S`
 seconds (default 900) with no answer, the job is failed with a line saying so.
@@ -24,7 +28,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from snakemake_executor_plugin_aws_basic_batch import Executor
 
-DEPLOYMENT = Path("profiles/aws-batch/deployment.yaml")  # relative to the work tree
+ROOT = Path(__file__).resolve().parents[2]  # the workflow's folder (deploy/aws/..)
+DEPLOYMENT = Path("profiles/aws-batch/deployment.yaml")  # relative to the workflow's folder
 # What the image holds of the work tree (the allow-list in .dockerignore) and jobs run.
 IMAGE_PATHS = (
     "Snakefile",
@@ -43,9 +48,9 @@ def fail(message: str) -> None:
     raise SystemExit(f"aws-batch: {message}")
 
 
-def load_deployment(path: Path | None = None) -> dict:
+def load_deployment(path: Path | None = None, root: Path = ROOT) -> dict:
     """The settings deploy/aws/setup_batch.py wrote (REFRAG_AWS_DEPLOYMENT overrides the path)."""
-    path = Path(path or os.environ.get("REFRAG_AWS_DEPLOYMENT", DEPLOYMENT))
+    path = Path(path or os.environ.get("REFRAG_AWS_DEPLOYMENT") or root / DEPLOYMENT)
     if not path.exists():
         fail(f"{path} not found: run deploy/aws/setup_batch.py first (deploy/aws/README.md)")
     deployment = yaml.safe_load(path.read_text()) or {}
@@ -116,6 +121,34 @@ def check_image_commit(deployment: dict, repo: Path = Path(".")) -> None:
         )
 
 
+def check_batch_resources(batch, deployment: dict) -> None:
+    """Refuse unless the job queue is ENABLED and VALID and every job definition of the
+    deployment has an ACTIVE revision: the ones jobs will be submitted to."""
+    fix = "rerun deploy/aws/setup_batch.py (deploy/aws/README.md); nothing was submitted"
+    region = deployment.get("region")
+    try:
+        queue = deployment["job_queue"]
+        found = batch.describe_job_queues(jobQueues=[queue]).get("jobQueues", [])
+        if not found:
+            fail(f"job queue {queue} does not exist in {region}: {fix}")
+        state, status = found[0].get("state"), found[0].get("status")
+        if state != "ENABLED" or status != "VALID":
+            fail(f"job queue {queue} is {state}/{status}, not ENABLED/VALID: {fix}")
+        for role, name in sorted(deployment["job_definitions"].items()):
+            name = str(name).split(":")[0].rsplit("/", 1)[-1]  # name, name:rev or an ARN
+            active = batch.describe_job_definitions(jobDefinitionName=name, status="ACTIVE")
+            if not active.get("jobDefinitions"):
+                fail(f"job definition {name} ({role}) has no ACTIVE revision in {region}: {fix}")
+    except ClientError as err:
+        error = err.response.get("Error", {})
+        fail(
+            f"cannot check the Batch queue and job definitions ({error.get('Code')}: "
+            f"{error.get('Message')}); nothing was submitted"
+        )
+    except BotoCoreError as err:
+        fail(f"cannot check the Batch queue and job definitions: {err}; nothing was submitted")
+
+
 def bound_unknown_status(executor_cls, limit_s: float) -> None:
     """Make the aws-basic-batch executor fail a job it could not see for `limit_s` seconds,
     and name the job's CloudWatch log stream when it fails."""
@@ -153,13 +186,16 @@ def log_stream(executor, job_id: str) -> str:
     return f"; attempts: {len(job.get('attempts', [])) or 1}{where}"
 
 
-def run() -> dict:
-    """All checks; the deployment settings for the profile."""
-    deployment = load_deployment()
+def run(root: str | os.PathLike = ROOT) -> dict:
+    """All checks, with the workflow's folder ``root`` (not the current one); the deployment
+    settings for the profile."""
+    root = Path(root)
+    deployment = load_deployment(root=root)
     config = Config(connect_timeout=10, read_timeout=20, retries={"max_attempts": 2})
-    sts = boto3.session.Session(region_name=deployment["region"]).client("sts", config=config)
-    check_credentials(sts)
-    check_image_commit(deployment)
+    session = boto3.session.Session(region_name=deployment["region"])
+    check_credentials(session.client("sts", config=config))
+    check_image_commit(deployment, repo=root)
+    check_batch_resources(session.client("batch", config=config), deployment)
     bound_unknown_status(
         Executor, float(os.environ.get("REFRAG_AWS_UNKNOWN_LIMIT_S", UNKNOWN_LIMIT_S))
     )

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from refrag.io.models import resolve_model
 from refrag.modeling import RefragConfig, RefragModel
+from refrag.modeling.modeling_refrag import load_pretrained
 
 DECODER_SHAPES: dict[str, dict[str, Any]] = {
     "llama2-7b": dict(
@@ -136,13 +137,13 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                 shape_config(args.decoder_shape, DECODER_SHAPES, longest), **kw
             )
         else:
-            decoder = AutoModelForCausalLM.from_pretrained(
-                resolve_model(args.decoder, args.cache_dir), **kw
+            decoder = load_pretrained(
+                AutoModelForCausalLM, resolve_model(args.decoder, args.cache_dir), **kw
             )
         if args.encoder_shape:
             encoder = AutoModel.from_config(shape_config(args.encoder_shape, ENCODER_SHAPES), **kw)
         else:
-            encoder = AutoModel.from_pretrained(resolve_model(args.encoder, args.cache_dir), **kw)
+            encoder = load_pretrained(AutoModel, resolve_model(args.encoder, args.cache_dir), **kw)
     config = RefragConfig(encoder=encoder.config, decoder=decoder.config, compression=max(args.k))
     return (
         RefragModel(config, encoder=encoder, decoder=decoder).to(device=device, dtype=dtype).eval()

@@ -25,6 +25,7 @@ from refrag.eval.tables import PERPLEXITY_COLUMNS, ordered, write_rows
 from refrag.io.integrity import verify_folder
 from refrag.io.runtime import pick_device
 from refrag.modeling import RefragModel
+from refrag.modeling.modeling_refrag import load_pretrained
 from refrag.modeling.tokenization import RefragTokenizer
 
 
@@ -53,7 +54,7 @@ def evaluate_windows(
         stage = json.loads((Path(checkpoint) / "training_log.json").read_text())["stage"]
         runs = [("refrag", model.config.compression, stage)]
     else:
-        model = AutoModelForCausalLM.from_pretrained(decoder)
+        model = load_pretrained(AutoModelForCausalLM, decoder)
         tok = RefragTokenizer.from_encoder_decoder_pretrained(
             encoder_name_or_path=encoder, decoder_name_or_path=decoder
         )

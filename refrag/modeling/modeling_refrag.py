@@ -16,10 +16,19 @@ from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
+from refrag.io.integrity import refuse_code
 from refrag.modeling.configuration_refrag import RefragConfig
 from refrag.modeling.policy import ChunkPolicy
 
 IGNORE_INDEX = -100
+
+
+def load_pretrained(auto_class, name_or_path, **kwargs) -> PreTrainedModel:
+    """``auto_class.from_pretrained`` (``AutoModel``, ``AutoModelForCausalLM`` …) that never runs
+    code: a folder is checked first (:func:`~refrag.io.integrity.refuse_code`), and remote code
+    is refused, stated."""
+    refuse_code(name_or_path)
+    return auto_class.from_pretrained(name_or_path, trust_remote_code=False, **kwargs)
 
 
 def attn_implementations(module: nn.Module) -> set[str | None]:
@@ -102,6 +111,14 @@ class RefragModel(PreTrainedModel):
         return self.policy
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> RefragModel:
+        """``PreTrainedModel.from_pretrained`` that never runs code from the folder (checked by
+        :func:`~refrag.io.integrity.refuse_code` first; remote code refused, stated)."""
+        refuse_code(pretrained_model_name_or_path)
+        kwargs["trust_remote_code"] = False
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
     def from_encoder_decoder_pretrained(
         cls,
         *,
@@ -115,9 +132,12 @@ class RefragModel(PreTrainedModel):
 
         ``attn_implementation`` (``None``: transformers' default, SDPA where supported) goes to
         both sub-models; ``config_kwargs`` (``compression`` …) to :class:`RefragConfig`."""
-        model_kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
-        encoder = AutoModel.from_pretrained(encoder_name_or_path, **model_kwargs)
-        decoder = AutoModelForCausalLM.from_pretrained(decoder_name_or_path, **model_kwargs)
+        model_kwargs = {
+            "dtype": dtype,
+            "attn_implementation": attn_implementation,
+        }
+        encoder = load_pretrained(AutoModel, encoder_name_or_path, **model_kwargs)
+        decoder = load_pretrained(AutoModelForCausalLM, decoder_name_or_path, **model_kwargs)
         config = RefragConfig(encoder=encoder.config, decoder=decoder.config, **config_kwargs)
         return cls(config, encoder=encoder, decoder=decoder).eval()
 

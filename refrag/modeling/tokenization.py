@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
+from refrag.io.integrity import refuse_code
 from refrag.io.models import resolve_tokenizer_source as source
 
 IGNORE_INDEX = -100
@@ -82,8 +84,9 @@ class MalformedDocTagError(DocMarkupError):
     """Text that starts like a doc tag but does not parse as one."""
 
 
-class EmptyDocumentError(DocMarkupError):
-    """A ``<doc>`` whose text gives no encoder token (it would yield no chunk at all)."""
+class EmptyDocumentWarning(UserWarning):
+    """A ``<doc>`` whose text gives no encoder token: it adds no chunk (a retriever may return
+    an empty passage; the prompt goes on without it)."""
 
 
 class TextTypeError(TypeError):
@@ -265,8 +268,8 @@ class RefragTokenizer:
         """Parse ``text`` and tokenize each segment; documents are packed into rows of k.
 
         Document text is data: special-token strings in it (``[SEP]``) are split into plain
-        tokens. Raises :class:`EmptyDocumentError` for a document without tokens and
-        :class:`TextTooLargeError` past ``max_text_chars`` or ``max_chunk_rows``.
+        tokens. A document without tokens adds no chunk (:class:`EmptyDocumentWarning`).
+        Raises :class:`TextTooLargeError` past ``max_text_chars`` or ``max_chunk_rows``.
         """
         check_text(text)
         if self.max_text_chars is not None and len(text) > self.max_text_chars:
@@ -282,8 +285,11 @@ class RefragTokenizer:
                 continue
             seg.tokens = self._ids(self.encoder_tokenizer, seg.raw_text, data=True)
             if not seg.tokens:
-                raise EmptyDocumentError(
-                    f"document {seg.meta['id']!r} is empty (no encoder token)", seg.start
+                warnings.warn(
+                    f"document {seg.meta['id']!r} at position {seg.start} is empty (no encoder "
+                    "token): it adds no chunk",
+                    EmptyDocumentWarning,
+                    stacklevel=2,
                 )
             seg.packed_tokens, seg.attention_mask = self.pack(seg.tokens)
             rows += len(seg.packed_tokens)
@@ -431,8 +437,8 @@ class RefragTokenizer:
         path = Path(path)
         settings = json.loads((path / "refrag_tokenizer.json").read_text()) | overrides
         return cls(
-            encoder_tokenizer=AutoTokenizer.from_pretrained(path / "encoder_tokenizer"),
-            decoder_tokenizer=AutoTokenizer.from_pretrained(path / "decoder_tokenizer"),
+            encoder_tokenizer=load_tokenizer(path / "encoder_tokenizer"),
+            decoder_tokenizer=load_tokenizer(path / "decoder_tokenizer"),
             **settings,
         )
 
@@ -449,8 +455,15 @@ class RefragTokenizer:
         :mod:`refrag.io.models`) or by anything ``AutoTokenizer.from_pretrained`` accepts (a hub
         name, a model folder, a folder holding only tokenizer files)."""
         return cls(
-            encoder_tokenizer=AutoTokenizer.from_pretrained(source(str(encoder_name_or_path))),
-            decoder_tokenizer=AutoTokenizer.from_pretrained(source(str(decoder_name_or_path))),
+            encoder_tokenizer=load_tokenizer(source(str(encoder_name_or_path))),
+            decoder_tokenizer=load_tokenizer(source(str(decoder_name_or_path))),
             compression=compression,
             **kwargs,
         )
+
+
+def load_tokenizer(name_or_path: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` that never runs code: a folder is checked first
+    (:func:`~refrag.io.integrity.refuse_code`) and remote code is refused, stated."""
+    refuse_code(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, **kwargs)

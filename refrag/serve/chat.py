@@ -9,7 +9,11 @@ pays for its new positions. TTFT is printed after every turn.
 
 Interactive commands: ``/doc PATH`` (attach a file to the next message), ``/reset``,
 ``/help``, ``/quit`` (or Ctrl-D). Non-interactive: ``--prompt TEXT`` (repeatable) or lines on
-a non-terminal stdin, one turn each; ``--json`` prints one JSON object per turn.
+a non-terminal stdin, one turn each; ``--json`` prints one JSON object per turn on stdout and
+nothing else there (notes and errors go to stderr).
+
+The model's answers are kept in the history as data (doc tags escaped, see
+:func:`~refrag.modeling.prompting.escape_doc_text`), never read as markup again.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import TextIO
 import torch
 from transformers import DynamicCache
 
-from refrag.io.integrity import IntegrityError
+from refrag.io.integrity import IntegrityError, UnsafeFolderError
 from refrag.io.models import ModelSpecError, resolve_model
 from refrag.io.runtime import pick_device, quiet_transformers
 from refrag.modeling import RefragModel
@@ -35,6 +39,7 @@ from refrag.serve.chunk_cache import ChunkEmbeddingCache, row_hashes
 from refrag.serve.inference import load_refrag, model_inputs, stream_generate
 
 MAX_DOC_BYTES = 1_000_000
+MAX_TEXT_CHARS = 1_000_000
 
 
 class ChatInputError(ValueError):
@@ -189,7 +194,9 @@ class ChatSession:
         seconds = time.perf_counter() - started
         answer = "".join(pieces).strip()
         self._kv_keys = (keys + run.token_ids)[: self._kv.get_seq_length()]
-        self.messages = [*messages, {"role": "assistant", "content": answer}]
+        # the answer is data: kept escaped, so a `</doc>` the model wrote is never markup later
+        kept = escape_doc_text(answer)[0]
+        self.messages = [*messages, {"role": "assistant", "content": kept}]
         stats = TurnStats(
             ttft_ms=run.ttft_s * 1000,
             new_tokens=len(run.token_ids),
@@ -221,6 +228,15 @@ class ChatSession:
                 break
             n += 1
         return min(n, len(keys) - 1)  # at least one position must be read to get logits
+
+
+def text_cap(args: argparse.Namespace, max_doc_bytes: int | None) -> int | None:
+    """The tokenizer's cap on one prompt's characters: ``--max-text-chars``, else 1,000,000 or
+    ``--max-doc-bytes`` when that is larger (a raised attachment cap raises it too); 0: none."""
+    chars = getattr(args, "max_text_chars", None)
+    if chars is None:
+        chars = max(MAX_TEXT_CHARS, max_doc_bytes or 0)
+    return chars or None
 
 
 HELP = "commands: /doc PATH (attach a file to your next message), /reset, /help, /quit"
@@ -256,7 +272,9 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
             device=device,
             cache_dir=cache_dir,
         )
-    except (ChatInputError, IntegrityError, ModelSpecError, OSError) as err:
+        tok.max_text_chars = text_cap(args, max_bytes)
+        tok.max_chunk_rows = getattr(args, "max_chunk_rows", tok.max_chunk_rows) or None
+    except (ChatInputError, IntegrityError, UnsafeFolderError, ModelSpecError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"refrag chat: {first}", file=sys.stderr, flush=True)
         return 2
@@ -270,6 +288,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
     )
     session.warm_up()
     interactive = not args.prompt and stdin.isatty() and not args.json
+    notes = sys.stderr if args.json else stdout  # --json: stdout carries JSON only
     turns = iter(args.prompt) if args.prompt else None
     if interactive:
         where = args.checkpoint or f"{args.decoder} + {args.encoder} (untrained projector)"
@@ -300,14 +319,14 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
                     break
                 if cmd == "/reset":
                     session.reset()
-                    print("(conversation cleared)", file=stdout, flush=True)
+                    print("(conversation cleared)", file=notes, flush=True)
                 elif cmd == "/doc" and rest.strip():
                     try:
-                        pending_docs.append(attach(rest.strip(), max_bytes, stdout))
+                        pending_docs.append(attach(rest.strip(), max_bytes, notes))
                     except (ChatInputError, OSError) as exc:
-                        print(f"error: {exc}", file=stdout, flush=True)
+                        print(f"error: {exc}", file=notes, flush=True)
                 else:
-                    print(HELP, file=stdout, flush=True)
+                    print(HELP, file=notes, flush=True)
                 continue
             text = "\n".join([*pending_docs, line])
             if interactive:

@@ -26,7 +26,13 @@ import torch
 from transformers import DynamicCache, StaticCache, TextIteratorStreamer
 
 from refrag.io.integrity import verify_folder
-from refrag.io.models import DEFAULT_CACHE_DIR, DEFAULT_DECODER, DEFAULT_ENCODER, resolve_model
+from refrag.io.models import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_DECODER,
+    DEFAULT_ENCODER,
+    check_specs,
+    resolve_model,
+)
 from refrag.modeling import RefragModel
 from refrag.modeling.tokenization import RefragTokenizer
 from refrag.serve.chunk_cache import ChunkEmbeddingCache
@@ -64,6 +70,8 @@ def load_refrag(
     random projector (fine for timing, not for answers).
     """
     dtype = dtype or default_dtype(device)
+    if checkpoint is None:  # every spec checked before any is fetched
+        check_specs([encoder, decoder], cache_dir)
     if checkpoint is not None:
         path = Path(checkpoint)
         verify_folder(path)  # a damaged or half-written checkpoint is refused, named
@@ -93,6 +101,7 @@ def load_refrag(
 def _tokenizer_from_specs(
     *, encoder: str, decoder: str, k: int, cache_dir: str | Path
 ) -> RefragTokenizer:
+    check_specs([encoder, decoder], cache_dir)
     return RefragTokenizer.from_encoder_decoder_pretrained(
         encoder_name_or_path=str(resolve_model(encoder, cache_dir)),
         decoder_name_or_path=str(resolve_model(decoder, cache_dir)),

@@ -3,8 +3,10 @@
 A checkpoint counts as complete only when :class:`SealCheckpoints` has checked its files
 (``trainer_state.json`` parses, every safetensors file has a whole header and body) and then
 written ``integrity.json`` (sha256 of every file) into it, last. :func:`last_complete_checkpoint`
-returns the newest checkpoint whose seal still verifies and removes the others, so a save cut
-by a power loss, or a file damaged since, falls back to the previous checkpoint. The callback
+returns the newest checkpoint whose seal still verifies and whose pickle files (RNG, optimizer,
+scheduler state, which the Trainer unpickles on resume) load as weights only, and removes the
+others, so a save cut by a power loss, a file damaged since, or a pickle payload resealed into
+it, falls back to the previous checkpoint. The callback
 also keeps the previous checkpoint until the new one is sealed (the Trainer's own rotation
 would delete it first).
 """
@@ -18,9 +20,28 @@ from pathlib import Path
 
 from safetensors import safe_open
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from refrag.io.integrity import IntegrityError, verify_folder, write_manifest
+from refrag.io.integrity import (
+    PICKLE_SUFFIXES,
+    IntegrityError,
+    UnsafeFolderError,
+    check_pickle,
+    verify_folder,
+    write_manifest,
+)
+
+NOT_LOADED_ON_RESUME = {"training_args.bin"}  # a pickled TrainingArguments, never read back
+
+
+def check_checkpoint_pickles(folder: str | os.PathLike) -> None:
+    """Raise :class:`UnsafeFolderError` unless every pickle file the Trainer reads on resume
+    loads with ``weights_only=True`` (with numpy's RNG state allowed, as the Trainer does)."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.suffix in PICKLE_SUFFIXES and path.name not in NOT_LOADED_ON_RESUME:
+            with safe_globals():
+                check_pickle(path)
 
 
 def check_checkpoint_files(folder: str | os.PathLike) -> None:
@@ -54,7 +75,7 @@ def _checkpoints(work_dir: Path) -> list[Path]:
 def last_complete_checkpoint(work_dir: str | os.PathLike) -> str | None:
     """Newest sealed checkpoint under ``work_dir`` whose files still match their seal.
 
-    Unsealed or damaged checkpoints are reported and (by rank 0 only) removed.
+    Unsealed, damaged or unsafe checkpoints are reported and (by rank 0 only) removed.
     """
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
@@ -63,9 +84,10 @@ def last_complete_checkpoint(work_dir: str | os.PathLike) -> str | None:
     for path in reversed(_checkpoints(work_dir)):
         try:
             verify_folder(path)
+            check_checkpoint_pickles(path)
             return str(path)
-        except IntegrityError as err:
-            print(f"skipping checkpoint {path.name}: {err.problem}", flush=True)
+        except (IntegrityError, UnsafeFolderError) as err:
+            print(f"skipping checkpoint {path.name}: {err.path.name} {err.problem}", flush=True)
             if is_rank0:
                 shutil.rmtree(path, ignore_errors=True)
     return None

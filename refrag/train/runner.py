@@ -34,7 +34,7 @@ import torch
 from transformers import TrainingArguments
 
 from refrag.data.shards import read_shards
-from refrag.io.integrity import atomic_folder, verify_folder, write_manifest
+from refrag.io.integrity import atomic_folder, disk_full_guard, verify_folder, write_manifest
 from refrag.modeling import RefragModel
 from refrag.modeling.limits import check_compression
 from refrag.modeling.tokenization import RefragTokenizer
@@ -150,7 +150,8 @@ def train_stage(
     if resume:
         print(f"resuming {stage} from {resume}")
         resumed_from = json.loads(Path(resume, "trainer_state.json").read_text())["global_step"]
-    result = trainer.train(resume_from_checkpoint=resume)
+    with disk_full_guard(work_dir):  # a checkpoint save on a full disk: one line
+        result = trainer.train(resume_from_checkpoint=resume)
     if resume:  # the Trainer's train_loss covers only the steps after the resume
         result.metrics["train_loss"] = resumed_train_loss(
             trainer.state.log_history, result.metrics["train_loss"], resumed_from, hp.steps
@@ -166,7 +167,8 @@ def train_stage(
             "log_history": trainer.state.log_history,
             "hp": vars(hp),
         }
-        save_model_folder(model, tok, out, extra={"training_log.json": log})
+        with disk_full_guard(out):
+            save_model_folder(model, tok, out, extra={"training_log.json": log})
         shutil.rmtree(work_dir, ignore_errors=True)
     return result.metrics
 

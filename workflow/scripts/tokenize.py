@@ -1,15 +1,14 @@
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from refrag.cli import one_line_errors
 from refrag.data.corpus import read_split
 from refrag.data.shards import iter_windows, spread, tokenizer_id, write_shards
 from refrag.io.runtime import log_to
+from refrag.modeling.tokenization import load_tokenizer
 
 with log_to(snakemake.log[0]), one_line_errors():
-    encoder = AutoTokenizer.from_pretrained(snakemake.input.encoder)
-    decoder = AutoTokenizer.from_pretrained(snakemake.input.decoder)
+    encoder = load_tokenizer(snakemake.input.encoder)
+    decoder = load_tokenizer(snakemake.input.decoder)
     documents = read_split(
         snakemake.input.corpus, snakemake.input.manifest, rule="prepare_corpus"
     ).to_dict("records")
