@@ -1,9 +1,9 @@
 rule fetch_corpus:
+    """The files of an embedded or hf: corpus (a local folder is read in place)."""
     output:
         directory("resources/corpus/{corpus}/source"),
     log:
         "logs/fetch_corpus/{corpus}.log",
-    """The files of an embedded or hf: corpus (a local folder is read in place)."""
     conda:
         CONDA_ENV
     params:
@@ -13,6 +13,7 @@ rule fetch_corpus:
 
 
 rule prepare_corpus:
+    """Clean documents, split them by document into train/validation/test Parquet files."""
     input:
         fetched=fetched_corpus,
     output:
@@ -20,7 +21,6 @@ rule prepare_corpus:
         manifest="results/corpus/{corpus}/manifest.json",
     log:
         "logs/prepare_corpus/{corpus}.log",
-    """Clean documents, split them by document into train/validation/test Parquet files."""
     conda:
         CONDA_ENV
     params:

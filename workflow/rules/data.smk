@@ -1,4 +1,5 @@
 rule tokenize:
+    """(context, target) windows of one split, in both tokenizations: Parquet shards + manifest."""
     input:
         corpus="results/corpus/{corpus}/{split}.parquet",
         manifest="results/corpus/{corpus}/manifest.json",
@@ -8,7 +9,6 @@ rule tokenize:
         directory("results/shards/{corpus}/{decoder}/{encoder}/{split}"),
     log:
         "logs/tokenize/{corpus}/{decoder}/{encoder}/{split}.log",
-    """(context, target) windows of one split, in both tokenizations: Parquet shards + manifest."""
     conda:
         CONDA_ENV
     params:
@@ -20,6 +20,7 @@ rule tokenize:
 
 
 rule align_pairs:
+    """Alignment-pair cache of the training contexts for one (decoder, encoder) tokenizer pair."""
     input:
         shards="results/shards/{corpus}/{decoder}/{encoder}/train",
         decoder="resources/models/{decoder}",
@@ -28,7 +29,6 @@ rule align_pairs:
         "results/alignment/{corpus}/{decoder}/{encoder}/train.parquet",
     log:
         "logs/align_pairs/{corpus}/{decoder}/{encoder}.log",
-    """Alignment-pair cache of the training contexts for one (decoder, encoder) tokenizer pair."""
     conda:
         CONDA_ENV
     script:

@@ -1,10 +1,10 @@
 rule hello_dist:
+    """The seed's minimal distributed app: torchrun, one log per rank."""
     output:
         "results/hello_dist/world.json",
     log:
         torchrun="logs/hello_dist/torchrun.log",
         ranks=directory("logs/hello_dist/ranks"),
-    """The seed's minimal distributed app: torchrun, one log per rank."""
     conda:
         CONDA_ENV
     threads: config["hello_dist"]["nproc"]

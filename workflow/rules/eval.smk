@@ -1,4 +1,6 @@
 rule eval_baselines:
+    """Log-perplexity of the plain decoder with no context, the full context as tokens, and the
+    lowercased context as tokens."""
     input:
         shards="results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
         decoder="resources/models/{decoder}",
@@ -7,8 +9,6 @@ rule eval_baselines:
         "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/baselines.json",
     log:
         "logs/eval_baselines/{corpus}/{decoder}/{encoder}/{eval_set}.log",
-    """Log-perplexity of the plain decoder with no context, the full context as tokens, and the
-    lowercased context as tokens."""
     conda:
         CONDA_ENV
     threads: 1
@@ -19,6 +19,8 @@ rule eval_baselines:
 
 
 rule heldout_baselines:
+    """The held-out curve's baselines: the base decoder on the validation windows with no
+    context and the full context (once for every k; no eval.* value reruns it)."""
     input:
         shards=HELDOUT,
         decoder="resources/models/{decoder}",
@@ -28,8 +30,6 @@ rule heldout_baselines:
     log:
         "logs/heldout_baselines/{corpus}/{decoder}/{encoder}.log",
     priority: 10  # every cpt job waits on it
-    """The held-out curve's baselines: the base decoder on the validation windows with no
-    context and the full context (once for every k; no eval.* value reruns it)."""
     conda:
         CONDA_ENV
     threads: 1
@@ -41,6 +41,7 @@ rule heldout_baselines:
 
 
 rule eval_refrag:
+    """Log-perplexity of a REFRAG checkpoint reading the context as chunk embeddings."""
     input:
         shards="results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
         checkpoint=CHECKPOINT,
@@ -48,7 +49,6 @@ rule eval_refrag:
         "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.json",
     log:
         "logs/eval_refrag/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.log",
-    """Log-perplexity of a REFRAG checkpoint reading the context as chunk embeddings."""
     conda:
         CONDA_ENV
     threads: 1
@@ -59,6 +59,8 @@ rule eval_refrag:
 
 
 rule perplexity_table:
+    """results/eval/perplexity.csv: one row per variant × k × evaluation set, with 95%
+    intervals (bootstrap over documents); refuses rows that scored different tokens."""
     input:
         eval_outputs(),
     output:
@@ -69,8 +71,6 @@ rule perplexity_table:
         ),
     log:
         "logs/perplexity_table.log",
-    """results/eval/perplexity.csv: one row per variant × k × evaluation set, with 95%
-    intervals (bootstrap over documents); refuses rows that scored different tokens."""
     conda:
         CONDA_ENV
     params:
@@ -81,6 +81,9 @@ rule perplexity_table:
 
 
 rule eval_selective:
+    """Selective compression: a fraction p of each context's chunks read as tokens, chosen by
+    the policy (refrag_rl), at random or by the perplexity heuristic, all read by the selective
+    stage's (policy's) mixed-input model."""
     input:
         shards="results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
         checkpoint=lambda wc: CHECKPOINT.format(**wc, stage=SELECTIVE_STAGE),
@@ -88,9 +91,6 @@ rule eval_selective:
         "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-selective.json",
     log:
         "logs/eval_selective/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}.log",
-    """Selective compression: a fraction p of each context's chunks read as tokens, chosen by
-    the policy (refrag_rl), at random or by the perplexity heuristic, all read by the selective
-    stage's (policy's) mixed-input model."""
     conda:
         CONDA_ENV
     threads: 1
@@ -102,14 +102,14 @@ rule eval_selective:
 
 
 rule qa_set:
+    """The cloze QA set of an eval set's windows (refrag.data.qa.build_qa): a sentence of a
+    held-out passage with a name or number blanked."""
     input:
         "results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
     output:
         QA_SET,
     log:
         "logs/qa_set/{corpus}/{decoder}/{encoder}/{eval_set}.log",
-    """The cloze QA set of an eval set's windows (refrag.data.qa.build_qa): a sentence of a
-    held-out passage with a name or number blanked."""
     conda:
         CONDA_ENV
     params:
@@ -120,6 +120,7 @@ rule qa_set:
 
 
 rule eval_qa_baselines:
+    """QA without SFT by the base decoder: no context, and the passage as tokens."""
     input:
         qa_set=QA_SET,
         decoder="resources/models/{decoder}",
@@ -128,7 +129,6 @@ rule eval_qa_baselines:
         QA_BASELINES,
     log:
         "logs/eval_qa/{corpus}/{decoder}/{encoder}/{eval_set}/baselines.log",
-    """QA without SFT by the base decoder: no context, and the passage as tokens."""
     conda:
         CONDA_ENV
     threads: 1
@@ -141,6 +141,8 @@ rule eval_qa_baselines:
 
 
 rule eval_qa:
+    """QA by a REFRAG checkpoint: before the QA stage (cpt, no SFT) the passage as chunk
+    embeddings; after it (sft) also no context and the passage as tokens, fine-tuned."""
     input:
         qa_set=QA_SET,
         checkpoint=CHECKPOINT,
@@ -148,8 +150,6 @@ rule eval_qa:
         QA_EVAL,
     log:
         "logs/eval_qa/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.log",
-    """QA by a REFRAG checkpoint: before the QA stage (cpt, no SFT) the passage as chunk
-    embeddings; after it (sft) also no context and the passage as tokens, fine-tuned."""
     conda:
         CONDA_ENV
     threads: 1
@@ -167,6 +167,8 @@ rule eval_qa:
 
 
 rule qa_table:
+    """results/eval/qa.csv: exact match and F1 per variant × k × SFT, with 95% intervals
+    (bootstrap over documents); refuses rows that answered different questions."""
     input:
         qa_outputs(),
     output:
@@ -177,8 +179,6 @@ rule qa_table:
         ),
     log:
         "logs/qa_table.log",
-    """results/eval/qa.csv: exact match and F1 per variant × k × SFT, with 95% intervals
-    (bootstrap over documents); refuses rows that answered different questions."""
     conda:
         CONDA_ENV
     params:

@@ -3,12 +3,12 @@
 
 
 rule rulegraph:
+    """The rule graph of this run's config (handed to the inner Snakemake), as SVG (graphviz
+    `dot`); redrawn whenever the config changes."""
     output:
         report("results/dag.svg", caption="../report/dag.rst", category="Rule graph"),
     log:
         "logs/rulegraph.log",
-    """The rule graph of this run's config (handed to the inner Snakemake), as SVG (graphviz
-    `dot`); redrawn whenever the config changes."""
     conda:
         CONDA_ENV
     params:
@@ -19,6 +19,8 @@ rule rulegraph:
 
 
 rule bench_ttft:
+    """Time to first token of one decoder/encoder pair: plain decoder vs REFRAG (cached and
+    recomputed chunk embeddings)."""
     input:
         decoder="resources/models/{decoder}",
         encoder="resources/models/{encoder}",
@@ -26,8 +28,6 @@ rule bench_ttft:
         "results/bench/{decoder}/{encoder}/ttft.json",
     log:
         "logs/bench_ttft/{decoder}/{encoder}.log",
-    """Time to first token of one decoder/encoder pair: plain decoder vs REFRAG (cached and
-    recomputed chunk embeddings)."""
     conda:
         CONDA_ENV
     threads: whole_machine  # nothing runs beside a timing
@@ -44,6 +44,7 @@ rule bench_ttft:
 
 
 rule ttft_table:
+    """results/bench/ttft.json (+ .csv): the TTFT rows of every decoder/encoder pair."""
     input:
         expand(
             "results/bench/{pair[0]}/{pair[1]}/ttft.json",
@@ -58,7 +59,6 @@ rule ttft_table:
         ),
     log:
         "logs/ttft_table.log",
-    """results/bench/ttft.json (+ .csv): the TTFT rows of every decoder/encoder pair."""
     conda:
         CONDA_ENV
     params:
@@ -68,6 +68,7 @@ rule ttft_table:
 
 
 rule plot_perplexity:
+    """Log-perplexity vs compression k, baselines as horizontal lines."""
     input:
         "results/eval/perplexity.csv",
     output:
@@ -78,7 +79,6 @@ rule plot_perplexity:
         ),
     log:
         "logs/plot_perplexity.log",
-    """Log-perplexity vs compression k, baselines as horizontal lines."""
     conda:
         CONDA_ENV
     script:
@@ -86,6 +86,7 @@ rule plot_perplexity:
 
 
 rule plot_training:
+    """Training loss per step of every stage (registry order) and run."""
     input:
         checkpoints(),
     output:
@@ -96,7 +97,6 @@ rule plot_training:
         ),
     log:
         "logs/plot_training.log",
-    """Training loss per step of every stage (registry order) and run."""
     conda:
         CONDA_ENV
     params:
@@ -106,13 +106,13 @@ rule plot_training:
 
 
 rule plot_ttft:
+    """TTFT speedup over the plain decoder vs context length."""
     input:
         "results/bench/ttft.json",
     output:
         report("results/plots/ttft.png", caption="../report/ttft.rst", category="Speed"),
     log:
         "logs/plot_ttft.log",
-    """TTFT speedup over the plain decoder vs context length."""
     conda:
         CONDA_ENV
     script:
@@ -120,6 +120,7 @@ rule plot_ttft:
 
 
 rule eval_report:
+    """results/report.html (+ report.md): the tables, plots and DAG above in one page."""
     input:
         unpack(lambda wc: {"qa": "results/eval/qa.csv"} if qa_keys() else {}),
         perplexity="results/eval/perplexity.csv",
@@ -135,7 +136,6 @@ rule eval_report:
         md="results/report.md",
     log:
         "logs/eval_report.log",
-    """results/report.html (+ report.md): the tables, plots and DAG above in one page."""
     conda:
         CONDA_ENV
     script:

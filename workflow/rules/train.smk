@@ -5,6 +5,7 @@
 
 
 rule train:
+    """One training stage of one run (python -m refrag.cli train --stage {stage})."""
     input:
         unpack(train_inputs),
     output:
@@ -14,7 +15,6 @@ rule train:
     benchmark:
         "results/benchmarks/train/{corpus}/{decoder}/{encoder}/k{k}/{stage}.tsv"
     priority: 5  # training is the critical path: before evaluations that could wait
-    """One training stage of one run (python -m refrag.cli train --stage {stage})."""
     conda:
         CONDA_ENV
     threads: train_threads
