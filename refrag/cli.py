@@ -29,6 +29,7 @@ from refrag.modeling import RefragModel
 from refrag.modeling.tokenization import RefragTokenizer
 from refrag.serve.chat import run
 from refrag.train.distributed import hello, rank_log_path
+from refrag.train.launch import ParallelError
 from refrag.train.runner import read_baselines, train_stage
 from refrag.train.stages import STAGES
 
@@ -182,6 +183,11 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
         "--hp", default="{}", help="overrides of the stage's defaults, as JSON (StageConfig)"
     )
     parser.add_argument(
+        "--parallel",
+        default="{}",
+        help="the run's parallel settings, as JSON (refrag.train.launch.Parallel: strategy …)",
+    )
+    parser.add_argument(
         "--rebuilt-by",
         default="{}",
         help="JSON {input path: the step that writes it}, named by a damaged input's error",
@@ -212,6 +218,7 @@ def train(args: argparse.Namespace) -> None:
             out=args.out,
             compression=args.k,
             hp=json.loads(args.hp),
+            parallel=json.loads(args.parallel),
         )
         print(json.dumps(metrics))
 
@@ -258,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         status = args.func(args)
-    except (ModelSpecError, IntegrityError) as err:  # one line, not a traceback
+    except (ModelSpecError, IntegrityError, ParallelError) as err:  # one line, no traceback
         raise SystemExit(f"refrag {args.command}: {err}") from None
     if status:
         raise SystemExit(status)

@@ -24,6 +24,10 @@ from typing import Any, Literal
 RDZV_PORT = 29500
 
 
+class ParallelError(ValueError):
+    """Parallel settings that cannot run (one line: what and why)."""
+
+
 @dataclass(frozen=True)
 class Parallel:
     """One run's parallel settings (the config's ``parallel`` block)."""
@@ -51,7 +55,7 @@ class Parallel:
         known = {f.name for f in fields(cls)}
         unknown = set(settings or {}) - known
         if unknown:
-            raise ValueError(f"unknown parallel settings: {', '.join(sorted(unknown))}")
+            raise ParallelError(f"unknown parallel settings: {', '.join(sorted(unknown))}")
         return cls(**(settings or {}))
 
     def as_dict(self) -> dict[str, Any]:
@@ -67,7 +71,7 @@ def run_parallel(config: dict[str, Any], run: dict[str, Any]) -> Parallel:
     settings |= run.get("parallel") or {}
     parallel = Parallel.from_dict(settings)
     if parallel.nodes > 1 and parallel.gpus_per_node < 1:
-        raise ValueError(f"parallel.nodes={parallel.nodes} needs gpus_per_node >= 1")
+        raise ParallelError(f"parallel.nodes={parallel.nodes} needs gpus_per_node >= 1")
     return parallel
 
 
