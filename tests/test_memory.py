@@ -8,7 +8,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from refrag.modeling import RefragModel
-from refrag.preflight import run_memory_errors
+from refrag.preflight import memory_errors, run_memory_errors
 from refrag.train.launch import Parallel
 from refrag.train.memory import (
     GIB,
@@ -164,3 +164,16 @@ def test_preflight_refuses_the_readme_7b_plan_and_passes_fsdp(tmp_path):
     assert any("k16/cpt needs" in e and "set strategy: fsdp" in e for e in errors), errors
     fsdp = Parallel(gpus_per_node=8, strategy="fsdp")
     assert run_memory_errors(config, run, fsdp, tmp_path) == []
+
+
+def test_fsdp_without_gpus_is_refused_before_any_job(tmp_path):
+    config = {
+        "models": {"d": "embedded:x", "e": "embedded:y"},
+        "parallel": {"strategy": "fsdp"},
+        "runs": [{"decoder": "d", "encoder": "e", "k": [16]}],
+    }
+    (error,) = memory_errors(config, tmp_path)
+    assert error.startswith("config runs[0]: strategy fsdp needs GPUs")
+    config["runs"][0]["gpus"] = 0  # the default config's CPU runs: nothing to estimate
+    config["parallel"] = {}
+    assert memory_errors(config, tmp_path) == []

@@ -5,6 +5,7 @@ resumes to the same next loss, and a plain HF folder at the end."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from refrag.io.integrity import IntegrityError
 from refrag.modeling import RefragModel
 from refrag.train.launch import Parallel
+from refrag.train.resume import check_checkpoint_files
 from refrag.train.sharding import (
     full_state_dict,
     layer_classes,
@@ -135,3 +138,19 @@ def test_two_process_fsdp_matches_one_process_and_resumes_from_its_sharded_check
     loaded = RefragModel.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert torch.isfinite(loaded(**batch(slice(None))).loss)
+
+
+def test_resume_accepts_a_sharded_checkpoint_and_refuses_a_cut_shard(tmp_path):
+    """The Trainer's FSDP checkpoint (pytorch_model_fsdp_0/ + optimizer_0/, distributed
+    checkpoints) counts as complete; a shard cut short does not."""
+    mp.spawn(worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text("{}")
+    shutil.copytree(tmp_path / "ckpt", ckpt / "pytorch_model_fsdp_0")
+    shutil.copytree(tmp_path / "ckpt", ckpt / "optimizer_0")
+    check_checkpoint_files(ckpt)
+    shard = sorted((ckpt / "pytorch_model_fsdp_0").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(IntegrityError, match="cut short"):
+        check_checkpoint_files(ckpt)
