@@ -31,6 +31,7 @@ from refrag.modeling.tokenization import RefragTokenizer
 from refrag.preflight import ConfigFileError, check_config_files, configfile_args
 from refrag.serve.chat import run
 from refrag.train.distributed import hello, rank_log_path
+from refrag.train.launch import ParallelError
 from refrag.train.runner import read_baselines, train_stage
 from refrag.train.stages import STAGES
 
@@ -213,6 +214,11 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
         "--hp", default="{}", help="overrides of the stage's defaults, as JSON (StageConfig)"
     )
     parser.add_argument(
+        "--parallel",
+        default="{}",
+        help="the run's parallel settings, as JSON (refrag.train.launch.Parallel: strategy …)",
+    )
+    parser.add_argument(
         "--rebuilt-by",
         default="{}",
         help="JSON {input path: the step that writes it}, named by a damaged input's error",
@@ -243,6 +249,7 @@ def train(args: argparse.Namespace) -> None:
             out=args.out,
             compression=args.k,
             hp=json.loads(args.hp),
+            parallel=json.loads(args.parallel),
         )
         print(json.dumps(metrics))
 
@@ -289,7 +296,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         status = args.func(args)
-    except (ModelSpecError, IntegrityError, UnsafeFolderError, DiskFullError) as err:  # one line
+    except (
+        ModelSpecError,
+        IntegrityError,
+        UnsafeFolderError,
+        DiskFullError,
+        ParallelError,
+    ) as err:  # one line
         raise SystemExit(f"refrag {args.command}: {err}") from None
     if status:
         raise SystemExit(status)

@@ -15,6 +15,12 @@ and ``config/config.yaml``) and names a syntax error as ``file:line:column: mess
   fetching or deleting anything;
 - every k fits the encoder: a chunk row is ``k`` tokens plus CLS and SEP, so
   ``k + 2 <= max_position_embeddings`` (less the padding offset of RoBERTa-like encoders);
+- the ``parallel`` settings of every run hold together (fsdp needs GPUs: on CPU the Trainer
+  would silently run DDP), and on GPUs every stage the run trains fits the card: the
+  estimated peak per GPU (:mod:`refrag.train.memory`) against ``parallel.gpu_memory_gib``,
+  refused in one line naming the stage, the estimate and the fix. Shapes come from the
+  fetched ``config.json``, a local folder's, or a table of known hub models; a model whose
+  shapes are unknown before fetching is not estimated;
 - a local corpus folder exists, holds documents, and at least one of them is long enough for a
   window (``min_chars``, and at least ``context_tokens + target_tokens`` UTF-8 bytes: no
   byte-level tokenizer makes more tokens than bytes).
@@ -35,6 +41,16 @@ from jsonschema import Draft202012Validator
 from refrag.data.corpus import EMBEDDED_CORPORA, read_documents
 from refrag.io.models import EMBEDDED_MODELS, ModelSpecError, cache_name, check_spec
 from refrag.modeling.limits import compression_limit
+from refrag.train.launch import Parallel, run_parallel
+from refrag.train.memory import (
+    KNOWN_CONFIGS,
+    Shapes,
+    check_memory,
+    estimate_peak,
+    projector_params,
+    stage_workload,
+)
+from refrag.train.stages import STAGES, stages_to_train
 
 CORPUS_SUFFIXES = (".txt", ".parquet", ".jsonl")
 
@@ -112,6 +128,10 @@ def check_config(
         (("models", "runs"), lambda: model_errors(config, Path(cache_dir))),
         (("corpus", "data"), lambda: corpus_errors(config)),
         (("eval", "runs"), lambda: eval_k_errors(config)),
+        (
+            ("models", "runs", "parallel", "train", "data", "eval"),
+            lambda: memory_errors(config, Path(cache_dir)),
+        ),
     )
     for keys, check in checks:
         if None not in invalid and not invalid & set(keys):
@@ -236,6 +256,81 @@ def eval_k_errors(config: dict) -> list[str]:
                     f"(runs' k: {', '.join(map(str, sorted(trained)))})"
                 )
     return errors
+
+
+# -- parallel settings and memory --------------------------------------------------------------
+def memory_errors(config: dict, cache_dir: Path) -> list[str]:
+    """Each run's parallel block, then each GPU stage's estimated peak against the card."""
+    errors = []
+    for i, run in enumerate(config["runs"]):
+        try:
+            parallel = run_parallel(config, run)
+        except (TypeError, ValueError) as err:
+            errors.append(f"config runs[{i}]: {err}")
+            continue
+        if parallel.strategy == "fsdp" and parallel.gpus == 0:
+            errors.append(
+                f"config runs[{i}]: strategy fsdp needs GPUs (parallel.gpus_per_node >= 1); "
+                "on CPU the Trainer would run DDP instead"
+            )
+        if parallel.gpus == 0 or run["decoder"] not in config["models"]:
+            continue
+        if run["encoder"] not in config["models"]:
+            continue
+        errors += run_memory_errors(config, run, parallel, cache_dir, f"runs[{i}] ")
+    return errors
+
+
+def run_memory_errors(
+    config: dict, run: dict, parallel: Parallel, cache_dir: Path, where: str = ""
+) -> list[str]:
+    """One refusal per stage and k of ``run`` whose estimated peak exceeds the card."""
+    shapes = {
+        role: model_shapes(config["models"][run[role]], cache_dir, causal=role == "decoder")
+        for role in ("encoder", "decoder")
+    }
+    if None in shapes.values():
+        return []  # not fetched yet and not a known hub model: nothing to estimate from
+    encoder, decoder = shapes["encoder"], shapes["decoder"]
+    data = config.get("data", {})
+    context, target = data.get("context_tokens", 256), data.get("target_tokens", 64)
+    errors = []
+    for k in run["k"]:
+        for stage in stages_to_train(config.get("eval", {}), k):
+            overrides = config.get("train", {}).get(stage, {}) | run.get("train", {}).get(stage, {})
+            hp = STAGES[stage].defaults.merged(overrides)
+            work = stage_workload(stage, hp, k, context, target)
+
+            def estimate_for(p: Parallel, stage=stage, hp=hp, work=work):
+                return estimate_peak(
+                    stage,
+                    hp,
+                    work,
+                    encoder=encoder,
+                    decoder=decoder,
+                    projector=projector_params(encoder, decoder),
+                    parallel=p,
+                )
+
+            refusal = check_memory(estimate_for, parallel, f"k{k}/{stage}")
+            if refusal:
+                errors.append(f"config {where}{refusal}")
+    return errors
+
+
+def model_shapes(spec: str, cache_dir: Path, causal: bool) -> Shapes | None:
+    """The shapes of a model spec without fetching it: its fetched or local ``config.json``,
+    else :data:`refrag.train.memory.KNOWN_CONFIGS`; ``None`` when neither knows it."""
+    candidates = [cache_dir / cache_name(spec) / "config.json"]
+    if not spec.startswith(("hf:", "embedded:")):
+        candidates.append(Path(spec) / "config.json")
+    for path in candidates:
+        if path.is_file():
+            return Shapes.of(json.loads(path.read_text()), causal=causal)
+    repo = spec.removeprefix("hf:").partition("@")[0]
+    if spec.startswith("hf:") and repo in KNOWN_CONFIGS:
+        return Shapes.of(KNOWN_CONFIGS[repo], causal=causal)
+    return None
 
 
 # -- corpus ----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from refrag.train.datasets import (
     reconstruction_examples,
     shuffled_cycle,
 )
+from refrag.train.launch import ParallelError
 from refrag.train.resume import last_complete_checkpoint
 from refrag.train.runner import train_stage
 from refrag.train.stages import STAGES
@@ -276,3 +277,27 @@ def test_a_damaged_init_stops_the_cli_in_one_line_naming_the_rule_that_rebuilds_
     (line,) = str(stop.value).splitlines()
     assert line.startswith("error: ") and str(weights) in line
     assert line.endswith("rerun rule train")
+
+
+def test_the_log_records_the_strategy_the_trainer_ran_and_the_throughput(base, shards, tmp_path):
+    out = tmp_path / "cpt"
+    train_stage("cpt", **base, data=shards, out=out, compression=4, hp={"steps": 1})
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["parallel"]["strategy"] == "single"  # one CPU process: read from accelerate
+    assert log["parallel"]["distributed_type"] == "NO" and log["parallel"]["world_size"] == 1
+    assert log["throughput"]["samples_per_second"] > 0
+    assert log["throughput"]["tokens_per_second"] > log["throughput"]["samples_per_second"]
+    assert log["throughput"]["mfu"] is None  # no GPU peak to divide by
+
+
+def test_fsdp_without_a_gpu_is_refused_in_one_line(base, shards, tmp_path):
+    with pytest.raises(ParallelError, match="strategy fsdp needs GPUs"):
+        train_stage(
+            "cpt",
+            **base,
+            data=shards,
+            out=tmp_path / "x",
+            compression=4,
+            hp={"steps": 1},
+            parallel={"strategy": "fsdp"},
+        )

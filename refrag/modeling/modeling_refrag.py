@@ -43,9 +43,12 @@ def attn_implementations(module: nn.Module) -> set[str | None]:
 
 @dataclass
 class ChunkEmbeddingOutput(ModelOutput):
-    """``forward(..., chunk_embeds_only=True)``: projected chunk embeddings ``(N, hidden)``."""
+    """``forward(..., chunk_embeds_only=True)``: projected chunk embeddings ``(N, hidden)`` and
+    the decoder's token-embedding table, detached (read inside forward, where a sharded
+    model's parameters are whole)."""
 
     chunk_embeds: torch.Tensor | None = None
+    token_embeddings: torch.Tensor | None = None
 
 
 class RefragProjector(nn.Module):
@@ -236,7 +239,8 @@ class RefragModel(PreTrainedModel):
         DDP's gradient synchronisation)."""
         if chunk_embeds_only:
             return ChunkEmbeddingOutput(
-                chunk_embeds=self.encode_chunks(chunk_input_ids, chunk_attention_mask)
+                chunk_embeds=self.encode_chunks(chunk_input_ids, chunk_attention_mask),
+                token_embeddings=self.get_input_embeddings().weight.detach(),
             )
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers import TrainerCallback
 
 from refrag.eval.scoring import context_benefit_retained, target_nll
@@ -46,10 +47,23 @@ class HeldOutCurve(TrainerCallback):
         nll, count = target_nll(model, self.tok, self.windows, variant, self.batch_size)
         return nll / count
 
-    @torch.no_grad()
     def _point(self, args, state, model) -> None:
-        if not state.is_world_process_zero:
+        """Rank 0 measures; under FSDP2 every rank does (the forward gathers each unit from
+        all ranks) with the root's parameters gathered (the baselines call the decoder
+        directly, outside the root's forward)."""
+        sharded = isinstance(model, FSDPModule)
+        if not state.is_world_process_zero and not sharded:
             return
+        if sharded:
+            model.unshard()
+        try:
+            self._measure(state, model)
+        finally:
+            if sharded:
+                model.reshard()
+
+    @torch.no_grad()
+    def _measure(self, state, model) -> None:
         training = model.training
         model.eval()
         found = [e for e in state.log_history if "heldout_no_context" in e]

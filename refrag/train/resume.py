@@ -1,7 +1,9 @@
 """Trainer checkpoints that resume without hands.
 
 A checkpoint counts as complete only when :class:`SealCheckpoints` has checked its files
-(``trainer_state.json`` parses, every safetensors file has a whole header and body) and then
+(``trainer_state.json`` parses, every safetensors file has a whole header and body; an FSDP
+checkpoint's distributed-checkpoint folders, ``pytorch_model_fsdp_0/`` and ``optimizer_0/``,
+have metadata whose every entry lies inside its ``.distcp`` file) and then
 written ``integrity.json`` (sha256 of every file) into it, last. :func:`last_complete_checkpoint`
 returns the newest checkpoint whose seal still verifies and whose pickle files (RNG, optimizer,
 scheduler state, which the Trainer unpickles on resume) load as weights only, and removes the
@@ -19,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from safetensors import safe_open
+from torch.distributed.checkpoint import FileSystemReader
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -31,6 +34,7 @@ from refrag.io.integrity import (
     verify_folder,
     write_manifest,
 )
+from refrag.train.sharding import SHARDED_OPTIMIZER_DIR, is_sharded_checkpoint
 
 NOT_LOADED_ON_RESUME = {"training_args.bin"}  # a pickled TrainingArguments, never read back
 
@@ -51,9 +55,12 @@ def check_checkpoint_files(folder: str | os.PathLike) -> None:
         json.loads((folder / "trainer_state.json").read_text())
     except (OSError, ValueError) as err:
         raise IntegrityError(folder / "trainer_state.json", f"is unreadable ({err})") from None
+    if is_sharded_checkpoint(folder):
+        check_distributed_checkpoint(folder)
+        return
     weights = sorted(folder.rglob("*.safetensors"))
     if not weights:
-        raise IntegrityError(folder, "holds no *.safetensors weights")
+        raise IntegrityError(folder, "holds no *.safetensors weights (nor FSDP shards)")
     for path in weights:
         try:
             with safe_open(str(path), "pt") as fh:
@@ -61,6 +68,24 @@ def check_checkpoint_files(folder: str | os.PathLike) -> None:
                     fh.get_slice(name)
         except Exception as err:  # noqa: BLE001 - any safetensors failure: unusable
             raise IntegrityError(path, f"is unreadable ({type(err).__name__})") from None
+
+
+def check_distributed_checkpoint(folder: Path) -> None:
+    """The Trainer's FSDP checkpoint: the model's and the optimizer's distributed checkpoints
+    each have readable metadata, and every tensor it lists lies inside an existing shard."""
+    for sub in sorted(p for p in folder.iterdir() if (p / ".metadata").is_file()):
+        try:
+            metadata = FileSystemReader(str(sub)).read_metadata()
+        except Exception as err:  # noqa: BLE001 - any unreadable metadata: unusable
+            raise IntegrityError(
+                sub / ".metadata", f"is unreadable ({type(err).__name__})"
+            ) from None
+        for info in (metadata.storage_data or {}).values():
+            shard = sub / info.relative_path
+            if not shard.is_file() or shard.stat().st_size < info.offset + info.length:
+                raise IntegrityError(shard, "is missing or cut short")
+    if not any(p.name.startswith(SHARDED_OPTIMIZER_DIR) for p in folder.iterdir()):
+        raise IntegrityError(folder, "holds FSDP model shards but no optimizer shards")
 
 
 def _checkpoints(work_dir: Path) -> list[Path]:

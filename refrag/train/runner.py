@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,8 +40,11 @@ from refrag.modeling import RefragModel
 from refrag.modeling.limits import check_compression
 from refrag.modeling.tokenization import RefragTokenizer
 from refrag.train.heldout import HeldOutCurve
+from refrag.train.launch import Parallel, ParallelError
 from refrag.train.resume import SealCheckpoints, last_complete_checkpoint, resumed_train_loss
+from refrag.train.sharding import full_state_dict, trainer_fsdp_args
 from refrag.train.stages import StageConfig, get_stage
+from refrag.train.throughput import ran_strategy, sample_flops, throughput, tokens_per_sample
 
 
 def train_stage(
@@ -55,6 +59,7 @@ def train_stage(
     decoder: str | os.PathLike | None = None,
     heldout: str | os.PathLike | None = None,
     heldout_baselines: dict[str, float] | None = None,
+    parallel: Parallel | dict | None = None,
 ) -> dict:
     """Train the registered stage ``stage`` (:data:`refrag.train.stages.STAGES`) and write its model
     folder to ``out``.
@@ -64,10 +69,23 @@ def train_stage(
     overrides it). ``hp``
     overrides the stage's default hyperparameters. With ``heldout`` (a validation shard folder)
     and ``hp.eval_steps``, the stage logs its held-out curve (:mod:`refrag.train.heldout`), against
-    ``heldout_baselines`` ({variant: log-ppl}) when given.
+    ``heldout_baselines`` ({variant: log-ppl}) when given. ``parallel`` (the run's
+    :class:`~refrag.train.launch.Parallel`; default: as the process finds itself, DDP under
+    torchrun) chooses FSDP2, activation checkpointing and bf16.
     """
     spec = get_stage(stage)
     hp = hp if isinstance(hp, StageConfig) else spec.defaults.merged(hp)
+    parallel = parallel if isinstance(parallel, Parallel) else Parallel.from_dict(parallel)
+    if parallel.strategy == "fsdp" and spec.unsharded:
+        print(f"{stage} trains with DDP, not FSDP: {spec.unsharded}", flush=True)
+        parallel = replace(parallel, strategy="ddp")
+    if parallel.strategy == "fsdp" and not torch.cuda.is_available():
+        raise ParallelError(
+            "strategy fsdp needs GPUs: on CPU the Trainer would silently run DDP "
+            "(accelerate shards only on accelerators)"
+        )
+    fsdp = parallel.strategy == "fsdp"
+    load = {"dtype": torch.float32} if fsdp else {}  # fp32 masters: one dtype per FSDP unit
     if (init is None) == (encoder is None and decoder is None) or (encoder is None) != (
         decoder is None
     ):
@@ -79,6 +97,7 @@ def train_stage(
             encoder_name_or_path=str(encoder),
             decoder_name_or_path=str(decoder),
             compression=compression,
+            **load,
         )
         tok = RefragTokenizer.from_encoder_decoder_pretrained(
             encoder_name_or_path=str(encoder),
@@ -87,7 +106,7 @@ def train_stage(
         )
     else:
         verify_folder(init)
-        model = RefragModel.from_pretrained(init)
+        model = RefragModel.from_pretrained(init, **load)
         tok = RefragTokenizer.from_pretrained(init)
     if model.config.compression != compression:
         raise ValueError(
@@ -100,7 +119,8 @@ def train_stage(
     dataset, collator = spec.build_dataset(hp.data or data, tok, hp)
 
     work_dir = out.with_name(out.name + ".work")
-    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cuda = torch.cuda.is_available()
+    cpu_ddp = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
     args = TrainingArguments(
         output_dir=str(work_dir),
         max_steps=hp.steps,
@@ -113,19 +133,23 @@ def train_stage(
         logging_steps=hp.logging_steps,
         save_steps=hp.save_steps,
         save_total_limit=None,  # SealCheckpoints keeps the newest sealed one
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        bf16=cuda and torch.cuda.is_bf16_supported() and parallel.mixed_precision == "bf16",
         use_cpu=cpu_ddp,  # under torchrun without GPUs: DDP over gloo
         ddp_backend="gloo" if cpu_ddp else None,
         ddp_find_unused_parameters=False,
         report_to="none",
         remove_unused_columns=False,
-        # on GPUs, collation (Python lists → padded tensors) runs in worker processes so
-        # that the GPU never waits on the host; on CPU the cores are busy with the model
-        dataloader_num_workers=2 if torch.cuda.is_available() else 0,
-        dataloader_persistent_workers=torch.cuda.is_available(),
-        dataloader_pin_memory=torch.cuda.is_available(),
+        # on GPUs, collation (Python lists → padded tensors) runs in worker processes, a few
+        # batches ahead, into pinned memory copied without blocking, so that the GPU never
+        # waits on the host; on CPU the cores are busy with the model
+        dataloader_num_workers=4 if cuda else 0,
+        dataloader_prefetch_factor=4 if cuda else None,
+        dataloader_persistent_workers=cuda,
+        dataloader_pin_memory=cuda,
+        **({"accelerator_config": {"non_blocking": True}} if cuda else {}),
         seed=hp.seed,
         disable_tqdm=False,
+        **trainer_fsdp_args(parallel, model),
     )
     callbacks = [SealCheckpoints()]
     if heldout is not None and hp.eval_steps:
@@ -160,15 +184,30 @@ def train_stage(
             if "train_loss" in entry:
                 entry["train_loss"] = result.metrics["train_loss"]
 
+    # FSDP: the sharded weights gathered (a collective: every rank) into a plain HF folder
+    weights = full_state_dict(model) if trainer.is_fsdp_enabled else None
     if trainer.is_world_process_zero():
+        ran = ran_strategy(trainer)
+        sample_tokens = tokens_per_sample(dataset)
+        flops = sample_flops(
+            encoder_params=model.encoder.num_parameters(),
+            decoder_params=model.decoder.num_parameters(),
+            encoder_tokens=sample_tokens[0],
+            decoder_tokens=sample_tokens[1],
+            train_encoder=model.config.train_encoder,
+            train_projector=model.config.train_projector,
+            train_decoder=model.config.train_decoder,
+        )
         log = {
             "stage": stage,
             "metrics": result.metrics,
             "log_history": trainer.state.log_history,
             "hp": vars(hp),
+            "parallel": ran,
+            "throughput": throughput(result.metrics, sample_tokens, flops, ran["world_size"]),
         }
         with disk_full_guard(out):
-            save_model_folder(model, tok, out, extra={"training_log.json": log})
+            save_model_folder(model, tok, out, extra={"training_log.json": log}, weights=weights)
         shutil.rmtree(work_dir, ignore_errors=True)
     return result.metrics
 
@@ -179,11 +218,16 @@ def read_baselines(path: str | os.PathLike) -> dict[str, float]:
 
 
 def save_model_folder(
-    model: RefragModel, tok: RefragTokenizer, out: Path, extra: dict[str, dict] | None = None
+    model: RefragModel,
+    tok: RefragTokenizer,
+    out: Path,
+    extra: dict[str, dict] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write model + tokenizer (+ JSON files) to a temporary folder, then rename it into place."""
+    """Write model + tokenizer (+ JSON files) to a temporary folder, then rename it into place;
+    ``weights``: the model's full state dict where its parameters are sharded."""
     with atomic_folder(out) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
         tok.save_pretrained(tmp)
         for name, content in (extra or {}).items():
             Path(tmp, name).write_text(json.dumps(content, indent=2, default=str) + "\n")

@@ -132,6 +132,8 @@ class Stage:
     # the evaluation that reads this stage's checkpoints besides perplexity: "qa" (answers
     # with and without this stage: it and the stage it starts from), "selective" (its policy)
     role: Literal["qa", "selective"] | None = None
+    # why the stage trains with DDP even where the run's strategy is fsdp ("": it shards)
+    unsharded: str = ""
 
     def build_dataset(self, data: str | os.PathLike, tok: Any, hp: StageConfig) -> tuple:
         return _resolve(self.dataset)(data, tok, hp)
@@ -237,6 +239,8 @@ STAGES: dict[str, Stage] = {
                 logging_steps=2,
             ),
             role="selective",
+            unsharded="it trains only the small chunk policy (DDP); the frozen REFRAG model it "
+            "scores with is kept whole in each process",
         ),
     )
 }
@@ -263,6 +267,23 @@ def qa_stages() -> list[str]:
     """The stages QA evaluates: the QA stage's starting point (no fine-tuning) and itself."""
     qa = stage_with_role("qa")
     return [STAGES[qa].previous, qa]
+
+
+def stages_to_train(eval_config: dict[str, Any], k: int) -> list[str]:
+    """The stages a run trains at ``k``, in registry order: those ``eval.stages`` lists, the
+    selective stage where ``eval.selective.k`` lists k, the QA stages where ``eval.qa.k`` does,
+    and the stages they start from (what the workflow's ``stages_at`` builds)."""
+    wanted = list(eval_config.get("stages", ["reconstruct", "cpt"]))
+    if k in eval_config.get("selective", {}).get("k", []):
+        wanted.append(stage_with_role("selective"))
+    if k in eval_config.get("qa", {}).get("k", []):
+        wanted += qa_stages()
+    needed = set()
+    for name in wanted:
+        while name is not None:
+            needed.add(name)
+            name = STAGES[name].previous
+    return [name for name in STAGES if name in needed]
 
 
 def get_stage(name: str) -> Stage:

@@ -57,16 +57,17 @@ def alignment_losses(
     is read as one chunk, the way the model reads context (CLS state, projected), and that
     chunk embedding should equal the decoder's embedding of the token; compared through the
     (detached) embedding matrix, its similarity profile over the vocabulary should match the
-    token's (KL) and pick the token itself (argmax). ``model`` may be DDP-wrapped: the chunk
-    embeddings come from its ``forward`` so that gradients are synchronised.
+    token's (KL) and pick the token itself (argmax). ``model`` may be DDP-wrapped or sharded
+    (FSDP2): the chunk embeddings and the embedding table come from its ``forward``, so that
+    gradients are synchronised and the table is whole.
     """
-    projected = model(
+    out = model(
         chunk_input_ids=chunk_input_ids,
         chunk_attention_mask=chunk_attention_mask,
         chunk_embeds_only=True,
-    ).chunk_embeds
-    table = getattr(model, "module", model).get_input_embeddings().weight.detach()
-    table = table.to(projected.dtype)
+    )
+    projected = out.chunk_embeds
+    table = out.token_embeddings.to(projected.dtype)
     target = table[pair_decoder_ids]
     logits = projected @ table.T
     target_logits = target @ table.T

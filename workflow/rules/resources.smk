@@ -1,11 +1,15 @@
 # Resources of a job on each backend (local, Docker, Slurm, AWS Batch) and how a training job
-# is launched (inline, or torchrun with one process per GPU).
+# is launched: the run's `parallel` block (refrag.train.launch) read by gpu_resources and by
+# the one launcher every training rule uses (inline, torchrun on one node, N nodes).
+import json
 import os
 import sys
 from pathlib import Path
 
 import yaml
 from snakemake.exceptions import WorkflowError
+
+from refrag.train.launch import launch_command, run_parallel
 
 
 def whole_machine(wildcards):
@@ -25,8 +29,23 @@ def train_threads(wildcards):
     return max(1, whole_machine(wildcards) // len(run_keys()))
 
 
+def run_parallel_settings(wildcards):
+    """The job's run's parallel settings (refrag.train.launch.Parallel)."""
+    return run_parallel(config, find_run(wildcards))
+
+
 def run_gpus(wildcards):
-    return find_run(wildcards).get("gpus", 0)
+    """GPUs per node of the job's run."""
+    return run_parallel_settings(wildcards).gpus_per_node
+
+
+def run_nodes(wildcards):
+    return run_parallel_settings(wildcards).nodes
+
+
+def parallel_param(wildcards):
+    """The run's parallel settings as JSON (`refrag train --parallel`): a change reruns."""
+    return json.dumps(run_parallel_settings(wildcards).as_dict())
 
 
 # The Python of a job's shell command: the deployed one (`python` of the conda environment or
@@ -35,19 +54,28 @@ def run_gpus(wildcards):
 PYTHON = "python" if workflow.deployment_settings.deployment_method else sys.executable
 
 
-def launcher(wildcards, resources):
-    """torchrun with one process per GPU; on CPU (or one GPU) the script runs inline."""
-    if resources.gpu > 1:
-        return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node={resources.gpu}"
-    return PYTHON
+def launcher(wildcards):
+    """The run's launch command (refrag.train.launch.launch_command): inline on CPU or one
+    GPU, torchrun --standalone on one node, one torchrun agent per node on N nodes."""
+    return launch_command(PYTHON, run_parallel_settings(wildcards))
 
 
-def gpu_resources(gpus, vcpu_per_gpu=8, mem_mb_per_gpu=61440, timeout_s=86400):
-    """`resources:` of a job on `gpus` GPUs (an int or a function of the wildcards): `gpu`
-    for local/docker/Slurm runs, with memory (mem_mb), time (runtime, minutes) and CPUs per
+def gpu_resources(gpus, vcpu_per_gpu=8, mem_mb_per_gpu=61440, timeout_s=86400, nodes=1):
+    """`resources:` of a job on `gpus` GPUs per node on `nodes` nodes (ints or functions of
+    the wildcards): `gpu` (the job's total) for local/docker/Slurm runs, with `nodes` and
+    `mpi` for multi-node Slurm jobs, memory (mem_mb), time (runtime, minutes) and CPUs per
     GPU for Slurm, the aws_batch_* request for AWS Batch (each ignored elsewhere)."""
-    count = gpus if callable(gpus) else (lambda wildcards: gpus)
-    return {
+    per_node = gpus if callable(gpus) else (lambda wildcards: gpus)
+    node_count = nodes if callable(nodes) else (lambda wildcards: nodes)
+    count = lambda wildcards: per_node(wildcards) * node_count(wildcards)
+    multi = {}
+    if callable(nodes) or nodes > 1:
+        multi = {
+            "nodes": node_count,
+            # Slurm: the rule's own srun starts one torchrun agent per node
+            "mpi": lambda wildcards: "srun" if node_count(wildcards) > 1 else "",
+        }
+    return multi | {
         "gpu": count,
         "cpus_per_gpu": vcpu_per_gpu,  # Slurm (--gpus=N --cpus-per-gpu); CPU jobs use threads
         "mem_mb": lambda wildcards: max(8192, mem_mb_per_gpu * count(wildcards)),
