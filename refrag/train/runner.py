@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from refrag.data.shards import read_shards
 from refrag.io.integrity import atomic_folder, verify_folder, write_manifest
@@ -55,6 +55,7 @@ def train_stage(
     decoder: str | os.PathLike | None = None,
     heldout: str | os.PathLike | None = None,
     heldout_baselines: dict[str, float] | None = None,
+    callbacks: list[TrainerCallback] | tuple = (),
 ) -> dict:
     """Train the registered stage ``stage`` (:data:`refrag.train.stages.STAGES`) and write its model
     folder to ``out``.
@@ -64,7 +65,8 @@ def train_stage(
     overrides it). ``hp``
     overrides the stage's default hyperparameters. With ``heldout`` (a validation shard folder)
     and ``hp.eval_steps``, the stage logs its held-out curve (:mod:`refrag.train.heldout`), against
-    ``heldout_baselines`` ({variant: log-ppl}) when given.
+    ``heldout_baselines`` ({variant: log-ppl}) when given. ``callbacks`` are added to the
+    Trainer's (tests use them to read gradients).
     """
     spec = get_stage(stage)
     hp = hp if isinstance(hp, StageConfig) else spec.defaults.merged(hp)
@@ -127,7 +129,7 @@ def train_stage(
         seed=hp.seed,
         disable_tqdm=False,
     )
-    callbacks = [SealCheckpoints()]
+    callbacks = [SealCheckpoints(), *callbacks]
     if heldout is not None and hp.eval_steps:
         callbacks.append(
             HeldOutCurve(
