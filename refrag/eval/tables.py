@@ -48,7 +48,16 @@ QA_COLUMNS = {
     "f1": "mean bag-of-tokens F1 against the gold answer",
     "f1_lo": "lower end of the 95% interval",
     "f1_hi": "upper end of the 95% interval",
+    "choice_accuracy": "multiple choice: share of questions whose highest-scoring candidate "
+    "(mean log-likelihood per token given the prompt) is the gold answer",
+    "choice_accuracy_lo": "lower end of the 95% interval (bootstrap over documents)",
+    "choice_accuracy_hi": "upper end of the 95% interval",
+    "choice_gain": "choice_accuracy minus that of the base decoder without the passage "
+    "(no_context, sft False): what reading the passage this way buys",
+    "choice_gain_lo": "lower end of its 95% interval (paired: both from one resample)",
+    "choice_gain_hi": "upper end of its 95% interval",
     "n_questions": "questions answered",
+    "n_choice_questions": "questions with candidate answers (the multiple-choice score's count)",
     "n_documents": "documents the questions come from",
 }
 
