@@ -10,8 +10,8 @@ each candidate is scored by its **mean log-likelihood per token** as the assista
 short). The pick is the candidate with the highest score; ties go to the first listed
 (candidates are stored in a seeded random order, so the gold is not first by construction).
 
-The prompt is read once; each candidate is then one short decoder pass over its own tokens
-from the prompt's KV cache, cut back to the prompt after each candidate.
+The prompt is read once; the candidates' tokens are then one short batched decoder pass
+over the prompt's KV cache (repeated once per candidate).
 """
 
 from __future__ import annotations
@@ -44,21 +44,24 @@ def candidate_scores(model, tok: RefragTokenizer, example: QAExample, variant: s
         )
     cache, first = out.past_key_values, torch.log_softmax(out.logits[0, -1].float(), -1)
     length = batch["input_ids"].shape[1]
-    scores = []
-    for choice in example.choices:
-        ids = tok.decoder_tokenizer(choice, add_special_tokens=False)["input_ids"]
-        total = float(first[ids[0]])
-        if len(ids) > 1:
-            step = torch.tensor([ids[:-1]], device=device)
-            mask = torch.ones(1, length + len(ids) - 1, dtype=torch.long, device=device)
-            logits = decoder(
-                input_ids=step, attention_mask=mask, past_key_values=cache, use_cache=True
-            ).logits[0]
-            logp = torch.log_softmax(logits.float(), -1)
-            total += float(logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
-            cache.crop(-(len(ids) - 1))  # back to the prompt
-        scores.append(total / len(ids))
-    return scores
+    ids = [tok.decoder_tokenizer(c, add_special_tokens=False)["input_ids"] for c in example.choices]
+    totals = [float(first[row[0]]) for row in ids]
+    rest = max(len(row) for row in ids) - 1
+    if rest > 0:  # every candidate's later tokens in one batch over the prompt's cache
+        n, pad = len(ids), tok.decoder_pad_token_id
+        step = torch.tensor(
+            [row[:-1] + [pad] * (rest + 1 - len(row)) for row in ids], device=device
+        )
+        mask = torch.tensor([[1] * (len(row) - 1) + [0] * (rest + 1 - len(row)) for row in ids])
+        mask = torch.cat([torch.ones(n, length, dtype=torch.long), mask], 1).to(device)
+        cache.batch_repeat_interleave(n)
+        logits = decoder(
+            input_ids=step, attention_mask=mask, past_key_values=cache, use_cache=False
+        ).logits
+        logp = torch.log_softmax(logits.float(), -1)
+        for i, row in enumerate(ids):
+            totals[i] += float(sum(logp[i, j, t] for j, t in enumerate(row[1:])))
+    return [total / len(row) for total, row in zip(totals, ids)]
 
 
 def score_choices(model, tok: RefragTokenizer, examples: list[QAExample], variant: str):
