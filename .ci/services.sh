@@ -5,12 +5,13 @@
 #   installed only, nothing persistent is started;
 # - a single-node Slurm (slurmctld, slurmd, munge; tests/test_profile_slurm.py): installed and
 #   started by .ci/slurm.sh (munged, slurmctld, slurmd run as daemons; `bash .ci/slurm.sh stop`).
+# - chromium: tests/test_report.py renders the report in a headless browser.
 # The moto server of tests/test_profile_aws_batch.py is started and stopped by that test.
 # Without root or apt-get it installs nothing, and those tests skip (the Docker-profile tests
 # fail instead under CI=true, which .ci/run sets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PACKAGES=(podman runc uidmap mmdebstrap slurmctld slurmd slurm-client munge)
+PACKAGES=(podman runc uidmap mmdebstrap slurmctld slurmd slurm-client munge chromium)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \

@@ -13,6 +13,7 @@ import base64
 import html
 import json
 import os
+import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,7 +22,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
+from refrag.eval.tables import compact, with_interval  # noqa: E402
 from refrag.train.stages import STAGES  # noqa: E402
 
 PathLike = str | os.PathLike
@@ -30,7 +34,7 @@ CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img,svg{max-width:100%;height:auto}
-.note{color:#555;font-size:14px}
+.note{color:#555;font-size:14px}.headline li{margin:.4em 0;font-size:16px}
 """
 
 
@@ -48,6 +52,10 @@ TTFT_COLUMNS = [
     "speedup_cached",
     "speedup_recomputed",
     "analytic_limit",
+    "baseline_spread",
+    "cached_spread",
+    "recomputed_spread",
+    "noise",
     "baseline_ttit_ms",
     "refrag_ttit_ms",
 ]
@@ -220,25 +228,34 @@ def write_ttft_table(
 
 
 def plot_ttft(ttft_json: PathLike, out: PathLike) -> Path:
-    """TTFT speedup over the plain decoder vs context length, per model pair and k."""
+    """TTFT speedup over the plain decoder vs context length, per model pair and k, with the
+    analytic limit (dotted); a noisy row's points are hollow, a suspect ratio is not drawn."""
     frame = pd.DataFrame(json.loads(Path(ttft_json).read_text()))
     keys = [c for c in ("decoder", "encoder") if c in frame.columns] + ["k"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, part in frame.groupby(keys):
+    if "noise" not in frame:
+        frame["noise"] = [[] for _ in range(len(frame))]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, (key, part) in enumerate(frame.groupby(keys)):
         *pair, k = key
-        name = " / ".join([*pair, f"k={k}"])
+        name, color = " / ".join([*pair, f"k={k}"]), f"C{i}"
         part = part.sort_values("context")
-        ax.plot(part["context"], part["speedup_cached"], marker="o", label=f"{name}, cached")
-        ax.plot(
-            part["context"],
-            part["speedup_recomputed"],
-            marker="x",
-            linestyle="--",
-            label=f"{name}, recomputed",
-        )
-    ax.set_xlabel("context length s (tokens)")
-    ax.set_ylabel("TTFT speedup vs full context (×)")
-    ax.legend(fontsize=8)
+        noisy = part["noise"].map(bool)
+        for mode, marker, style in (("cached", "o", "-"), ("recomputed", "s", "--")):
+            y = pd.to_numeric(part[f"speedup_{mode}"], errors="coerce")
+            ax.plot(part["context"], y, style, color=color, label=f"{name}, {mode}")
+            ax.scatter(part["context"][~noisy], y[~noisy], marker=marker, color=color)
+            ax.scatter(
+                part["context"][noisy], y[noisy], marker=marker, facecolors="none", edgecolors=color
+            )
+        if "analytic_limit" in part:
+            limit = part["analytic_limit"]
+            ax.plot(part["context"], limit, ":", color=color, label=f"{name}, limit")
+    ax.set_xlabel("context length s (tokens)", fontsize=11)
+    ax.set_ylabel("TTFT speedup vs full context (×)", fontsize=11)
+    ax.set_title("hollow points: noisy rows (see the table's noise column)", fontsize=9)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -269,13 +286,23 @@ def write_report(
     table = read_perplexity(perplexity_csv)
     ttft = pd.read_csv(ttft_csv) if ttft_csv and Path(ttft_csv).exists() else None
 
-    shown = _shown(table)
-    ttft_table = ttft.round(2) if ttft is not None and len(ttft) else None
-    qa = _shown(pd.read_csv(qa_csv).astype({"k": "Int64"})) if qa_csv else None
+    shown = compact(table, drop=("decoder_hash", "encoder_hash"))
+    ttft_table = _ttft_shown(ttft) if ttft is not None and len(ttft) else None
+    qa_raw = pd.read_csv(qa_csv).astype({"k": "Int64"}) if qa_csv else None
+    qa = compact(qa_raw) if qa_raw is not None else None
+    lines = headline(table, qa_raw, ttft)
+    main = table1(table)
+    env = environment()
     md = [
         "# REFRAG experiment report",
         "",
-        "## Perplexity",
+        *[f"- {line}" for line in lines],
+        "",
+        "## Table 1: log-perplexity [95% interval] and context benefit retained",
+        "",
+        main.to_markdown(index=False),
+        "",
+        "## Perplexity, every row",
         "",
         _caption(),
         "",
@@ -292,10 +319,15 @@ def write_report(
             "",
             f"Workflow DAG: [{Path(dag_svg).name}]({os.path.relpath(dag_svg, md_out.parent)})",
         ]
+    md += ["", "## Hardware and versions", "", *[f"- {k}: {v}" for k, v in env.items()]]
     md_out.write_text("\n".join(md) + "\n")
 
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
     body = [
-        f"<h1>REFRAG experiment report</h1><h2>Perplexity</h2><p class='note'>{html.escape(_caption())}</p>",
+        f"<h1>REFRAG experiment report</h1><ul class='headline'>{items}</ul>",
+        "<h2>Table 1: log-perplexity [95% interval] and context benefit retained</h2>",
+        main.to_html(index=False),
+        f"<h2>Perplexity, every row</h2><p class='note'>{html.escape(_caption())}</p>",
         _scroll(shown.to_html(index=False)),
     ]
     if qa is not None:
@@ -312,6 +344,11 @@ def write_report(
         )
     if dag_svg and Path(dag_svg).exists():
         body += ["<h2>Workflow</h2>", Path(dag_svg).read_text()]
+    body += [
+        "<h2>Hardware and versions</h2><ul class='note'>",
+        *[f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in env.items()],
+        "</ul>",
+    ]
     if config:
         body += [
             "<h2>Configuration</h2><pre>",
@@ -333,9 +370,94 @@ QA_CAPTION = (
 )
 
 
-def _shown(table: pd.DataFrame) -> pd.DataFrame:
-    """A table as the report prints it: 4 decimals, blanks for missing values."""
-    return table.round(4).astype(object).where(table.notna(), "")
+def _label(row) -> str:
+    variant, k = row["variant"], row.get("k")
+    p = row.get("p")
+    name = variant if pd.isna(k) else f"{variant} k={int(k)}"
+    return name if p is None or pd.isna(p) else f"{name} p={p:g}"
+
+
+def table1(table: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table 1 layout: one row per method (baselines, then REFRAG by k), one
+    column per eval set: log-ppl [95%] (and the context benefit retained [95%])."""
+    rows: dict[str, dict[str, str]] = {}
+    for _, row in table.iterrows():
+        cells = rows.setdefault(_label(row), {"method": _label(row)})
+        cells[f"{row['eval_set']} log-ppl"] = with_interval(
+            row["log_ppl"], row.get("log_ppl_lo"), row.get("log_ppl_hi")
+        )
+        cells[f"{row['eval_set']} retained"] = with_interval(
+            row.get("context_benefit_retained"), row.get("retained_lo"), row.get("retained_hi")
+        )
+    return pd.DataFrame(list(rows.values())).fillna("")
+
+
+def headline(table: pd.DataFrame, qa: pd.DataFrame | None, ttft: pd.DataFrame | None) -> list[str]:
+    """One sentence per result, with its interval and what it was measured on."""
+    lines = []
+    for eval_set, part in table.groupby("eval_set"):
+        refrag = part[(part["variant"] == "refrag") & part["k"].notna()].sort_values("k")
+        if len(refrag):
+            shares = "; ".join(
+                f"k={int(r['k'])}: "
+                + with_interval(
+                    r["context_benefit_retained"], r.get("retained_lo"), r.get("retained_hi")
+                )
+                for _, r in refrag.iterrows()
+            )
+            n = part["n_windows"].iloc[0] if "n_windows" in part else "?"
+            docs = part["n_documents"].iloc[0] if "n_documents" in part else "?"
+            lines.append(
+                f"Context benefit retained by REFRAG ({eval_set}: {n} windows of {docs} documents, "
+                f"95% interval over documents): {shares}."
+            )
+    if qa is not None and "choice_gain" in qa:
+        for _, r in qa[(qa["variant"] == "full_context") & ~qa["sft"]].iterrows():
+            best = qa[qa["variant"] == "refrag"].sort_values("choice_accuracy").tail(1)
+            refrag = "".join(
+                f"; the best REFRAG row (k={int(b['k'])}, sft {b['sft']}) gains "
+                + with_interval(b["choice_gain"], b["choice_gain_lo"], b["choice_gain_hi"])
+                for _, b in best.iterrows()
+            )
+            lines.append(
+                f"Multiple-choice QA ({r['n_choice_questions']} questions from {r['n_documents']} "
+                f"{r['eval_set']} documents): reading the passage as tokens gains "
+                + with_interval(r["choice_gain"], r["choice_gain_lo"], r["choice_gain_hi"])
+                + f" accuracy over no passage{refrag}."
+            )
+    if ttft is not None and len(ttft):
+        for _, r in ttft[ttft["k"] == 16].sort_values("context").tail(1).iterrows():
+            noisy = r.get("noise") not in (None, "", "[]") and not pd.isna(r.get("noise"))
+            lines.append(
+                f"TTFT at s={r['context']}, k=16 ({r.get('decoder', '')}): "
+                f"{with_interval(r['speedup_cached'], None, None) or 'suspect'}× with cached "
+                f"chunk embeddings, {with_interval(r['speedup_recomputed'], None, None) or 'suspect'}× "
+                f"recomputed (limit {r.get('analytic_limit', '?')}×)"
+                + (" — NOISY, not a result: " + str(r["noise"]) if noisy else "")
+                + "."
+            )
+    return lines
+
+
+def _ttft_shown(ttft: pd.DataFrame) -> pd.DataFrame:
+    shown = compact(ttft)
+    if "noise" in ttft:
+        shown["noise"] = [
+            "" if v in ("[]", "") or pd.isna(v) else f"NOISY: {v}" for v in ttft["noise"]
+        ]
+    return shown
+
+
+def environment() -> dict[str, str]:
+    """The hardware and versions that produced the report."""
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or '?'}",
+        "GPU": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "Python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "system": platform.platform(),
+    }
 
 
 def _scroll(table_html: str) -> str:

@@ -4,6 +4,7 @@ import torch
 from refrag.data.qa import (
     BLANK,
     QAExample,
+    answer_kind,
     answer_spans,
     build_qa,
     question_prompt,
@@ -183,3 +184,78 @@ def test_headings_are_sentences_of_their_own():
 def test_cloze_answer_stops_at_punctuation_that_follows_the_blank():
     question = f"An estimated 0.5% to {BLANK}% of individuals with ASD show unusual abilities."
     assert cloze_answer("An estimated 0.5% to 6.5% of individuals with", question) == "6.5"
+
+
+OTHER = (
+    "An opening sentence that a window may cut. The Difference Engine was built by Joseph "
+    "Clement in London during 1832 for the British government. A later machine by George "
+    "Scheutz was sold in 1855 to the Dudley Observatory of Albany. Its tables held 2,500 "
+    "entries of 15 digits each, printed by the machine itself. A closing sentence that may "
+    "be cut"
+)
+
+
+def multi_document_passages():
+    return [
+        {"doc_id": doc, "window": w, "context_text": text}
+        for doc, text in (("a", PASSAGE), ("b", OTHER), ("c", OTHER.replace("1832", "1841")))
+        for w in range(2)
+    ]
+
+
+def test_choices_hold_the_answer_and_same_kind_distractors_from_other_documents():
+    examples = build_qa(multi_document_passages(), per_passage=3, choices=3, seed=2)
+    with_choices = [e for e in examples if e.choices]
+    assert with_choices
+    for e in with_choices:
+        assert len(e.choices) == 3 and e.answer in e.choices
+        assert len({normalize_answer(c) for c in e.choices}) == 3
+        for distractor in set(e.choices) - {e.answer}:
+            assert distractor not in e.passage  # only the passage decides
+            assert answer_kind(distractor).split(":")[0] == answer_kind(e.answer).split(":")[0]
+    numbers = [e for e in with_choices if answer_kind(e.answer) == "number"]
+    assert numbers and all(answer_kind(c) == "number" for e in numbers for c in e.choices)
+    assert {e.choices.index(e.answer) for e in with_choices} != {0}  # shuffled
+    assert build_qa(multi_document_passages(), per_passage=3, choices=3, seed=2) == examples
+
+
+def test_a_question_without_enough_distractors_gets_no_choices():
+    examples = build_qa([{"id": "p", "text": PASSAGE}], per_passage=3, choices=4)
+    assert examples and all(e.choices == () for e in examples)  # one document: none to draw
+
+
+def test_choices_round_trip_and_old_sets_read_without_them(tmp_path):
+    examples = build_qa(multi_document_passages(), per_passage=2, choices=3)
+    assert read_qa_set(write_qa_set(examples, tmp_path / "set.jsonl")) == examples
+    old = tmp_path / "old.jsonl"
+    old.write_text(
+        '{"id": "p:0", "passage_id": "p", "passage": "x", "question": "q", "answer": "a"}\n'
+    )
+    assert read_qa_set(old)[0].choices == ()
+
+
+def test_qa_table_scores_multiple_choice_and_its_gain_over_no_context():
+    def with_choices(rows, hits):
+        return [r | {"choice_correct": float(h)} for r, h in zip(rows, hits)]
+
+    rows = with_choices(
+        scored_rows("no_context", None, False, [0] * 20), [i % 4 == 0 for i in range(20)]
+    )
+    rows += with_choices(scored_rows("full_context", None, False, [0] * 20), [1] * 20)
+    rows += with_choices(scored_rows("refrag", 16, False, [0] * 20), [i % 2 for i in range(20)])
+    table = qa_table(rows, samples=300).set_index("variant")
+    assert table.loc["no_context", "choice_accuracy"] == 0.25
+    assert table.loc["full_context", "choice_accuracy"] == 1.0
+    assert table.loc["full_context", "choice_gain"] == 0.75
+    assert (
+        0
+        < table.loc["full_context", "choice_gain_lo"]
+        <= 0.75
+        <= table.loc["full_context", "choice_gain_hi"]
+    )
+    assert (
+        table.loc["no_context", "choice_gain"] == 0
+        and table.loc["no_context", "choice_gain_hi"] == 0
+    )
+    assert table.loc["refrag", "choice_accuracy"] == 0.5
+    assert set(table["n_choice_questions"]) == {20}

@@ -1,16 +1,25 @@
 import json
+import shutil
+import subprocess
 
 import pandas as pd
 import pytest
+import torch
+from PIL import Image
 
+from refrag.eval.tables import compact, sig3, with_interval
 from refrag.report import (
+    headline,
     plot_perplexity,
     plot_training,
     plot_ttft,
     stage_order,
+    table1,
     write_report,
     write_ttft_table,
 )
+
+from .conftest_profiles import unavailable
 
 PNG = b"\x89PNG"
 
@@ -165,3 +174,111 @@ def test_a_held_out_curve_adds_a_row_of_panels(tmp_path):
     ]
     plain, with_curve = figure(losses, "plain"), figure(losses + curve, "curve")
     assert with_curve.height > 1.8 * plain.height and with_curve.width == plain.width
+
+
+def test_tables_print_three_significant_figures_with_their_interval():
+    assert with_interval(0.308123, 0.2361, 0.37649) == "0.308 [0.236, 0.376]"
+    assert with_interval(3.8612, None, None) == "3.86" and sig3(float("nan")) == ""
+    assert sig3(1536) == "1,536" and sig3(24) == "24"
+    frame = pd.DataFrame(
+        [{"variant": "refrag", "log_ppl": 3.58123, "log_ppl_lo": 3.3421, "log_ppl_hi": 3.7801}]
+    )
+    assert compact(frame).to_dict("records") == [
+        {"variant": "refrag", "log_ppl": "3.58 [3.34, 3.78]"}
+    ]
+
+
+def qa_frame():
+    base = {"decoder": "d", "encoder": "e", "eval_set": "test", "n_documents": 12}
+    base |= {"n_choice_questions": 168, "exact_match": 0.0, "f1": 0.1}
+    return pd.DataFrame(
+        [
+            base
+            | {"variant": "no_context", "k": None, "sft": False, "choice_accuracy": 0.3}
+            | {"choice_gain": 0.0, "choice_gain_lo": 0.0, "choice_gain_hi": 0.0},
+            base
+            | {"variant": "full_context", "k": None, "sft": False, "choice_accuracy": 0.8}
+            | {"choice_gain": 0.5, "choice_gain_lo": 0.41, "choice_gain_hi": 0.58},
+            base
+            | {"variant": "refrag", "k": 16, "sft": True, "choice_accuracy": 0.5}
+            | {"choice_gain": 0.2, "choice_gain_lo": 0.1, "choice_gain_hi": 0.3},
+        ]
+    )
+
+
+def test_the_headline_says_each_result_with_its_interval_and_what_it_was_measured_on(tmp_path):
+    table = pd.read_csv(perplexity_csv(tmp_path / "p.csv"))
+    table = table.assign(retained_lo=0.1, retained_hi=0.9, n_windows=24, n_documents=12)
+    ttft = pd.DataFrame(ttft_rows(16)).assign(analytic_limit=21.8, noise=["[]", "['load']"])
+    lines = headline(table, qa_frame(), ttft)
+    assert "24 windows of 12 documents" in lines[0] and "k=16: 0.6 [0.1, 0.9]" in lines[0]
+    assert "168 questions from 12 test documents" in lines[1]
+    assert "gains 0.5 [0.41, 0.58]" in lines[1] and "k=16, sft True" in lines[1]
+    assert "TTFT" in lines[2] and "NOISY" in lines[2]
+
+
+def test_table_one_has_a_row_per_method_and_a_column_per_eval_set(tmp_path):
+    table = pd.read_csv(perplexity_csv(tmp_path / "p.csv"))
+    main = table1(table)
+    assert list(main["method"]) == [
+        "no_context",
+        "full_context",
+        "full_context_lowercase",
+        "refrag k=8",
+        "refrag k=16",
+        "refrag k=32",
+    ]
+    assert main.iloc[0]["test log-ppl"] == "3 [2.9, 3.2]"
+
+
+def written_report(tmp_path):
+    csv = perplexity_csv(tmp_path / "perplexity.csv")
+    figure = plot_perplexity(csv, tmp_path / "perplexity.png")
+    (tmp_path / "ttft.json").write_text(json.dumps(ttft_rows(16)))
+    ttft_png = plot_ttft(tmp_path / "ttft.json", tmp_path / "ttft.png")
+    write_ttft_table([({}, tmp_path / "ttft.json")], tmp_path / "t.json", tmp_path / "ttft.csv")
+    qa = tmp_path / "qa.csv"
+    qa_frame().to_csv(qa, index=False)
+    out = tmp_path / "report.html"
+    write_report(
+        perplexity_csv=csv,
+        ttft_csv=tmp_path / "ttft.csv",
+        qa_csv=qa,
+        figures={"Log-perplexity vs compression": figure, "TTFT": ttft_png},
+        dag_svg=None,
+        html_out=out,
+        md_out=tmp_path / "report.md",
+    )
+    return out
+
+
+def test_the_report_opens_with_the_headline_and_ends_with_hardware_and_versions(tmp_path):
+    html = written_report(tmp_path).read_text()
+    assert html.index("class='headline'") < html.index("Table 1") < html.index("every row")
+    assert "Hardware and versions" in html and f"torch: {torch.__version__}" in html
+
+
+def test_the_report_renders_in_a_headless_browser(tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        unavailable("chromium is not installed (apt-get install chromium)")
+    report = written_report(tmp_path)
+    shot = tmp_path / "shot.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    run = subprocess.run(
+        [browser, *flags, "--dump-dom", report.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Table 1" in run.stdout and "Hardware and versions" in run.stdout
+    subprocess.run(
+        [browser, *flags, f"--screenshot={shot}", "--window-size=1200,2400", report.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    image = Image.open(shot).convert("L")
+    assert image.size == (1200, 2400)
+    assert len(set(image.getdata())) > 20  # text, tables and figures were drawn, not a blank page

@@ -187,3 +187,42 @@ def test_default_models_run_sdpa_and_report_their_settings(tmp_path):
     assert row["decoder"] == "embedded:smollm2-135m-instruct"
     # eager attention ran only for the eager baseline candidate (30 decoder layers per call)
     assert "bert" not in calls and len(calls) % 30 == 0 and calls
+
+
+def noise_row(**extra) -> dict:
+    row = {"baseline_spread": 0.05, "cached_spread": 0.1, "recomputed_spread": 0.02}
+    return row | {"refrag_cached_ms": 100.0, "refrag_recomputed_ms": 300.0, "load_avg": 1.0} | extra
+
+
+def test_a_row_is_noisy_when_its_repeats_spread_cached_beats_recomputed_or_the_load_is_high():
+    assert ttft.noise_reasons(noise_row(), 0.3, 2) == []
+    assert ttft.noise_reasons(noise_row(baseline_spread=0.6), 0.3, 2) == [
+        "baseline repeats spread 60% > 30%"
+    ]
+    slow = ttft.noise_reasons(
+        noise_row(refrag_cached_ms=5256.0, refrag_recomputed_ms=1288.0), 0.3, 2
+    )
+    assert slow == ["cached (5256 ms) slower than recomputed (1288 ms)"]
+    assert ttft.noise_reasons(noise_row(load_avg=7.9), 0.3, 2) == ["load average 7.9 on 2 cores"]
+    assert ttft.spread([90.0, 100.0, 130.0]) == pytest.approx(0.4)
+
+
+def test_a_noisy_context_is_measured_again_and_the_cleaner_attempt_kept(monkeypatch, capsys):
+    attempts = iter(
+        [[{"k": 8, "noise": ["x"]}], [{"k": 8, "noise": []}], [{"k": 8, "noise": ["y"]}]]
+    )
+    monkeypatch.setattr(ttft, "measure_context", lambda *a: next(attempts))
+    args = type("Args", (), {"remeasure": 2})()
+    rows = ttft.measure_until_clean(None, 64, None, None, args)
+    assert rows == [{"k": 8, "noise": [], "attempts": 2}]
+    assert "measuring again" in capsys.readouterr().err
+    monkeypatch.setattr(ttft, "measure_context", lambda *a: [{"k": 8, "noise": ["z"]}])
+    args.remeasure = 0
+    assert ttft.measure_until_clean(None, 64, None, None, args)[0]["attempts"] == 1
+
+
+def test_rows_report_the_spread_of_their_repeats_and_their_noise(tiny_rows):
+    rows, _, _ = tiny_rows
+    for r in rows:
+        assert {"baseline_spread", "cached_spread", "recomputed_spread"} <= r.keys()
+        assert isinstance(r["noise"], list) and r["attempts"] >= 1

@@ -26,6 +26,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "limit",
         "TTIT base",
         "TTIT refrag",
+        "noise",
     )
     lines = [" | ".join(f"{h:>10}" for h in head)]
     for r in rows:
@@ -42,6 +43,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             r["analytic_limit"],
             r["baseline_ttit_ms"],
             r["refrag_ttit_ms"],
+            "NOISY" if r.get("noise") else "",
         )
         lines.append(" | ".join(_cell(c) for c in cells))
     return "\n".join(lines)

@@ -67,6 +67,7 @@ ROW_KEYS = (
     "speedup_recomputed",
     "analytic_limit",
     "suspect",
+    "noise",
     "attn",
     "refrag_graph",
     "dtype",
@@ -87,6 +88,29 @@ def analytic_limit(d: int, baseline_positions: int, refrag_positions: int) -> fl
         * (6 * d + baseline_positions)
         / (refrag_positions * (6 * d + refrag_positions))
     )
+
+
+def spread(times: list[float]) -> float:
+    """Relative spread of repeated timings: (max − min) / median."""
+    return (max(times) - min(times)) / statistics.median(times) if times else 0.0
+
+
+def noise_reasons(row: dict[str, Any], max_spread: float, cores: int) -> list[str]:
+    """Why a row's timings may measure the machine rather than the method (empty: clean):
+    repeats that spread more than ``max_spread``, a cached prefill slower than the
+    recomputed one (it does a subset of the work), or a load average above the cores."""
+    reasons = []
+    for key in ("baseline", "cached", "recomputed"):
+        if row[f"{key}_spread"] > max_spread:
+            reasons.append(f"{key} repeats spread {row[f'{key}_spread']:.0%} > {max_spread:.0%}")
+    if row["refrag_cached_ms"] > row["refrag_recomputed_ms"]:
+        reasons.append(
+            f"cached ({row['refrag_cached_ms']:.0f} ms) slower than recomputed"
+            f" ({row['refrag_recomputed_ms']:.0f} ms)"
+        )
+    if row.get("load_avg") is not None and row["load_avg"] > cores:
+        reasons.append(f"load average {row['load_avg']} on {cores} cores")
+    return reasons
 
 
 def measure_context(
@@ -153,6 +177,9 @@ def measure_context(
             "analytic_limit": round(limit, 2),
             "paper_limit": round(paper_limit(k, d, s), 2),
             "suspect": {},
+            "baseline_spread": round(spread(times["baseline", 0]), 3),
+            "cached_spread": round(spread(times["cached", k]), 3),
+            "recomputed_spread": round(spread(times["recomputed", k]), 3),
             "baseline_positions": positions[0],
             "refrag_positions": positions[1],
             "baseline_ttit_ms": round(base_ttit, 3),
@@ -169,8 +196,26 @@ def measure_context(
             "load_avg": None if load is None else round(load, 2),
         }
         flag_over_limit(row)
+        row["noise"] = noise_reasons(row, args.max_spread, os.cpu_count() or 1)
         rows.append(row)
     return rows
+
+
+def measure_until_clean(model, s, gen, device, args) -> list[dict[str, Any]]:
+    """:func:`measure_context`, measured again (up to ``args.remeasure`` more times) while
+    any of its rows is noisy (:func:`noise_reasons`); keeps the attempt with the fewest noisy
+    rows, each row saying how many attempts were made."""
+    best, attempts = None, 0
+    for attempts in range(1, args.remeasure + 2):  # noqa: B007 (kept for the rows)
+        rows = measure_context(model, s, gen, device, args)
+        if best is None or sum(bool(r["noise"]) for r in rows) < sum(
+            bool(r["noise"]) for r in best
+        ):
+            best = rows
+        if not any(r["noise"] for r in best):
+            break
+        print(f"s={s}: noisy timings, measuring again", file=sys.stderr)
+    return [row | {"attempts": attempts} for row in best]
 
 
 def flag_over_limit(row: dict[str, Any]) -> None:
@@ -243,7 +288,7 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for s in tqdm(args.contexts, desc="ttft", unit="context", file=sys.stderr, disable=args.quiet):
         with torch.inference_mode():
-            for row in measure_context(model, s, gen, device, args):
+            for row in measure_until_clean(model, s, gen, device, args):
                 row |= {
                     "decoder": dec_name,
                     "encoder": enc_name,
@@ -316,6 +361,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--new-tokens", type=int, default=16, help="decode steps for TTIT and throughput"
     )
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--max-spread",
+        type=float,
+        default=0.3,
+        help="a row whose repeats spread more than this ((max - min) / median) is noisy",
+    )
+    p.add_argument(
+        "--remeasure",
+        type=int,
+        default=1,
+        help="extra attempts at a context whose rows are noisy (the least noisy is kept)",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
         "--cuda-graph",

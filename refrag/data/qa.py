@@ -12,7 +12,13 @@ evaluation: the test split's windows, never the training documents):
    seeded by ``(seed, passage id)``, so a passage gives the same questions whatever else is in
    the set; the question is the sentence with the span replaced by a blank, the answer is the
    span;
-4. questions whose normalized text repeats an earlier one are dropped.
+4. questions whose normalized text repeats an earlier one are dropped;
+5. with ``choices`` > 1, each question gets candidate answers (:func:`add_choices`): its
+   answer and ``choices - 1`` distractors of the same kind (a number for a number, a name of
+   as many words for a name where there are enough) drawn, seeded by the question's id, from
+   the answer spans of the *other documents'* passages, none occurring in this passage, in a
+   seeded random order. Only the passage tells them apart: without it each is a plausible
+   filler of the blank (scoring: :mod:`refrag.eval.choice`).
 
 So every question is a sentence of its passage with a named entity or number removed: the
 answer is in the passage (extractive), the question carries the rest of the sentence (never
@@ -29,9 +35,10 @@ import random
 import re
 import string
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from refrag.data.shards import iter_windows, spread
 from refrag.modeling.prompting import doc_tag
 
 BLANK = "____"
@@ -62,6 +69,7 @@ class QAExample:
     passage: str
     question: str
     answer: str
+    choices: tuple[str, ...] = ()  # the answer among distractors (add_choices), or none
 
 
 def split_sentences(text: str) -> list[str]:
@@ -110,16 +118,18 @@ def build_qa(
     per_passage: int = 1,
     limit: int | None = None,
     keep_edges: bool = False,
+    choices: int = 0,
 ) -> list[QAExample]:
     """Cloze questions over ``passages`` (dicts with ``text``, or a shard window's
     ``context_text``, and an id: ``id``, or ``doc_id`` and ``window``); see the module
-    docstring (``keep_edges``: :func:`cloze_candidates`). Deterministic in ``seed``; at most
-    ``limit`` questions, in passage order."""
+    docstring (``keep_edges``: :func:`cloze_candidates`; ``choices``: :func:`add_choices`).
+    Deterministic in ``seed``; at most ``limit`` questions, in passage order."""
+    passages = list(passages)
     examples: list[QAExample] = []
     seen: set[str] = set()
     for row in passages:
         text = row.get("text", row.get("context_text"))
-        pid = str(row["id"]) if "id" in row else f"{row['doc_id']}#{row.get('window', 0)}"
+        pid = _passage_id(row)
         pairs = cloze_candidates(text, keep_edges=keep_edges)
         digest = hashlib.sha256(f"{seed}:{pid}".encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "big"))
@@ -133,7 +143,113 @@ def build_qa(
             examples.append(QAExample(f"{pid}:{taken}", pid, text, question, answer))
             taken += 1
         if limit is not None and len(examples) >= limit:
-            return examples[:limit]
+            examples = examples[:limit]
+            break
+    if choices > 1:
+        pool = [
+            (_document(_passage_id(row)), answer)
+            for row in passages
+            for _, answer in cloze_candidates(
+                row.get("text", row.get("context_text")), keep_edges=True
+            )
+        ]
+        examples = add_choices(examples, pool, choices, seed=seed)
+    return examples
+
+
+def _passage_id(row: dict) -> str:
+    return str(row["id"]) if "id" in row else f"{row['doc_id']}#{row.get('window', 0)}"
+
+
+def _document(passage_id: str) -> str:
+    return passage_id.rsplit("#", 1)[0]
+
+
+def answer_kind(answer: str) -> str:
+    """``"number"`` for a number, else ``"name:<words>"`` (a name of that many words)."""
+    return "number" if _NUMBER.fullmatch(answer) else f"name:{len(answer.split())}"
+
+
+def add_choices(
+    examples: list[QAExample], pool: Iterable[tuple[str, str]], n: int, *, seed: int = 0
+) -> list[QAExample]:
+    """Each example with ``n`` candidate answers (step 5 of the module docstring): its answer
+    and ``n - 1`` distractors from ``pool`` ((document, answer span) pairs), of another
+    document, of the answer's kind (a name of any length where too few names have its
+    length), not occurring in the passage and distinct after normalization. An example with
+    too few distractors keeps no candidates."""
+    by_kind: dict[str, dict[str, set[str]]] = {}
+    for document, span in pool:
+        by_kind.setdefault(answer_kind(span), {}).setdefault(span, set()).add(document)
+    out = []
+    for example in examples:
+        document, kind = _document(example.passage_id), answer_kind(example.answer)
+        kinds = (
+            [kind]
+            if kind == "number"
+            else [kind, *(k for k in by_kind if k.startswith("name:") and k != kind)]
+        )
+        rng = random.Random(
+            int.from_bytes(hashlib.sha256(f"{seed}:{example.id}".encode()).digest()[:8], "big")
+        )
+        taken = {normalize_answer(example.answer)}
+        picks: list[str] = []
+        for k in kinds:
+            spans = sorted(
+                span
+                for span, docs in by_kind.get(k, {}).items()
+                if docs - {document} and span not in example.passage
+            )
+            rng.shuffle(spans)
+            for span in spans:
+                if len(picks) == n - 1:
+                    break
+                if normalize_answer(span) not in taken:
+                    taken.add(normalize_answer(span))
+                    picks.append(span)
+        if len(picks) < n - 1:
+            out.append(replace(example, choices=()))
+            continue
+        candidates = [example.answer, *picks]
+        rng.shuffle(candidates)
+        out.append(replace(example, choices=tuple(candidates)))
+    return out
+
+
+def build_qa_set(
+    documents: list[dict],
+    *,
+    encoder_tokenizer,
+    decoder_tokenizer,
+    context_tokens: int,
+    target_tokens: int,
+    max_windows: int | None,
+    seed: int = 0,
+    per_passage: int = 1,
+    choices: int = 0,
+) -> list[QAExample]:
+    """The QA set of a split's ``documents``: their (context, target) windows cut as the
+    shards cut them (:func:`refrag.data.shards.iter_windows`, at most ``max_windows``, spread
+    over the documents), then :func:`build_qa` on the windows' context text. Prints its size."""
+    windows = spread(
+        list(
+            iter_windows(
+                documents,
+                encoder_tokenizer=encoder_tokenizer,
+                decoder_tokenizer=decoder_tokenizer,
+                context_tokens=context_tokens,
+                target_tokens=target_tokens,
+            )
+        ),
+        max_windows,
+    )
+    examples = build_qa(windows, seed=seed, per_passage=per_passage, choices=choices)
+    docs = {_document(e.passage_id) for e in examples}
+    with_choices = sum(bool(e.choices) for e in examples)
+    print(
+        f"{len(examples)} questions ({with_choices} with {choices} candidates) from "
+        f"{len(windows)} windows of {len(docs)} documents"
+    )
     return examples
 
 
@@ -146,7 +262,8 @@ def write_qa_set(examples: Iterable[QAExample], path: str | os.PathLike) -> Path
 
 
 def read_qa_set(path: str | os.PathLike) -> list[QAExample]:
-    return [QAExample(**json.loads(line)) for line in Path(path).read_text().splitlines() if line]
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return [QAExample(**(row | {"choices": tuple(row.get("choices", ()))})) for row in rows]
 
 
 # -- answering with a model ----------------------------------------------------------------

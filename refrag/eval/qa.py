@@ -33,6 +33,7 @@ from refrag.data.qa import (
     question_prompt,
     read_qa_set,
 )
+from refrag.eval.choice import score_choices
 from refrag.eval.statistics import bootstrap_ratio
 from refrag.eval.tables import QA_COLUMNS, ordered, write_rows
 from refrag.io.integrity import verify_folder
@@ -61,19 +62,31 @@ def f1_score(prediction: str, answer: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+METRICS = {"exact_match": "exact_match", "f1": "f1", "choice_accuracy": "choice_correct"}
+REFERENCE = ("no_context", None, False)  # the gains' reference row: the base decoder, no passage
+
+
 def qa_table(rows: list[dict], *, samples: int = 1000, seed: int = 0, level: float = 0.95):
     """Per-question rows (:func:`evaluate_qa`) → one row per decoder, encoder, eval set,
-    variant, k and SFT: ``exact_match`` and ``f1`` (means over questions) with
+    variant, k and SFT: ``exact_match``, ``f1`` (open answers) and ``choice_accuracy``
+    (multiple choice, over the questions with candidates), means over questions, each with
     ``*_lo``/``*_hi``, a ``level`` percentile interval by bootstrap over documents (the rows
-    of a decoder, encoder and eval set resampled together, so their differences are paired),
-    ``n_questions`` and ``n_documents``. Raises ``ValueError`` where rows of one group
+    of a decoder, encoder and eval set resampled together, so their differences are paired);
+    ``choice_gain`` = the row's ``choice_accuracy`` minus that of the base decoder without
+    the passage (``no_context``, no SFT), with its paired interval; ``n_questions``,
+    ``n_choice_questions`` and ``n_documents``. Raises ``ValueError`` where rows of one group
     answered different questions."""
     frame = pd.DataFrame(rows)
+    if "choice_correct" not in frame:
+        frame["choice_correct"] = np.nan
     frame["document"] = frame["passage_id"].str.rsplit("#", n=1).str[0]
     frame["row"] = [
         (v, None if pd.isna(k) else int(k), bool(sft))
         for v, k, sft in zip(frame["variant"], frame["k"], frame["sft"])
     ]
+    frame["choice_asked"] = frame["choice_correct"].notna().astype(float)
+    frame["choice_correct"] = frame["choice_correct"].fillna(0.0)
+    frame["asked"] = 1.0
     group, tails = ["decoder", "encoder", "eval_set"], [(1 - level) / 2, (1 + level) / 2]
     out = []
     for key, part in frame.groupby(group):
@@ -86,17 +99,38 @@ def qa_table(rows: list[dict], *, samples: int = 1000, seed: int = 0, level: flo
             )
         docs = sorted(part["document"].unique())
         per_doc = part.groupby(["row", "document"], sort=False)
-        counts = per_doc.size().unstack(fill_value=0).reindex(columns=docs, fill_value=0)
-        result = {"n_questions": counts.sum(1), "n_documents": len(docs)}
-        for metric in ("exact_match", "f1"):
-            sums = per_doc[metric].sum().unstack(fill_value=0).reindex(counts.index)[docs]
-            draws = bootstrap_ratio(sums.to_numpy(), counts.to_numpy(), samples, seed)
-            lo, hi = np.quantile(draws, tails, 0)
-            result |= {
-                metric: sums.sum(1) / counts.sum(1),
-                f"{metric}_lo": pd.Series(lo, counts.index),
-                f"{metric}_hi": pd.Series(hi, counts.index),
-            }
+
+        def doc_sums(column, per_doc=per_doc, docs=docs):
+            return per_doc[column].sum().unstack(fill_value=0).reindex(columns=docs, fill_value=0)
+
+        counts = doc_sums("asked")
+        choice_counts = doc_sums("choice_asked").reindex(counts.index)
+        result = {
+            "n_questions": counts.sum(1).astype(int),
+            "n_choice_questions": choice_counts.sum(1).astype(int),
+            "n_documents": len(docs),
+        }
+        for metric, column in METRICS.items():
+            count = choice_counts if metric == "choice_accuracy" else counts
+            sums = doc_sums(column).reindex(count.index)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                draws = bootstrap_ratio(sums.to_numpy(), count.to_numpy(), samples, seed)
+                lo, hi = np.nanquantile(draws, tails, 0)
+                result |= {
+                    metric: sums.sum(1) / count.sum(1),
+                    f"{metric}_lo": pd.Series(lo, count.index),
+                    f"{metric}_hi": pd.Series(hi, count.index),
+                }
+            if metric == "choice_accuracy" and REFERENCE in count.index:
+                ref = list(count.index).index(REFERENCE)
+                gains = draws - draws[:, [ref]]
+                lo, hi = np.nanquantile(gains, tails, 0)
+                point = result[metric] - result[metric][REFERENCE]
+                result |= {
+                    "choice_gain": point,
+                    "choice_gain_lo": pd.Series(lo, count.index),
+                    "choice_gain_hi": pd.Series(hi, count.index),
+                }
         for row in counts.index:
             variant, k, sft = row
             values = {name: v if np.isscalar(v) else v[row] for name, v in result.items()}
@@ -225,8 +259,14 @@ def evaluate_qa(
         answered = answer_questions(
             model, tok, examples, variant, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
-        rows += [row | run | (labels or {}) for row in answered]
+        chosen = score_choices(model, tok, examples, variant)
+        rows += [row | pick | run | (labels or {}) for row, pick in zip(answered, chosen)]
         mean = sum(r["exact_match"] for r in answered) / max(len(answered), 1)
-        print(f"{variant} {run}: exact match {mean:.3f} over {len(answered)} questions")
+        picks = [c["choice_correct"] for c in chosen if c]
+        accuracy = sum(picks) / max(len(picks), 1)
+        print(
+            f"{variant} {run}: exact match {mean:.3f} over {len(answered)} questions, "
+            f"multiple-choice accuracy {accuracy:.3f} over {len(picks)}"
+        )
     write_rows(rows, out)
     return rows

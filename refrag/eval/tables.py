@@ -48,7 +48,16 @@ QA_COLUMNS = {
     "f1": "mean bag-of-tokens F1 against the gold answer",
     "f1_lo": "lower end of the 95% interval",
     "f1_hi": "upper end of the 95% interval",
+    "choice_accuracy": "multiple choice: share of questions whose highest-scoring candidate "
+    "(mean log-likelihood per token given the prompt) is the gold answer",
+    "choice_accuracy_lo": "lower end of the 95% interval (bootstrap over documents)",
+    "choice_accuracy_hi": "upper end of the 95% interval",
+    "choice_gain": "choice_accuracy minus that of the base decoder without the passage "
+    "(no_context, sft False): what reading the passage this way buys",
+    "choice_gain_lo": "lower end of its 95% interval (paired: both from one resample)",
+    "choice_gain_hi": "upper end of its 95% interval",
     "n_questions": "questions answered",
+    "n_choice_questions": "questions with candidate answers (the multiple-choice score's count)",
     "n_documents": "documents the questions come from",
 }
 
@@ -75,3 +84,45 @@ def write_table(frame: pd.DataFrame, out: str | os.PathLike) -> None:
     """A table as CSV (no index)."""
     with atomic_file(out) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+# -- how the report prints them -----------------------------------------------------------
+INTERVALS = {  # value column: (lower end, upper end)
+    "log_ppl": ("log_ppl_lo", "log_ppl_hi"),
+    "context_benefit_retained": ("retained_lo", "retained_hi"),
+    "exact_match": ("exact_match_lo", "exact_match_hi"),
+    "f1": ("f1_lo", "f1_hi"),
+    "choice_accuracy": ("choice_accuracy_lo", "choice_accuracy_hi"),
+    "choice_gain": ("choice_gain_lo", "choice_gain_hi"),
+}
+
+
+def sig3(value) -> str:
+    """A number to 3 significant figures (integers as they are); blank when missing."""
+    if value is None or (not isinstance(value, str | list | dict) and pd.isna(value)):
+        return ""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if float(value).is_integer() and abs(value) >= 100:
+        return f"{int(value):,}"
+    return f"{float(value):.3g}"
+
+
+def with_interval(value, lo, hi) -> str:
+    """``"x [lo, hi]"`` to 3 significant figures (just ``x`` without an interval)."""
+    if sig3(lo) == "" or sig3(hi) == "":
+        return sig3(value)
+    return f"{sig3(value)} [{sig3(lo)}, {sig3(hi)}]"
+
+
+def compact(frame: pd.DataFrame, drop: Iterable[str] = ()) -> pd.DataFrame:
+    """``frame`` as the report prints it: each value with an interval as one ``"x [lo, hi]"``
+    column, every other number to 3 significant figures, blanks for missing values."""
+    out = frame.drop(columns=[c for c in drop if c in frame.columns]).copy()
+    for value, (lo, hi) in INTERVALS.items():
+        if value in out.columns and lo in out.columns and hi in out.columns:
+            out[value] = [with_interval(*t) for t in zip(out[value], out[lo], out[hi])]
+            out = out.drop(columns=[lo, hi])
+    for column in out.columns:
+        out[column] = [v if isinstance(v, str) else sig3(v) for v in out[column].astype(object)]
+    return out

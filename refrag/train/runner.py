@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from refrag.data.shards import read_shards
 from refrag.io.integrity import atomic_folder, disk_full_guard, verify_folder, write_manifest
@@ -60,6 +60,7 @@ def train_stage(
     heldout: str | os.PathLike | None = None,
     heldout_baselines: dict[str, float] | None = None,
     parallel: Parallel | dict | None = None,
+    callbacks: list[TrainerCallback] | tuple = (),
 ) -> dict:
     """Train the registered stage ``stage`` (:data:`refrag.train.stages.STAGES`) and write its model
     folder to ``out``.
@@ -71,7 +72,8 @@ def train_stage(
     and ``hp.eval_steps``, the stage logs its held-out curve (:mod:`refrag.train.heldout`), against
     ``heldout_baselines`` ({variant: log-ppl}) when given. ``parallel`` (the run's
     :class:`~refrag.train.launch.Parallel`; default: as the process finds itself, DDP under
-    torchrun) chooses FSDP2, activation checkpointing and bf16.
+    torchrun) chooses FSDP2, activation checkpointing and bf16. ``callbacks`` are added to the
+    Trainer's (tests use them to read gradients).
     """
     spec = get_stage(stage)
     hp = hp if isinstance(hp, StageConfig) else spec.defaults.merged(hp)
@@ -151,7 +153,7 @@ def train_stage(
         disable_tqdm=False,
         **trainer_fsdp_args(parallel, model),
     )
-    callbacks = [SealCheckpoints()]
+    callbacks = [SealCheckpoints(), *callbacks]
     if heldout is not None and hp.eval_steps:
         callbacks.append(
             HeldOutCurve(

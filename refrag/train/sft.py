@@ -23,7 +23,12 @@ our batches as they are: a pre-tokenized ``datasets.Dataset`` with
 own loss cannot be used: it patches the model's forward with a fused LM head that runs
 ``model.base_model`` and expects a ``last_hidden_state``, which a :class:`RefragModel` (whose
 chunk embeddings go in before the decoder) does not expose; so ``compute_loss`` is the
-model's causal-LM loss over the labelled tokens, as in the other stages.
+model's causal-LM loss over the labelled tokens, as in the other stages, computed the way
+``Trainer.compute_loss`` computes it: ``num_items_in_batch`` (the labelled tokens of the whole
+accumulated batch) reaches the model, which then sums over tokens and divides by that count.
+Dropping it would multiply the loss and its gradients by the accumulation steps, since the
+Trainer skips its own division for a model that takes loss kwargs
+(``tests/test_trainers.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any
 
 import datasets
 from huggingface_hub import snapshot_download
+from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
 from refrag.data.qa import build_qa, question_prompt
@@ -167,8 +173,7 @@ class RefragSFTTrainer(SFTTrainer):
     docstring for why its fused loss does not apply)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
 
 def sft_trainer(hp: StageConfig, **kwargs: Any) -> RefragSFTTrainer:

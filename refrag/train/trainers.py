@@ -31,17 +31,37 @@ class RefragTrainer(Trainer):
 
 
 class AlignmentTrainer(Trainer):
-    """The seed's alignment losses between projected chunk embeddings and decoder embeddings."""
+    """The seed's alignment losses between projected chunk embeddings and decoder embeddings.
+
+    Each loss is a sum over the aligned pairs divided by the pairs of the whole accumulated
+    batch (on every rank), like the causal-LM loss over tokens: accumulating micro-batches with
+    different pair counts gives the loss and gradients of one large batch."""
 
     def __init__(self, *args, loss_weights: dict[str, float], **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_weights = loss_weights
+        self.model_accepts_loss_kwargs = True  # compute_loss divides by num_items_in_batch
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        count = torch.tensor(sum(len(b["pair_decoder_ids"]) for b in batch_samples), device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        losses = alignment_losses(model, **inputs)
+        sums = alignment_losses(model, **inputs, reduction="sum")
+        count = (
+            len(inputs["pair_decoder_ids"]) if num_items_in_batch is None else num_items_in_batch
+        )
+        losses = {name: value / count for name, value in sums.items()}
         loss = sum(self.loss_weights[name] * value for name, value in losses.items())
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients
         if self.state.global_step % max(1, self.args.logging_steps) == 0 and model.training:
-            self.log({f"align_{name}": value.item() for name, value in losses.items()})
+            per_pair = {
+                name: (v / len(inputs["pair_decoder_ids"])).item() for name, v in sums.items()
+            }
+            self.log({f"align_{name}": value for name, value in per_pair.items()})
         return (loss, losses) if return_outputs else loss
 
 
@@ -50,8 +70,11 @@ def alignment_losses(
     chunk_input_ids: torch.Tensor,
     chunk_attention_mask: torch.Tensor,
     pair_decoder_ids: torch.Tensor,
+    reduction: str = "mean",
 ) -> dict[str, torch.Tensor]:
-    """MSE, KL and argmax losses of all aligned pairs of the batch in one pass.
+    """MSE, KL and argmax losses of all aligned pairs of the batch in one pass: each the mean
+    over pairs, or with ``reduction="sum"`` the sum over pairs (MSE: of the per-pair mean over
+    dimensions).
 
     Each pair is a span of encoder tokens that decodes to exactly one decoder token. The span
     is read as one chunk, the way the model reads context (CLS state, projected), and that
@@ -71,16 +94,19 @@ def alignment_losses(
     target = table[pair_decoder_ids]
     logits = projected @ table.T
     target_logits = target @ table.T
-    return {
-        "mse": F.mse_loss(projected, target),
+    sums = {
+        "mse": (projected - target).pow(2).mean(-1).sum(),
         "kld": F.kl_div(
             F.log_softmax(logits, -1),
             F.log_softmax(target_logits, -1),
             log_target=True,
-            reduction="batchmean",
+            reduction="sum",
         ),
-        "argmax": F.cross_entropy(logits, pair_decoder_ids),
+        "argmax": F.cross_entropy(logits, pair_decoder_ids, reduction="sum"),
     }
+    if reduction == "sum":
+        return sums
+    return {name: value / len(pair_decoder_ids) for name, value in sums.items()}
 
 
 # -- (hp, **Trainer kwargs) -> Trainer --------------------------------------------------------

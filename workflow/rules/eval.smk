@@ -102,10 +102,14 @@ rule eval_selective:
 
 
 rule qa_set:
-    """The cloze QA set of an eval set's windows (refrag.data.qa.build_qa): a sentence of a
-    held-out passage with a name or number blanked."""
+    """The cloze QA set of an eval set's documents (refrag.data.qa.build_qa_set): its own cut
+    of windows (eval.qa.max_windows), a sentence of a held-out passage with a name or number
+    blanked, with candidate answers for the multiple-choice score."""
     input:
-        "results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
+        corpus="results/corpus/{corpus}/{eval_set}.parquet",
+        manifest="results/corpus/{corpus}/manifest.json",
+        decoder="resources/models/{decoder}",
+        encoder="resources/models/{encoder}",
     output:
         QA_SET,
     log:
@@ -115,6 +119,10 @@ rule qa_set:
     params:
         seed=config["seed"],
         per_passage=config["eval"]["qa"]["per_passage"],
+        max_windows=config["eval"]["qa"]["max_windows"],
+        choices=config["eval"]["qa"]["choices"],
+        context_tokens=config["data"]["context_tokens"],
+        target_tokens=config["data"]["target_tokens"],
     script:
         "../scripts/qa_set.py"
 

@@ -1,13 +1,24 @@
+from transformers import AutoTokenizer
+
 from refrag.cli import one_line_errors
-from refrag.data.qa import build_qa, write_qa_set
-from refrag.data.shards import read_shards
+from refrag.data.corpus import read_split
+from refrag.data.qa import build_qa_set, write_qa_set
 from refrag.io.runtime import log_to
 
-with log_to(snakemake.log[0]), one_line_errors({snakemake.input[0]: "tokenize"}):
-    windows = read_shards(snakemake.input[0]).to_dict("records")
-    examples = build_qa(
-        windows, seed=snakemake.params.seed, per_passage=snakemake.params.per_passage
+with log_to(snakemake.log[0]), one_line_errors():
+    documents = read_split(
+        snakemake.input.corpus, snakemake.input.manifest, rule="prepare_corpus"
+    ).to_dict("records")
+    p = snakemake.params
+    examples = build_qa_set(
+        documents,
+        encoder_tokenizer=AutoTokenizer.from_pretrained(snakemake.input.encoder),
+        decoder_tokenizer=AutoTokenizer.from_pretrained(snakemake.input.decoder),
+        context_tokens=p.context_tokens,
+        target_tokens=p.target_tokens,
+        max_windows=p.max_windows,
+        seed=p.seed,
+        per_passage=p.per_passage,
+        choices=p.choices,
     )
     write_qa_set(examples, snakemake.output[0])
-    documents = {e.passage_id.rsplit("#", 1)[0] for e in examples}
-    print(f"{len(examples)} questions from {len(windows)} windows of {len(documents)} documents")
