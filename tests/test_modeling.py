@@ -306,3 +306,40 @@ def test_switching_the_composite_attention_reaches_every_layer(tiny_model):
     assert attn_implementations(tiny_model) == {"eager"}
     tiny_model.set_attn_implementation("sdpa")
     assert attn_implementations(tiny_model) == {"sdpa"}
+
+
+def test_labelled_tail_reads_the_device_once_and_keeps_its_value():
+    from refrag.modeling.modeling_refrag import labelled_tail
+
+    def two_reads(labels):  # the formula before: bool(any) and int(argmax)
+        labelled = (labels != IGNORE_INDEX).any(0)
+        first = int(labelled.int().argmax()) if bool(labelled.any()) else labels.shape[1] - 1
+        return labels.shape[1] - max(first, 1) + 1
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.full((2, 7), IGNORE_INDEX), torch.zeros(2, 7, dtype=torch.long)]
+    cases += [torch.full((0, 5), IGNORE_INDEX), torch.full((3, 0), IGNORE_INDEX)]
+    for _ in range(50):
+        length = int(torch.randint(1, 12, (1,), generator=g))
+        labels = torch.randint(0, 5, (3, length), generator=g)
+        cases.append(labels.masked_fill(torch.rand(3, length, generator=g) < 0.7, IGNORE_INDEX))
+    for labels in cases:
+        assert labelled_tail(labels) == two_reads(labels)
+
+
+def test_a_labelled_forward_builds_no_kv_cache_and_computes_the_same(refrag_tokenizer):
+    torch.manual_seed(0)
+    model = RefragModel(tiny_config()).eval()
+    batch = refrag_tokenizer(TEXTS)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    results = []
+    for kwargs in ({"use_cache": True}, {}):
+        model.zero_grad()
+        out = model(**batch, **kwargs)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((out, grads))
+    (cached, cached_grads), (plain, grads) = results
+    assert cached.past_key_values is not None and plain.past_key_values is None
+    assert torch.equal(cached.loss, plain.loss) and torch.equal(cached.logits, plain.logits)
+    assert all(torch.equal(a, b) for a, b in zip(cached_grads, grads, strict=True))

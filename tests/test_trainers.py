@@ -111,3 +111,19 @@ def test_accumulating_two_batches_gives_the_loss_and_gradients_of_one_twice_the_
     assert float(norm_two) == pytest.approx(float(norm_one), rel=2e-3), (norm_one, norm_two)
     for name, grad in grads_one.items():
         torch.testing.assert_close(grads_two[name], grad, rtol=2e-3, atol=1e-6, msg=name)
+
+
+def test_the_flop_count_reads_the_parameters_once_and_equals_the_trainers(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from refrag.train.trainers import RefragTrainer
+
+    model = RefragModel(tiny_config())
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = RefragTrainer(model=model, args=args)
+    inputs = {"input_ids": torch.ones(3, 11, dtype=torch.long)}
+    expected = Trainer.floating_point_ops(trainer, inputs)
+    assert trainer.floating_point_ops(inputs) == expected > 0
+    model.num_parameters = None  # read once: a second step does not count again
+    assert trainer.floating_point_ops(inputs) == expected
+    assert trainer.floating_point_ops({"chunk_input_ids": inputs["input_ids"]}) == 0

@@ -67,9 +67,13 @@ class RefragProjector(nn.Module):
 def labelled_tail(labels: torch.Tensor) -> int:
     """How many final positions of a ``(B, L)`` label batch hold every label and the position
     predicting the first one: ``L`` minus the earliest labelled index, plus one (at most L)."""
+    length = labels.shape[1]
+    if length == 0:
+        return 0
     labelled = (labels != IGNORE_INDEX).any(0)
-    first = int(labelled.int().argmax()) if bool(labelled.any()) else labels.shape[1] - 1
-    return labels.shape[1] - max(first, 1) + 1
+    # one read from the device (a GPU sync per forward), not two
+    first = int(torch.where(labelled.any(), labelled.int().argmax(), length - 1))
+    return length - max(first, 1) + 1
 
 
 class RefragModel(PreTrainedModel):
@@ -232,7 +236,8 @@ class RefragModel(PreTrainedModel):
         With ``labels`` (and no ``logits_to_keep``), logits cover only the positions from the
         one before the batch's first label on (:func:`labelled_tail`): the loss needs no
         others, and the LM head over the vocabulary is most of the cost of unlabelled prompt
-        or context tokens.
+        or context tokens. With ``labels`` the decoder builds no KV cache unless ``use_cache``
+        says so (per layer it would copy keys and values into a cache nothing reads).
 
         ``chunk_embeds_only`` returns the projected chunk embeddings of ``chunk_input_ids``
         without a decoder pass (the alignment stage's forward: going through ``forward`` keeps
@@ -248,6 +253,8 @@ class RefragModel(PreTrainedModel):
             )
         if labels is not None and chunk_mask is not None:
             labels = labels.masked_fill(chunk_mask, IGNORE_INDEX)
+        if labels is not None:  # a loss needs no KV cache (the decoder's default builds one)
+            decoder_kwargs.setdefault("use_cache", False)
         if labels is not None and "logits_to_keep" not in decoder_kwargs:
             keep = labelled_tail(labels)
             labels, decoder_kwargs["logits_to_keep"] = labels[:, -keep:], keep

@@ -21,6 +21,18 @@ class RefragTrainer(Trainer):
     def __init__(self, *args, sequential: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.sequential = sequential
+        self._flop_params: int | None = None
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        """The Trainer's FLOP count (6 × input tokens × non-embedding parameters) with the
+        parameter count read once: the Trainer's own walks every module and parameter of the
+        model on every step, host time the GPU waits for."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._flop_params is None:
+            self._flop_params = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._flop_params
 
     def _get_train_sampler(self, train_dataset=None):
         if self.sequential:
