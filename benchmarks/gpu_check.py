@@ -63,6 +63,19 @@ from refrag.train.trainers import RefragTrainer  # noqa: E402
 K, CONTEXT, TARGET = 16, 256, 64
 
 
+def cpt_sample_flops(model: RefragModel, train_decoder: bool = True) -> float:
+    """Training FLOPs of one synthetic cpt sample (its chunk rows and decoder positions)."""
+    return sample_flops(
+        encoder_params=model.encoder.num_parameters(),
+        decoder_params=model.decoder.num_parameters(),
+        encoder_tokens=(CONTEXT // K) * (K + 2),
+        decoder_tokens=1 + CONTEXT // K + TARGET,
+        train_encoder=True,
+        train_projector=True,
+        train_decoder=train_decoder,
+    )
+
+
 # -- shapes ----------------------------------------------------------------------------------
 def pair(kind: str) -> RefragConfig:
     """``default``: SmolLM2-135M + all-MiniLM-L6-v2 shapes; ``7b``: LLaMA-2-7B + RoBERTa-large;
@@ -317,15 +330,7 @@ def phase(args) -> dict:
     if seconds and clock.steps:
         samples = clock.steps * batch * world / seconds
         chunk_tokens = (CONTEXT // K) * (K + 2)
-        flops = sample_flops(
-            encoder_params=model.encoder.num_parameters(),
-            decoder_params=model.decoder.num_parameters(),
-            encoder_tokens=chunk_tokens,
-            decoder_tokens=1 + CONTEXT // K + TARGET,
-            train_encoder=True,
-            train_projector=True,
-            train_decoder=trains_decoder,
-        )
+        flops = cpt_sample_flops(model, train_decoder=trains_decoder)
         peak = peak_flops()
         out |= {
             "samples_per_second": samples,

@@ -57,12 +57,12 @@ from transformers import BertConfig, LlamaConfig, Trainer, TrainerCallback, Trai
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import CONTEXT, TARGET, K, Windows, collate  # noqa: E402
+from gpu_check import K, Windows, collate, cpt_sample_flops  # noqa: E402
 
 from refrag.modeling import RefragConfig, RefragModel  # noqa: E402
 from refrag.train.launch import Parallel  # noqa: E402
 from refrag.train.sharding import shard_model, trainer_fsdp_args  # noqa: E402
-from refrag.train.throughput import peak_flops, ran_strategy, sample_flops  # noqa: E402
+from refrag.train.throughput import peak_flops, ran_strategy  # noqa: E402
 from refrag.train.trainers import RefragTrainer  # noqa: E402
 
 MODES = ("plain", "plain-ddp", "trainer-ddp", "plain-fsdp", "trainer-fsdp")
@@ -446,16 +446,7 @@ def worker(args) -> dict:
         else:
             result = run_trainer(args, model, args.mode, work)
     samples = args.steps * args.batch / result["seconds"]
-    chunk_tokens = (CONTEXT // K) * (K + 2)
-    flops = sample_flops(
-        encoder_params=model.encoder.num_parameters(),
-        decoder_params=model.decoder.num_parameters(),
-        encoder_tokens=chunk_tokens,
-        decoder_tokens=1 + CONTEXT // K + TARGET,
-        train_encoder=True,
-        train_projector=True,
-        train_decoder=True,
-    )
+    flops = cpt_sample_flops(model)
     peak = peak_flops() if cuda else None
     busy = result["profile"].get("device_busy_ms_per_step")
     result |= {
