@@ -123,3 +123,48 @@ def test_without_vllm_the_engine_says_how_to_get_it(tiny_model, monkeypatch):
     monkeypatch.setattr(vllm_engine, "vllm", None)
     with pytest.raises(vllm_engine.VllmUnavailableError, match=r"pip install \.\[vllm\]"):
         vllm_engine.VllmRefragEngine(tiny_model, None, "unused")
+
+
+def test_the_benchmark_feeds_both_paths_the_same_prompts(engine_module, monkeypatch, capsys):
+    import runpy
+
+    from refrag.bench import shapes, timing, vllm_compare
+
+    importlib.reload(vllm_compare)  # bound to the reloaded engine module
+    sys.modules["vllm"].__version__ = "stand-in"
+    seen = []
+    make_inputs = timing.make_inputs
+
+    def recording_make_inputs(*args, **kwargs):
+        seen.append(make_inputs(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(vllm_compare, "make_inputs", recording_make_inputs)
+    script = runpy.run_path("benchmarks/vllm_refrag.py")
+    argv = "--device cpu --dtype float32 --decoder-shape tiny --encoder-shape tiny"
+    argv += " --contexts 64 --k 8,16 --prompts 2 --new-tokens 2"
+    engines = []
+    real_engine = vllm_compare.VllmRefragEngine
+
+    def recording_engine(*args, **kwargs):
+        engines.append(real_engine(*args, **kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(vllm_compare, "VllmRefragEngine", recording_engine)
+    rows = script["main"](argv.split())
+    assert [(r["context"], r["k"]) for r in rows] == [(64, 8), (64, 16)]
+    assert rows[0]["environment"]["vllm"] == "stand-in"
+    assert rows[0]["environment"]["vllm_settings"]["enable_prefix_caching"] is False
+    (engine,) = engines
+    model = engine.model
+    plain = [p["prompt_token_ids"] for p in engine.llm.prompts if "prompt_token_ids" in p]
+    embeds = [p["prompt_embeds"] for p in engine.llm.prompts if "prompt_embeds" in p]
+    full = [x["full_ids"][0].tolist() for x in seen]
+    assert all(ids in full for ids in plain) and len(set(map(tuple, plain))) == len(seen)
+    with torch.inference_mode():
+        want = [
+            model.embed_inputs(x["ids"], x["chunk_mask"], x["rows"], x["row_mask"])[0] for x in seen
+        ]
+    assert all(any(e.shape == w.shape and torch.allclose(e, w) for w in want) for e in embeds)
+    assert "x cached" in capsys.readouterr().out
+    assert shapes.DECODER_SHAPES["tiny"]["hidden_size"] == embeds[0].shape[1]
