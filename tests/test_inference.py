@@ -330,7 +330,8 @@ def test_prefill_cache_holds_the_prompt_states_without_a_copy(model):
             batch["chunk_input_ids"],
             batch["chunk_attention_mask"],
         )
-        model.decoder(inputs_embeds=embeds, cache=stock, use_cache=True)
+        out = model.decoder(inputs_embeds=embeds, cache=stock, use_cache=True, logits_to_keep=1)
+    assert torch.equal(state.logits, out.logits[:, -1])  # the previous path's logits
     for ours, theirs in zip(state.cache.layers, stock.layers, strict=True):
         assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
     token = decode_step(model, state.next_token, state.cache).argmax(-1)

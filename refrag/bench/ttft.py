@@ -11,6 +11,10 @@ For every context length s and compression k, batch 1, after warm-up, the median
   prefills BOS + s/k + q positions;
 - REFRAG recomputed: the encoder and projector run on the s/k chunk rows first.
 
+TTIT is timed with the same decode machinery on both sides, named in the rows as read from
+the live objects: eager steps against a ``DynamicCache`` always, and on CUDA also CUDA-graph
+replays against a static cache. One more run of each timed prefill goes through
+:mod:`torch.profiler` (ATen ops, kernels, the GPU's busy time: launch overhead shows there).
 Each run starts from token ids on the host and ends when the greedy first token is back on
 the host. Every row records what ran, read from the model (attention implementation of
 each path, dtype, device, graph mode), and the analytic limit for its real position counts;
@@ -412,7 +416,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f" {r0['decoder']}, encoder {r0['encoder']}, {r0['device']}, {r0['dtype']};"
         f" REFRAG attention {r0['attn']}{' + CUDA graphs' if r0['refrag_graph'] else ''}"
         f"{', compiled' if args.compile else ''}; baseline = the fastest of"
-        f" {', '.join(r0['baseline_candidates_ms'])} ({r0['baseline_attn']}"
+        f" {', '.join(f'{c} {ms} ms' for c, ms in r0['baseline_candidates_ms'].items())}"
+        f" ({r0['baseline_attn']}"
         f"{' + CUDA graph' if r0['baseline_graph'] else ''})"
         + (f"; {r0['threads']} threads, load {r0['load_avg']}" if r0["threads"] else "")
     )
