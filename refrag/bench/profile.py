@@ -57,8 +57,8 @@ class OpProfile:
     """One call of a function under the profiler."""
 
     ops: Counter  # top-level ATen ops by name (an op called by another op is not counted)
-    kernels: int  # device kernels launched (CUDA), else 0
-    device_busy_ms: float  # summed device kernel time (CUDA), else 0.0
+    kernels: int  # device activities (kernels, memcpy, memset; CUDA), else 0
+    device_busy_ms: float  # their summed device time (CUDA; overlaps count twice), else 0.0
     wall_ms: float  # the call's wall time under the profiler
 
     @property
@@ -101,7 +101,7 @@ def profile_call(fn: Callable[[], Any], device: torch.device | str = "cpu") -> O
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels += 1
-            busy_us += event.device_time
+            busy_us += event.time_range.elapsed_us()
             continue
         parent = event.cpu_parent
         if event.name.startswith("aten::") and not (parent and parent.name.startswith("aten::")):
