@@ -27,6 +27,7 @@ class FakeSamplingParams:
     temperature: float = 1.0
     max_tokens: int = 16
     detokenize: bool = True
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -155,6 +156,7 @@ def test_the_benchmark_feeds_both_paths_the_same_prompts(engine_module, monkeypa
     assert [(r["context"], r["k"]) for r in rows] == [(64, 8), (64, 16)]
     assert rows[0]["environment"]["vllm"] == "stand-in"
     assert rows[0]["environment"]["vllm_settings"]["enable_prefix_caching"] is False
+    assert all(params.ignore_eos for params in engines[0].llm.sampling)
     (engine,) = engines
     model = engine.model
     plain = [p["prompt_token_ids"] for p in engine.llm.prompts if "prompt_token_ids" in p]

@@ -6,7 +6,7 @@ path gives vLLM the full prompt's token ids; REFRAG gives it the mixed sequence'
 embeddings (:func:`refrag.serve.vllm_engine.prompt_embeds`) with the chunk embeddings from a
 warm chunk cache (``cached``) or from the encoder (``recomputed``). Per request, batch 1:
 TTFT is from host ids to the first token back (``max_tokens=1``; embedding time included),
-TTIT the median extra time per token of ``1 + new_tokens`` against 1; then all prompts in one
+TTIT the median extra time per token of ``1 + new_tokens`` against 1 (EOS ignored); then all prompts in one
 ``generate`` call give the throughput. vLLM's prefix cache is off, and every timed prompt is
 new to the engine, so no request reuses another's KV. The first tokens of both REFRAG paths
 are compared with the Hugging Face REFRAG prefill of the same prompt (``agreement``)."""
@@ -62,12 +62,12 @@ def measure(
         cache.encode(model, x["rows"], x["row_mask"])  # `cached`: these chunks were seen
 
     def plain(x, tokens):
-        return engine.generate_ids([x["full_ids"][0].tolist()], tokens)
+        return engine.generate_ids([x["full_ids"][0].tolist()], tokens, ignore_eos=True)
 
     def refrag(x, tokens, cached):
         model.use_chunk_cache(cache if cached else None)
         try:
-            return engine.generate_embeds(prompt_embeds(model, _batch(x)), tokens)
+            return engine.generate_embeds(prompt_embeds(model, _batch(x)), tokens, ignore_eos=True)
         finally:
             model.use_chunk_cache(None)
 
@@ -97,12 +97,13 @@ def measure(
         row[f"speedup_{name}"] = round(row["plain_ttft_ms"] / row[f"{name}_ttft_ms"], 3)
         row[f"agreement_{name}"] = sum(a == b for a, b in zip(first[name], hf)) / len(hf)
     batch = xs[1:]
-    ms, outs = _timed(lambda: engine.generate_ids([x["full_ids"][0].tolist() for x in batch], n))
+    ids = [x["full_ids"][0].tolist() for x in batch]
+    ms, outs = _timed(lambda: engine.generate_ids(ids, n, ignore_eos=True))
     row["plain_tokens_per_s"] = round(sum(map(len, output_token_ids(outs))) / ms * 1000, 2)
     model.use_chunk_cache(cache)
     try:
         embeds = [prompt_embeds(model, _batch(x))[0] for x in batch]
-        ms, outs = _timed(lambda: engine.generate_embeds(embeds, n))
+        ms, outs = _timed(lambda: engine.generate_embeds(embeds, n, ignore_eos=True))
     finally:
         model.use_chunk_cache(None)
     row["cached_tokens_per_s"] = round(sum(map(len, output_token_ids(outs))) / ms * 1000, 2)
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.manual_seed(args.seed)
     model = build_model(args, device, dtype)
     env = environment(device) | {"dtype": args.dtype, "vllm": vllm_version()}
-    longest = max(args.contexts) + args.question_tokens + args.new_tokens + 8
+    # the shapes' position table covers the longest prompt plus the new tokens (build_model)
+    longest = model.config.decoder.max_position_embeddings
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_decoder(model, None, args.decoder_dir or Path(tmp) / "decoder")
         engine = VllmRefragEngine(
