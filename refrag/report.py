@@ -58,6 +58,9 @@ TTFT_COLUMNS = [
     "noise",
     "baseline_ttit_ms",
     "refrag_ttit_ms",
+    "ttit_machinery",
+    "baseline_ttit_graph_ms",
+    "refrag_ttit_graph_ms",
 ]
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from unittest import mock
+
 import pytest
 import torch
-from transformers import BertConfig, LlamaConfig
+from transformers import BertConfig, DynamicCache, LlamaConfig, masking_utils
 
 from refrag.modeling import RefragConfig, RefragModel, attn_implementations
 from refrag.serve.chunk_cache import ChunkEmbeddingCache, model_fingerprint
-from refrag.serve.inference import greedy_generate, prefill, stream_generate
+from refrag.serve.inference import decode_step, greedy_generate, prefill, stream_generate
 
 from .attention_spy import eager_attention_calls
 
@@ -252,3 +256,84 @@ def test_static_runner_gives_the_dynamic_path_tokens_and_logits(model, encode):
         torch.testing.assert_close(
             torch.cat(got_logits), torch.cat(want_logits), rtol=1e-4, atol=1e-4
         )
+
+
+@contextmanager
+def sdpa_calls() -> Iterator[list[dict]]:
+    """Yield a list that gains, per SDPA call, its query/key lengths, whether a mask was
+    passed and ``is_causal``."""
+    calls: list[dict] = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, *args, **kwargs):
+        calls.append(
+            {
+                "q": query.shape[-2],
+                "kv": key.shape[-2],
+                "mask": attn_mask is not None,
+                "causal": kwargs.get("is_causal", False),
+            }
+        )
+        return original(query, key, value, attn_mask, *args, **kwargs)
+
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", spy):
+        yield calls
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_static_runner_prefill_is_causal_over_the_prompt_only_even_under_capture(capturing):
+    """Under CUDA-graph capture transformers cannot read a static cache's tensor offset, so
+    a stock StaticCache prefill got a dense (T, max_len) mask (no flash kernel: the baseline's
+    graph prefill at 2x its eager time). Capture is simulated on the CPU by transformers'
+    own tracing check."""
+    from refrag.serve.inference import StaticRunner, decode_step
+
+    model = tiny_model()
+    model.decoder.set_attn_implementation("sdpa")
+    batch = mixed_batch()
+    batch.pop("attention_mask")
+    state = prefill(model, **batch)
+    want = [state.logits, decode_step(model, state.next_token, state.cache)]
+    length = batch["input_ids"].shape[1]
+    runner = StaticRunner(
+        model, length, batch["chunk_mask"][0].nonzero().view(-1), max_new_tokens=4
+    )
+    with torch.inference_mode():
+        embeds = model.encode_chunks(batch["chunk_input_ids"], batch["chunk_attention_mask"])
+    runner.prefill(batch["input_ids"], embeds)  # as in a capture: the buffers exist already
+    tracing = mock.patch.object(masking_utils, "is_tracing", lambda *a: True)
+    with ExitStack() as stack:
+        if capturing:
+            stack.enter_context(tracing)
+        calls = stack.enter_context(sdpa_calls())
+        runner.prefill(batch["input_ids"], embeds)
+        got = [runner.logits.clone()]
+        runner.decode()
+        got.append(runner.logits.clone())
+    layers = model.config.decoder.num_hidden_layers
+    assert len(calls) == 2 * layers
+    prompt = {"q": length, "kv": length, "mask": False, "causal": True}
+    assert calls[:layers] == [prompt] * layers
+    assert all(c["kv"] == length + 4 and c["mask"] for c in calls[layers:])  # static buffers
+    torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_cache_holds_the_prompt_states_without_a_copy(model):
+    batch = mixed_batch()
+    batch.pop("attention_mask")
+    state = prefill(model, **batch)
+    stock = DynamicCache(config=model.config.decoder)
+    with torch.inference_mode():
+        embeds = model.embed_inputs(
+            batch["input_ids"],
+            batch["chunk_mask"],
+            batch["chunk_input_ids"],
+            batch["chunk_attention_mask"],
+        )
+        out = model.decoder(inputs_embeds=embeds, cache=stock, use_cache=True, logits_to_keep=1)
+    assert torch.equal(state.logits, out.logits[:, -1])  # the previous path's logits
+    for ours, theirs in zip(state.cache.layers, stock.layers, strict=True):
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+    token = decode_step(model, state.next_token, state.cache).argmax(-1)
+    assert state.cache.get_seq_length() == batch["input_ids"].shape[1] + 1
+    assert token.shape == (1,)

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from refrag.bench import output, shapes, timing, ttft
+from refrag.bench import output, profile, shapes, timing, ttft
+from refrag.modeling import RefragModel
+from refrag.serve.chunk_cache import ChunkEmbeddingCache
+from refrag.serve.inference import prefill
 
 from .attention_spy import eager_attention_calls
 
@@ -125,6 +128,7 @@ def _table_fields() -> dict:
         "baseline_graph": False,
         "baseline_ttit_ms": 1.0,
         "refrag_ttit_ms": 1.0,
+        "ttit_machinery": "DynamicCache, eager",
     }
 
 
@@ -228,3 +232,76 @@ def test_rows_report_the_spread_of_their_repeats_and_their_noise(tiny_rows):
     for r in rows:
         assert {"baseline_spread", "cached_spread", "recomputed_spread"} <= r.keys()
         assert isinstance(r["noise"], list) and r["attempts"] >= 1
+
+
+def test_rows_time_both_decodes_with_the_same_machinery_read_from_the_objects(tiny_rows):
+    rows, _, _ = tiny_rows
+    for row in rows:
+        assert row["ttit_machinery"] == "DynamicCache, eager"  # both sides, on a CPU
+        assert row["baseline_ttit_ms"] > 0 and row["refrag_ttit_ms"] > 0
+        assert row["ttit_graph_machinery"] == "not measured (no CUDA)"
+        assert row["baseline_ttit_graph_ms"] is None and row["refrag_ttit_graph_ms"] is None
+        assert row["environment"]["torch"] == torch.__version__
+
+
+def test_a_side_whose_decode_machinery_differs_gets_no_ttit():
+    ttit = {
+        ("eager", "baseline", 0): (2.0, "DynamicCache, eager"),
+        ("eager", "refrag", 16): (1.0, "DynamicCache, eager"),
+        ("graph", "baseline", 0): (None, "CUDA-graph capture failed"),
+        ("graph", "refrag", 16): (0.5, "StaticCache + CUDA-graph replay"),
+    }
+    cols = timing.ttit_columns(ttit, 16, 100.0, 10.0, 3)
+    assert (cols["baseline_ttit_ms"], cols["refrag_ttit_ms"]) == (2.0, 1.0)
+    assert cols["baseline_ttit_graph_ms"] is None and cols["refrag_ttit_graph_ms"] is None
+    assert cols["ttit_graph_machinery"].startswith("differs: baseline CUDA-graph capture failed")
+    assert cols["refrag_tokens_per_s"] == round(3 / ((10.0 + 2 * 1.0) / 1000), 2)
+
+
+@pytest.fixture(scope="module")
+def shaped_model() -> RefragModel:
+    """The LLaMA-2-7B and RoBERTa-large shapes (their head counts, norms, activations) with
+    one layer each and small widths: the ops per layer do not depend on the widths."""
+    small = "num_hidden_layers=1,vocab_size=512,intermediate_size=128,hidden_size=128"
+    args = ttft.parse_args(
+        [
+            *TINY.split(),
+            *("--decoder-shape", f"llama2-7b:{small}"),
+            *("--encoder-shape", f"roberta-large:{small}"),
+            *("--contexts", "256", "--k", "8"),
+        ]
+    )
+    return shapes.build_model(args, torch.device("cpu"), torch.float32)
+
+
+def prefill_op_counts(model: RefragModel, x: dict) -> list:
+    """Top-level ATen ops of one cached and one recomputed eager prefill of ``x``."""
+    cache = ChunkEmbeddingCache(max_entries=None)
+    cache.encode(model, x["rows"], x["row_mask"])
+    chunks = {"chunk_mask": x["chunk_mask"]}
+
+    def cached():
+        embeds = cache.encode(model, x["rows"], x["row_mask"])
+        prefill(model, x["ids"], chunk_embeds=embeds, **chunks)
+
+    def recomputed():
+        rows = {"chunk_input_ids": x["rows"], "chunk_attention_mask": x["row_mask"]}
+        prefill(model, x["ids"], **chunks, **rows)
+
+    with torch.inference_mode():
+        return [profile.profile_call(fn).ops for fn in (cached, recomputed)]
+
+
+def test_a_prefill_launches_as_many_ops_for_8_chunks_as_for_128_and_no_cache_copies(
+    shaped_model,
+):
+    model, gen = shaped_model, torch.Generator().manual_seed(0)
+    counts = {
+        s // k: prefill_op_counts(model, timing.make_inputs(model, s, k, 16, gen))
+        for s, k in ((64, 8), (256, 4), (512, 4))
+    }
+    assert counts[8] == counts[64] == counts[128]  # per op name, cached and recomputed
+    cached = counts[8][0]
+    # one cat for the rotary table, two per layer in rotate_half; none from the KV cache
+    assert cached["aten::cat"] == 1 + 2 * model.config.decoder.num_hidden_layers
+    assert sum(cached.values()) < 130  # 1 layer: 61 per layer + 62 around them, measured

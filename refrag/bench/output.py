@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, none: str = "suspect") -> str:
     if value is None:
-        return f"{'suspect':>10}"
+        return f"{none:>10}"
     return f"{value:>10.2f}" if isinstance(value, float) else f"{value!s:>10}"
 
 
@@ -26,6 +26,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "limit",
         "TTIT base",
         "TTIT refrag",
+        "TTITg base",
+        "TTITg refr",
         "noise",
     )
     lines = [" | ".join(f"{h:>10}" for h in head)]
@@ -43,9 +45,37 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             r["analytic_limit"],
             r["baseline_ttit_ms"],
             r["refrag_ttit_ms"],
+            r.get("baseline_ttit_graph_ms"),
+            r.get("refrag_ttit_graph_ms"),
             "NOISY" if r.get("noise") else "",
         )
-        lines.append(" | ".join(_cell(c) for c in cells))
+        lines.append(
+            " | ".join(
+                _cell(c, "-" if i >= len(cells) - 5 else "suspect") for i, c in enumerate(cells)
+            )
+        )
+    machinery = {(r["ttit_machinery"], r.get("ttit_graph_machinery")) for r in rows}
+    for eager, graph in sorted(machinery, key=str):
+        lines.append(f"TTIT (both sides): {eager}; TTITg (both sides): {graph}")
+    return "\n".join(lines)
+
+
+def format_profiles(rows: list[dict[str, Any]]) -> str:
+    """One profiled prefill per row's baseline and cached REFRAG: ATen ops (compute ops,
+    cat ops), kernels launched and the device's busy time against the wall time."""
+    head = f"{'s':>6} {'k':>3} {'prefill':>9} {'aten ops':>9} {'compute':>8} {'cat':>5}"
+    head += f" {'kernels':>8} {'busy ms':>9} {'wall ms':>9} {'busy':>6}"
+    lines = [head]
+    for r in rows:
+        for name in ("baseline", "cached"):
+            p = r["prefill_profile"][name]
+            busy = p["device_busy_ms"] / p["wall_ms"] if p["kernels"] and p["wall_ms"] else None
+            lines.append(
+                f"{r['context']:>6} {r['k']:>3} {name:>9} {p['aten_ops']:>9}"
+                f" {p['aten_compute_ops']:>8} {p['cat_ops']:>5} {p['kernels']:>8}"
+                f" {p['device_busy_ms']:>9.2f} {p['wall_ms']:>9.2f}"
+                f" {'-' if busy is None else f'{busy:.0%}':>6}"
+            )
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from refrag.bench.profile import profile_call
 from refrag.modeling import RefragModel, attn_implementations
 from refrag.serve.chunk_cache import ChunkEmbeddingCache
 from refrag.serve.inference import decode_step, prefill, try_static_runner
@@ -132,40 +133,63 @@ class Prompt:
             ).next_token[0]
         )
 
-    def ttit_ms(self, steps: int) -> float:
-        """Median decode step after a prefill of this prompt (2 warm-up steps); graph mode
-        replays the runner's captured static-cache step."""
-        sync(self.device)
-        if self.graph:
-            runner = self.runners["cached"]
-            embeds = None
-            if self.chunk_mask is not None:
-                embeds = self.model.encode_chunks(
-                    self.to(self.x["rows"]), self.to(self.x["row_mask"])
+
+def ttit_ms(
+    model: RefragModel,
+    x: dict[str, torch.Tensor],
+    device: torch.device,
+    full: bool,
+    graph: bool,
+    steps: int,
+) -> tuple[float | None, str]:
+    """Median decode step after a prefill of the plain (``full``) or compressed prompt, and
+    the decode machinery that ran, read from the live objects: ``graph=False`` steps
+    :func:`decode_step` eagerly against the prefill's cache; ``graph=True`` replays the
+    captured decode step of a :class:`StaticRunner` (static cache). The same ``graph`` on
+    both sides gives both the same machinery. ``(None, reason)`` when capture fails."""
+    ids = x["full_ids"] if full else x["ids"]
+    chunks = {}
+    if not full:
+        chunks = {
+            "chunk_mask": x["chunk_mask"].to(device),
+            "chunk_input_ids": x["rows"].to(device),
+            "chunk_attention_mask": x["row_mask"].to(device),
+        }
+    if graph:
+        runner = try_static_runner(
+            model,
+            ids.shape[1],
+            chunk_positions=None if full else x["chunk_mask"][0].nonzero().view(-1),
+            max_new_tokens=steps + 4,
+            graph=True,
+        )
+        if runner is None or runner._decode_graph is None:
+            return None, "CUDA-graph capture failed"
+        embeds = None
+        if not full:
+            with torch.inference_mode():
+                embeds = model.encode_chunks(
+                    chunks["chunk_input_ids"], chunks["chunk_attention_mask"]
                 )
-            runner.prefill(self.ids, embeds)
-            step = runner.decode
-        else:
-            chunks = {}
-            if self.chunk_mask is not None:
-                chunks = {
-                    "chunk_mask": self.chunk_mask,
-                    "chunk_input_ids": self.to(self.x["rows"]),
-                    "chunk_attention_mask": self.to(self.x["row_mask"]),
-                }
-            state = prefill(self.model, self.to(self.ids), **chunks)
-            token = state.next_token
+        runner.prefill(ids, embeds)
+        step = runner.decode
+        machinery = f"{type(runner.cache).__name__} + CUDA-graph replay"
+    else:
+        state = prefill(model, ids.to(device), **chunks)
+        token = state.next_token
+        machinery = f"{type(state.cache).__name__}, eager"
 
-            def step() -> None:
-                nonlocal token
-                token = decode_step(self.model, token, state.cache).argmax(-1)
+        def step() -> None:
+            nonlocal token
+            token = decode_step(model, token, state.cache).argmax(-1)
 
-        times = []
-        for i in range(steps + 2):
-            ms = timed_ms(step, self.device)
-            if i >= 2:
-                times.append(ms)
-        return statistics.median(times)
+    sync(device)
+    times = []
+    for i in range(steps + 2):  # 2 warm-up steps
+        ms = timed_ms(step, device)
+        if i >= 2:
+            times.append(ms)
+    return statistics.median(times), machinery
 
 
 def timed_ms(fn: Callable[[], Any], device: torch.device) -> float:
@@ -232,3 +256,70 @@ def choose_baseline(
     if best is None:
         raise RuntimeError("no baseline configuration could run")
     return best[0], best[1].attn, times
+
+
+def decode_times(
+    model: RefragModel,
+    xs: dict[int, dict[str, torch.Tensor]],
+    device: torch.device,
+    base_attn: str,
+    refrag_attn: str,
+    args: argparse.Namespace,
+) -> dict[tuple[str, str, int], tuple[float | None, str]]:
+    """TTIT of both sides with the same decode machinery: eager (dynamic cache) always, and
+    on CUDA also CUDA-graph replay (static cache). Keys: (machinery, side, k)."""
+    out = {}
+    modes = ["eager", "graph"] if device.type == "cuda" else ["eager"]
+    first = xs[args.k[0]]
+    for mode in modes:
+        with decoder_attn(model, base_attn):
+            out[mode, "baseline", 0] = ttit_ms(
+                model, first, device, True, mode == "graph", args.new_tokens
+            )
+        with decoder_attn(model, refrag_attn):
+            for k in args.k:
+                out[mode, "refrag", k] = ttit_ms(
+                    model, xs[k], device, False, mode == "graph", args.new_tokens
+                )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def ttit_columns(
+    ttit: dict[tuple[str, str, int], tuple[float | None, str]],
+    k: int,
+    base_ms: float,
+    cached_ms: float,
+    n: int,
+) -> dict[str, Any]:
+    """A row's TTIT columns: per machinery, both sides' step times and what ran (a side
+    whose machinery differs from the other's, or failed, leaves both times ``None``)."""
+    cols: dict[str, Any] = {}
+    for mode, suffix in (("eager", ""), ("graph", "_graph")):
+        base, refrag = ttit.get((mode, "baseline", 0)), ttit.get((mode, "refrag", k))
+        if base is None or refrag is None:
+            cols |= {f"baseline_ttit{suffix}_ms": None, f"refrag_ttit{suffix}_ms": None}
+            cols[f"ttit{suffix}_machinery"] = "not measured (no CUDA)"
+            continue
+        same = base[0] is not None and refrag[0] is not None and base[1] == refrag[1]
+        cols[f"baseline_ttit{suffix}_ms"] = round(base[0], 3) if same else None
+        cols[f"refrag_ttit{suffix}_ms"] = round(refrag[0], 3) if same else None
+        cols[f"ttit{suffix}_machinery"] = (
+            base[1] if same else f"differs: baseline {base[1]}, refrag {refrag[1]}"
+        )
+    b, r = cols["baseline_ttit_ms"], cols["refrag_ttit_ms"]
+    cols["baseline_tokens_per_s"] = b and round(n / ((base_ms + (n - 1) * b) / 1000), 2)
+    cols["refrag_tokens_per_s"] = r and round(n / ((cached_ms + (n - 1) * r) / 1000), 2)
+    return cols
+
+
+def prefill_profiles(model, tasks, device, base_attn, ks) -> dict[tuple[str, int], dict]:
+    """One profiled run (after the timed ones) of the baseline and of each k's cached
+    prefill, as timed: ATen ops, kernels and the device's busy time (:mod:`.profile`)."""
+    out = {}
+    for key in [("baseline", 0)] + [("cached", k) for k in ks]:
+        fn, attn = tasks[key]
+        with decoder_attn(model, attn):
+            out[key] = profile_call(fn, device).summary()
+    return out

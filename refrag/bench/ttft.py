@@ -11,6 +11,10 @@ For every context length s and compression k, batch 1, after warm-up, the median
   prefills BOS + s/k + q positions;
 - REFRAG recomputed: the encoder and projector run on the s/k chunk rows first.
 
+TTIT is timed with the same decode machinery on both sides, named in the rows as read from
+the live objects: eager steps against a ``DynamicCache`` always, and on CUDA also CUDA-graph
+replays against a static cache. One more run of each timed prefill goes through
+:mod:`torch.profiler` (ATen ops, kernels, the GPU's busy time: launch overhead shows there).
 Each run starts from token ids on the host and ends when the greedy first token is back on
 the host. Every row records what ran, read from the model (attention implementation of
 each path, dtype, device, graph mode), and the analytic limit for its real position counts;
@@ -36,17 +40,21 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from refrag.bench.output import format_table, plot
+from refrag.bench.output import format_profiles, format_table, plot
+from refrag.bench.profile import environment
 from refrag.bench.shapes import DECODER_SHAPES, ENCODER_SHAPES, build_model
 from refrag.bench.timing import (
     Prompt,
     attn_of,
     baseline_candidates,
     choose_baseline,
+    decode_times,
     decoder_attn,
     device_name,
     make_inputs,
+    prefill_profiles,
     timed_ms,
+    ttit_columns,
 )
 from refrag.io.models import DEFAULT_CACHE_DIR, DEFAULT_DECODER, DEFAULT_ENCODER
 from refrag.io.runtime import quiet_transformers
@@ -150,8 +158,8 @@ def measure_context(
         for key, (fn, attn) in tasks.items():
             with decoder_attn(model, attn):  # switched outside the timed region
                 times[key].append(timed_ms(fn, device))
-    with decoder_attn(model, base_attn):
-        base_ttit = base.ttit_ms(args.new_tokens)
+    ttit = decode_times(model, xs, device, base_attn, refrag_attn, args)
+    profiles = prefill_profiles(model, tasks, device, base_attn, ks)
     d, n = model.config.decoder.hidden_size, args.new_tokens
     base_ms = statistics.median(times["baseline", 0])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -159,7 +167,6 @@ def measure_context(
     for k in ks:
         cached_ms = statistics.median(times["cached", k])
         recomputed_ms = statistics.median(times["recomputed", k])
-        ttit = prompts[k].ttit_ms(n)
         positions = (xs[k]["full_ids"].shape[1], xs[k]["ids"].shape[1])
         limit = analytic_limit(d, *positions)
         row = {
@@ -182,10 +189,11 @@ def measure_context(
             "recomputed_spread": round(spread(times["recomputed", k]), 3),
             "baseline_positions": positions[0],
             "refrag_positions": positions[1],
-            "baseline_ttit_ms": round(base_ttit, 3),
-            "refrag_ttit_ms": round(ttit, 3),
-            "baseline_tokens_per_s": round(n / ((base_ms + (n - 1) * base_ttit) / 1000), 2),
-            "refrag_tokens_per_s": round(n / ((cached_ms + (n - 1) * ttit) / 1000), 2),
+            **ttit_columns(ttit, k, base_ms, cached_ms, n),
+            "prefill_profile": {
+                "baseline": profiles["baseline", 0],
+                "cached": profiles["cached", k],
+            },
             "new_tokens": n,
             "attn": refrag_attn,
             "encoder_attn": attn_of(model.encoder),
@@ -286,6 +294,7 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             file=sys.stderr,
         )
     rows: list[dict[str, Any]] = []
+    env = environment(device)
     for s in tqdm(args.contexts, desc="ttft", unit="context", file=sys.stderr, disable=args.quiet):
         with torch.inference_mode():
             for row in measure_until_clean(model, s, gen, device, args):
@@ -295,6 +304,7 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "compile": bool(args.compile),
                     "warmup": args.warmup,
                     "repeats": args.repeats,
+                    "environment": env,
                 }
                 rows.append(row)
         if device.type == "cuda":
@@ -406,11 +416,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f" {r0['decoder']}, encoder {r0['encoder']}, {r0['device']}, {r0['dtype']};"
         f" REFRAG attention {r0['attn']}{' + CUDA graphs' if r0['refrag_graph'] else ''}"
         f"{', compiled' if args.compile else ''}; baseline = the fastest of"
-        f" {', '.join(r0['baseline_candidates_ms'])} ({r0['baseline_attn']}"
+        f" {', '.join(f'{c} {ms} ms' for c, ms in r0['baseline_candidates_ms'].items())}"
+        f" ({r0['baseline_attn']}"
         f"{' + CUDA graph' if r0['baseline_graph'] else ''})"
         + (f"; {r0['threads']} threads, load {r0['load_avg']}" if r0["threads"] else "")
     )
+    env = r0["environment"]
+    print("ran on: " + ", ".join(f"{key} {value}" for key, value in env.items()))
     print(format_table(rows))
+    print("one profiled prefill each (after the timed runs; busy = device kernel time / wall):")
+    print(format_profiles(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -23,7 +23,7 @@ from threading import Thread
 from typing import Any
 
 import torch
-from transformers import DynamicCache, StaticCache, TextIteratorStreamer
+from transformers import DynamicCache, TextIteratorStreamer
 
 from refrag.io.integrity import verify_folder
 from refrag.io.models import (
@@ -36,6 +36,7 @@ from refrag.io.models import (
 from refrag.modeling import RefragModel
 from refrag.modeling.tokenization import RefragTokenizer
 from refrag.serve.chunk_cache import ChunkEmbeddingCache
+from refrag.serve.kv_caches import RunnerLayer, prefill_cache, runner_cache
 
 MODEL_KEYS = (
     "input_ids",
@@ -140,7 +141,7 @@ def prefill(
     embeds = model.embed_inputs(
         input_ids, chunk_mask, chunk_input_ids, chunk_attention_mask, chunk_embeds
     )
-    cache = DynamicCache(config=model.config.decoder)
+    cache = prefill_cache(model.config.decoder)
     out = model.decoder(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
@@ -319,18 +320,29 @@ class StaticRunner:
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.logits = torch.zeros(1, self.decoder.config.vocab_size, dtype=dtype, device=device)
         self.step_position = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.cache = StaticCache(config=self.decoder.config, max_cache_len=length + max_new_tokens)
+        self.cache = runner_cache(self.decoder.config, length + max_new_tokens)
         self.graph = graph and device.type == "cuda"
         self._prefill_graph = self._decode_graph = None
         if self.graph:
             self._prefill_graph = self._capture(self._prefill_step, warmup)
             self._decode_graph = self._capture(self._decode_step, warmup)
 
+    def _prefilling(self, on: bool) -> None:
+        for layer in self.cache.layers:
+            if isinstance(layer, RunnerLayer):
+                layer.prefilling = on
+            elif on and getattr(layer, "is_initialized", False):  # rewrite from position 0
+                layer.cumulative_length.zero_()
+
     @torch.inference_mode()
     def _prefill_step(self) -> None:
-        for layer in self.cache.layers:  # rewrite the cache from position 0
-            if getattr(layer, "is_initialized", False):
-                layer.cumulative_length.zero_()
+        self._prefilling(True)
+        try:
+            self._prefill_embed_and_run()
+        finally:
+            self._prefilling(False)
+
+    def _prefill_embed_and_run(self) -> None:
         embeds = self.decoder.get_input_embeddings()(self.ids)
         if self.chunk_positions.numel():
             chunks = self.chunk_embeds
@@ -432,6 +444,8 @@ __all__ = [
     "load_refrag",
     "model_inputs",
     "prefill",
+    "prefill_cache",
+    "runner_cache",
     "stream_generate",
     "try_static_runner",
 ]
