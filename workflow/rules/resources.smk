@@ -62,29 +62,33 @@ def launcher(wildcards):
 
 def gpu_resources(gpus, vcpu_per_gpu=8, mem_mb_per_gpu=61440, timeout_s=86400, nodes=1):
     """`resources:` of a job on `gpus` GPUs per node on `nodes` nodes (ints or functions of
-    the wildcards): `gpu` (the job's total) for local/docker/Slurm runs, with `nodes` and
-    `mpi` for multi-node Slurm jobs, memory (mem_mb), time (runtime, minutes) and CPUs per
-    GPU for Slurm, the aws_batch_* request for AWS Batch (each ignored elsewhere)."""
+    the wildcards): `gpu` (the job's total) for local/docker/Slurm runs; memory (mem_mb, per
+    node as Slurm's --mem), time (runtime, minutes) and CPUs per GPU for Slurm; the
+    aws_batch_* request (per node) for AWS Batch (each ignored elsewhere). With `nodes`
+    (multi-node) also `nodes`, `mpi` and `tasks` for Slurm: `sbatch --nodes=N --ntasks=N`,
+    the jobstep runs the rule without wrapping it in `srun -n1`, and the rule's own srun
+    starts one torchrun agent per node (`tasks_per_gpu=0`: else the plugin turns `tasks` of
+    a GPU job into --ntasks-per-gpu)."""
     per_node = gpus if callable(gpus) else (lambda wildcards: gpus)
     node_count = nodes if callable(nodes) else (lambda wildcards: nodes)
     count = lambda wildcards: per_node(wildcards) * node_count(wildcards)
+    node_mem = lambda wildcards: max(8192, mem_mb_per_gpu * per_node(wildcards))
     multi = {}
     if callable(nodes) or nodes > 1:
         multi = {
             "nodes": node_count,
-            # Slurm: the rule's own srun starts one torchrun agent per node
             "mpi": lambda wildcards: "srun" if node_count(wildcards) > 1 else "",
+            "tasks": node_count,
+            "tasks_per_gpu": 0,
         }
     return multi | {
         "gpu": count,
         "cpus_per_gpu": vcpu_per_gpu,  # Slurm (--gpus=N --cpus-per-gpu); CPU jobs use threads
-        "mem_mb": lambda wildcards: max(8192, mem_mb_per_gpu * count(wildcards)),
+        "mem_mb": node_mem,
         "runtime": timeout_s // 60,
-        "aws_batch_gpu": count,
-        "aws_batch_vcpu": lambda wildcards: max(2, vcpu_per_gpu * count(wildcards)),
-        "aws_batch_mem_mb": lambda wildcards: max(
-            8192, mem_mb_per_gpu * count(wildcards)
-        ),
+        "aws_batch_gpu": per_node,
+        "aws_batch_vcpu": lambda wildcards: max(2, vcpu_per_gpu * per_node(wildcards)),
+        "aws_batch_mem_mb": node_mem,
         "aws_batch_task_timeout": timeout_s,
         "aws_batch_job_definition": lambda wildcards: aws_job_definition(
             "gpu" if count(wildcards) else "cpu"
