@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from refrag.modeling import RefragModel
-from refrag.train.launch import Parallel, launch_command
+from refrag.train.launch import Parallel, launch_command, node_command
 
 FAKE_SRUN = """#!/usr/bin/env bash
 # srun's stand-in: run the command once per node, side by side, with each task's variables
@@ -96,7 +96,7 @@ def test_two_slurm_nodes_rendezvous_over_c10d_and_train(tiny_checkpoint, shards,
 @pytest.mark.slow
 def test_two_aws_batch_nodes_rendezvous_over_c10d_and_train(tiny_checkpoint, shards, tmp_path):
     parallel = Parallel(nodes=2, gpus_per_node=1, multinode="aws-batch")
-    command = launch_command(sys.executable, parallel, port=free_port())
+    command = node_command(sys.executable, parallel, port=free_port())  # what each node runs
     out, ranks = tmp_path / "cpt", tmp_path / "ranks"
     args = train_args(tiny_checkpoint, shards, out, ranks)
     batch = {"AWS_BATCH_JOB_NUM_NODES": "2", "AWS_BATCH_JOB_ID": "job-1"}

@@ -305,7 +305,11 @@ def test_setup_registers_gpu_and_cpu_job_definitions(deployed):
     deployment = yaml.safe_load(
         (deployed["work"] / "profiles/aws-batch/deployment.yaml").read_text()
     )
-    assert deployment["job_definitions"] == {"cpu": f"{NAME}-cpu", "gpu": f"{NAME}-gpu"}
+    assert deployment["job_definitions"] == {
+        "cpu": f"{NAME}-cpu",
+        "gpu": f"{NAME}-gpu",
+        "multinode": f"{NAME}-multinode",
+    }
     assert deployment["job_queue"] == f"{NAME}-queue"
 
 
