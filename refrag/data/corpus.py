@@ -9,12 +9,20 @@ Sources (``corpus.source`` in the config):
   column (and optionally ``doc_id``/``title``);
 - ``hf:<dataset>[@revision]``: the Parquet/JSON-lines/text files of a Hugging Face dataset
   repository, with a ``text`` column (needs the network; token from ``HF_TOKEN``).
+
+At scale (``corpus.streamed``) a folder of shard files (``*.parquet``, ``*.jsonl``,
+``*.jsonl.zst`` such as SlimPajama's) is never loaded whole: :func:`stream_documents` reads
+one file in record batches or lines, keeps the ``subsets`` asked for (SlimPajama's
+``meta.redpajama_set_name``), and each document's split comes from a hash of its id
+(:func:`assign_split`), so each shard is tokenized by its own job (refrag.data.shards).
 """
 
 from __future__ import annotations
 
 import bz2
 import hashlib
+import io
+import json
 import os
 import re
 import shutil
@@ -26,12 +34,15 @@ from pathlib import Path
 
 import mwparserfromhell
 import pandas as pd
+import pyarrow.parquet as pq
+import zstandard
 from huggingface_hub import snapshot_download
 
 from refrag.io.integrity import IntegrityError, atomic_file, read_manifest, verify_file, write_json
 from refrag.io.models import download_wheel
 
 SPLITS = ("train", "validation", "test")
+STREAMED_SUFFIXES = (".parquet", ".jsonl", ".jsonl.zst")
 
 
 EMBEDDED_CORPORA = {
@@ -208,3 +219,44 @@ def read_split(
         raise IntegrityError(path, "is not listed in its manifest", rule)
     verify_file(path, entry["sha256"], rule)
     return pd.read_parquet(path)
+
+
+def shard_files(folder: str | os.PathLike) -> list[Path]:
+    """The shard files of a streamed corpus folder, sorted (their index names their job)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"corpus source {str(folder)!r} is not a folder")
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.name.endswith(STREAMED_SUFFIXES)
+    )
+
+
+def stream_documents(
+    path: str | os.PathLike, subsets: Iterable[str] = (), batch_rows: int = 256
+) -> Iterator[dict]:
+    """Documents of one shard file as ``{"doc_id", "title", "text"}``, read a record batch
+    (Parquet) or a line (JSON lines, zstd-compressed or not) at a time; with ``subsets``,
+    only those whose ``meta.redpajama_set_name`` is one of them. Ids: the row's
+    ``doc_id``/``id``, else ``<file stem>-<row>``."""
+    path, wanted = Path(path), set(subsets)
+    stem = path.name.split(".")[0]
+    for i, row in enumerate(_rows(path, batch_rows)):
+        if wanted and (row.get("meta") or {}).get("redpajama_set_name") not in wanted:
+            continue
+        yield {
+            "doc_id": str(row.get("doc_id", row.get("id", f"{stem}-{i}"))),
+            "title": str(row.get("title") or ""),
+            "text": row["text"],
+        }
+
+
+def _rows(path: Path, batch_rows: int) -> Iterator[dict]:
+    if path.suffix == ".parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+            yield from batch.to_pylist()
+        return
+    with open(path, "rb") as raw:
+        binary = zstandard.ZstdDecompressor().stream_reader(raw) if path.suffix == ".zst" else raw
+        for line in io.TextIOWrapper(binary, encoding="utf-8"):
+            if line.strip():
+                yield json.loads(line)
