@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
-from refrag.data.corpus import EMBEDDED_CORPORA, read_documents
+from refrag.data.corpus import EMBEDDED_CORPORA, read_documents, shard_files, stream_documents
 from refrag.io.models import EMBEDDED_MODELS, ModelSpecError, cache_name, check_spec
 from refrag.modeling.limits import compression_limit
 from refrag.train.launch import Parallel, run_parallel
@@ -352,13 +352,25 @@ def corpus_errors(config: dict) -> list[str]:
         return [
             f"config corpus.source: {source!r} is not a folder (nor embedded:<name>, hf:<dataset>)"
         ]
-    files = [p for p in folder.rglob("*") if p.suffix in CORPUS_SUFFIXES and p.is_file()]
-    if not files:
-        return [f"config corpus.source: folder {source!r} holds no .txt, .parquet or .jsonl file"]
     data = config.get("data", {})
     window = data.get("context_tokens", 256) + data.get("target_tokens", 64)
     min_chars = corpus.get("min_chars", 2000)
-    for text in _texts(folder):
+    if corpus.get("streamed"):  # read one shard, streamed, never the whole folder
+        shards = shard_files(folder)
+        if not shards:
+            return [
+                f"config corpus.source: streamed folder {source!r} holds no .parquet, .jsonl "
+                "or .jsonl.zst shard"
+            ]
+        texts = (d["text"] for d in stream_documents(shards[0], corpus.get("subsets", [])))
+    else:
+        files = [p for p in folder.rglob("*") if p.suffix in CORPUS_SUFFIXES and p.is_file()]
+        if not files:
+            return [
+                f"config corpus.source: folder {source!r} holds no .txt, .parquet or .jsonl file"
+            ]
+        texts = _texts(folder)
+    for text in texts:
         if len(text) >= min_chars and len(text.encode("utf-8", "replace")) >= window:
             return []
     return [

@@ -232,14 +232,18 @@ def shard_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def stream_documents(
-    path: str | os.PathLike, subsets: Iterable[str] = (), batch_rows: int = 256
+    path: str | os.PathLike,
+    subsets: Iterable[str] = (),
+    name: str | None = None,
+    batch_rows: int = 256,
 ) -> Iterator[dict]:
     """Documents of one shard file as ``{"doc_id", "title", "text"}``, read a record batch
     (Parquet) or a line (JSON lines, zstd-compressed or not) at a time; with ``subsets``,
     only those whose ``meta.redpajama_set_name`` is one of them. Ids: the row's
-    ``doc_id``/``id``, else ``<file stem>-<row>``."""
+    ``doc_id``/``id``, else ``<name>-<row>`` (``name``: the shard's path in its corpus, e.g.
+    ``chunk1/example_train_0``; SlimPajama repeats file names across folders)."""
     path, wanted = Path(path), set(subsets)
-    stem = path.name.split(".")[0]
+    stem = name or path.name.split(".")[0]
     for i, row in enumerate(_rows(path, batch_rows)):
         if wanted and (row.get("meta") or {}).get("redpajama_set_name") not in wanted:
             continue
@@ -260,3 +264,73 @@ def _rows(path: Path, batch_rows: int) -> Iterator[dict]:
         for line in io.TextIOWrapper(binary, encoding="utf-8"):
             if line.strip():
                 yield json.loads(line)
+
+
+def part_name(path: str | os.PathLike, folder: str | os.PathLike) -> str:
+    """A shard's name in its corpus: its path under ``folder``, without suffixes."""
+    relative = Path(path).relative_to(folder)
+    return str(relative.parent / relative.name.split(".")[0])
+
+
+def write_split_part(
+    documents: Iterable[dict],
+    out: str | os.PathLike,
+    *,
+    splits: Iterable[str],
+    validation_fraction: float,
+    test_fraction: float,
+    min_chars: int = 0,
+    seed: int = 0,
+) -> int:
+    """The documents of one streamed shard that belong to ``splits`` (the small evaluation
+    splits), with a ``split`` column, as one Parquet file; how many."""
+    wanted = set(splits)
+    rows = []
+    for doc in documents:
+        if len(doc["text"]) < min_chars:
+            continue
+        split = assign_split(doc["doc_id"], validation_fraction, test_fraction, seed)
+        if split in wanted:
+            rows.append(
+                {
+                    "doc_id": doc["doc_id"],
+                    "title": doc["title"],
+                    "text": doc["text"],
+                    "split": split,
+                }
+            )
+    frame = pd.DataFrame(rows, columns=["doc_id", "title", "text", "split"])
+    with atomic_file(Path(out)) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return len(frame)
+
+
+def prepare_from_parts(
+    parts: Iterable[str | os.PathLike], out_dir: str | os.PathLike, splits: Iterable[str]
+) -> dict:
+    """``{split}.parquet`` of each of ``splits`` and ``manifest.json`` (as
+    :func:`prepare_corpus` writes them), from the per-shard files of
+    :func:`write_split_part`; the train split, streamed, has none."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    if frame["doc_id"].duplicated().any():
+        raise ValueError(
+            f"duplicate document ids: {frame.loc[frame['doc_id'].duplicated(), 'doc_id'].tolist()[:5]}"
+        )
+    manifest = {"splits": {}, "streamed": True}
+    for split in splits:
+        part = frame[frame["split"] == split].drop(columns="split").reset_index(drop=True)
+        if part.empty:
+            raise ValueError(f"split {split!r} is empty: raise its fraction or add shards")
+        path = out_dir / f"{split}.parquet"
+        with atomic_file(path) as tmp:
+            part.to_parquet(tmp, index=False)
+        manifest["splits"][split] = {
+            "file": path.name,
+            "documents": len(part),
+            "characters": int(part["text"].str.len().sum()),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest

@@ -133,12 +133,14 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.pending: list[dict] = []
         self.shards: list[dict] = []
-        self.rows, self.documents = 0, set()
+        self.rows, self.documents, self.last_doc = 0, 0, None
 
     def add(self, row: dict) -> None:
+        """One row; a document's rows come one after the other (they are counted as runs)."""
         self.pending.append(row)
         self.rows += 1
-        self.documents.add(row["doc_id"])
+        if row["doc_id"] != self.last_doc:
+            self.documents, self.last_doc = self.documents + 1, row["doc_id"]
         if len(self.pending) == self.shard_rows:
             self._flush()
 
@@ -157,7 +159,7 @@ class ShardWriter:
             self._flush()
         manifest = {
             "rows": self.rows,
-            "documents": len(self.documents),
+            "documents": self.documents,
             "shards": self.shards,
         } | metadata
         write_json(self.out_dir / "manifest.json", manifest)
@@ -175,13 +177,14 @@ def tokenize_stream(
     min_chars: int,
     max_windows: int | None,
     metadata: dict,
+    shard_rows: int = SHARD_ROWS,
     **window_options: Any,
 ) -> dict:
     """Windows of the documents of ``split`` (by :func:`~refrag.data.corpus.assign_split`)
     among ``documents`` (a stream: one corpus shard), written as they come, the first
     ``max_windows`` of them; memory holds one document and one shard of rows, whatever the
     corpus's size. ``window_options``: :func:`iter_windows`'s tokenizers and lengths."""
-    writer = ShardWriter(out_dir)
+    writer = ShardWriter(out_dir, shard_rows=shard_rows)
     mine = (
         d
         for d in documents
