@@ -160,3 +160,62 @@ def test_streamed_tokenization_memory_is_flat_in_the_corpus_size(
     assert streamed[1]["rows"] > 3.9 * streamed[0]["rows"] > 0
     assert streamed[1]["python_peak_mib"] < 1.25 * streamed[0]["python_peak_mib"]
     assert whole[1]["python_peak_mib"] > 3 * whole[0]["python_peak_mib"]
+
+
+@pytest.mark.slow
+def test_the_workflow_tokenizes_a_streamed_corpus_one_job_per_shard(
+    tmp_path, decoder_dir, encoder_dir, encoder_tokenizer, decoder_tokenizer
+):
+    """corpus.streamed: two .jsonl.zst shards, a split_part and a tokenize_part job each;
+    the train windows are each shard's first ones (max_windows shared by the shards), the
+    test split is tokenized from the gathered evaluation documents as before."""
+    from .test_workflow import override, planned_jobs, snakemake, tiny_workspace
+
+    ws = tiny_workspace(
+        tmp_path,
+        decoder_dir,
+        encoder_dir,
+        runs=[{"decoder": "tiny-decoder", "encoder": "tiny-encoder", "k": [4]}],
+        windows=30,
+        steps=1,
+    )
+    texts = [p.read_text() for p in sorted((tmp_path / "corpus").glob("*.txt"))]
+    corpus = tmp_path / "streamed"
+    for i in range(2):
+        slimpajama_shard(
+            corpus / f"chunk{i}" / "example_train_0.jsonl.zst",
+            [{"text": t, "meta": {"redpajama_set_name": "RedPajamaArXiv"}} for t in texts[i::2]],
+        )
+    args = override(
+        ws, {"corpus": {"source": str(corpus), "streamed": True, "subsets": ["RedPajamaArXiv"]}}
+    )
+    train = "results/shards/tiny/tiny-decoder/tiny-encoder/train"
+    test = "results/shards/tiny/tiny-decoder/tiny-encoder/test"
+    jobs = planned_jobs(ws, train, test, *args)
+    assert {k: jobs.get(k) for k in ("split_part", "tokenize_part", "gather_train_shards")} == {
+        "split_part": 2,
+        "tokenize_part": 2,
+        "gather_train_shards": 1,
+    }
+    assert (jobs["prepare_corpus"], jobs["tokenize"]) == (1, 1)  # test split only
+    snakemake(ws, train, test, "--cores", "2", *args)
+    split = {"validation_fraction": 0.2, "test_fraction": 0.25, "seed": 0}
+    expected = []
+    for shard in shard_files(corpus):
+        docs = [
+            d
+            for d in stream_documents(shard, name=part_name(shard, corpus))
+            if assign_split(d["doc_id"], **split) == "train"
+        ]
+        rows = iter_windows(
+            docs,
+            encoder_tokenizer=encoder_tokenizer,
+            decoder_tokenizer=decoder_tokenizer,
+            context_tokens=32,
+            target_tokens=8,
+        )
+        expected += list(rows)[:15]  # 30 / 2 per shard
+    pd.testing.assert_frame_equal(read_shards(ws / train), pd.DataFrame(expected))
+    manifest = json.loads((ws / train / "manifest.json").read_text())
+    assert manifest["rows"] == len(expected) and manifest["context_tokens"] == 32
+    assert read_shards(ws / test)["doc_id"].str.startswith("chunk").all()

@@ -5,32 +5,8 @@
 #   evaluation documents (each document's split is a hash of its id), prepare_corpus gathers
 #   those (validation and test, a small fraction); the train split is tokenized shard by
 #   shard (tokenize_part in data.smk).
-from functools import cache
-
-from refrag.data.corpus import part_name, shard_files
-
-STREAMED = config["corpus"]["streamed"]
-EVAL_SPLITS = ["validation", "test"]
-
-
-@cache
-def corpus_parts():
-    """{part: shard file} of a streamed corpus folder, listed once when the workflow is
-    planned (part: the shard's index, 00000, 00001, ...)."""
-    return {
-        f"{i:05d}": str(p)
-        for i, p in enumerate(shard_files(config["corpus"]["source"]))
-    }
-
-
-def part_params(wildcards):
-    """What reading one shard needs: its name in the corpus (the ids' prefix), the subsets."""
-    shard = corpus_parts()[wildcards.part]
-    return part_name(shard, config["corpus"]["source"])
-
-
 wildcard_constraints:
-    part=r"\d{5,}",
+    part=r"\d\d\d\d\d+",  # 00000, 00001, ... (no braces: they break the pattern)
 
 
 if not STREAMED:
@@ -81,7 +57,7 @@ else:
         conda:
             CONDA_ENV
         params:
-            name=part_params,
+            name=part_name_of,
             subsets=config["corpus"]["subsets"],
             splits=EVAL_SPLITS,
             validation_fraction=config["corpus"]["validation_fraction"],

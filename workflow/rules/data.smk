@@ -40,7 +40,7 @@ if STREAMED:
         conda:
             CONDA_ENV
         params:
-            name=part_params,
+            name=part_name_of,
             subsets=config["corpus"]["subsets"],
             validation_fraction=config["corpus"]["validation_fraction"],
             test_fraction=config["corpus"]["test_fraction"],
