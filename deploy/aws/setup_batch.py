@@ -281,8 +281,41 @@ def ensure_job_role(iam, name: str, bucket: str, prefix: str) -> str:
         PolicyName=f"{name}-workflow-s3",
         PolicyDocument=json.dumps(policy_document(bucket, prefix)),
     )
+    iam.put_role_policy(
+        RoleName=role,
+        PolicyName=f"{name}-multinode-submit",
+        PolicyDocument=json.dumps(multinode_submit_policy(name)),
+    )
     print(f"job role {arn}: policy deploy/aws/iam-policy.json on s3://{bucket}/{prefix}")
     return arn
+
+
+def multinode_submit_policy(name: str) -> dict:
+    """What a training rule on N > 1 nodes does from inside its job (refrag.train.batch):
+    submit a job of the multinode definition to the set-up's queue, follow it, end it."""
+    batch = "arn:aws:batch:*:*"
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "SubmitMultinodeTraining",
+                "Effect": "Allow",
+                "Action": ["batch:SubmitJob", "batch:TagResource"],
+                "Resource": [
+                    f"{batch}:job-queue/{name}-queue",
+                    f"{batch}:job-definition/{name}-multinode",
+                    f"{batch}:job-definition/{name}-multinode:*",
+                    f"{batch}:job/*",
+                ],
+            },
+            {
+                "Sid": "FollowAndEndIt",
+                "Effect": "Allow",
+                "Action": ["batch:DescribeJobs", "batch:TerminateJob"],
+                "Resource": "*",
+            },
+        ],
+    }
 
 
 def ensure_compute_environment(batch, args) -> str:
