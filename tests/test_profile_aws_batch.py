@@ -311,6 +311,8 @@ def test_setup_registers_gpu_and_cpu_job_definitions(deployed):
         "multinode": f"{NAME}-multinode",
     }
     assert deployment["job_queue"] == f"{NAME}-queue"
+    policies = client(deployed, "iam").list_role_policies(RoleName=f"{NAME}-batch-job")
+    assert set(policies["PolicyNames"]) == {f"{NAME}-workflow-s3", f"{NAME}-multinode-submit"}
 
 
 @pytest.mark.slow
