@@ -337,6 +337,17 @@ def model_shapes(spec: str, cache_dir: Path, causal: bool) -> Shapes | None:
 def corpus_errors(config: dict) -> list[str]:
     corpus = config["corpus"]
     source = corpus["source"]
+    if corpus.get("streamed"):
+        if source.startswith(("embedded:", "hf:")):
+            return [
+                f"config corpus.streamed: needs a folder of shard files, not {source!r} "
+                "(a local or mounted copy)"
+            ]
+        if "train" in config.get("eval", {}).get("sets", []):
+            return [
+                "config eval.sets: a streamed corpus keeps no train split to evaluate on "
+                "(its train windows are tokenized shard by shard)"
+            ]
     if source.startswith("embedded:"):
         name = source.removeprefix("embedded:")
         if name in EMBEDDED_CORPORA:

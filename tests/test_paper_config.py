@@ -4,6 +4,7 @@ job. The models' shapes come from config/shapes (no network, no weights)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ from refrag.preflight import run_memory_errors
 from refrag.train.launch import run_parallel
 from refrag.train.memory import KNOWN_CONFIGS, Shapes
 
+from .conftest import TEXT
 from .conftest_profiles import copy_worktree
+from .test_streaming import slimpajama_shard
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER = yaml.safe_load((REPO / "config/paper.yaml").read_text())
@@ -36,6 +39,17 @@ def dry_run(ws: Path, *configfiles: str) -> subprocess.CompletedProcess:
 def workspace(tmp_path_factory) -> Path:
     ws = copy_worktree(tmp_path_factory.mktemp("paper") / "work")
     (ws / "ddp.yaml").write_text("parallel: {strategy: ddp}\n")
+    shards = ws / "slimpajama" / "train"
+    for i in range(3):  # a stand-in for SlimPajama's train/ folder: 3 shards
+        slimpajama_shard(
+            shards / f"chunk{i}" / "example_train_0.jsonl.zst",
+            [{"text": TEXT * 3, "meta": {"redpajama_set_name": "RedPajamaBook"}}] * 4,
+        )
+    (ws / "streamed.yaml").write_text(
+        yaml.safe_dump(
+            {"corpus": {"source": str(shards), "streamed": True, "subsets": ["RedPajamaBook"]}}
+        )
+    )
     return ws
 
 
@@ -83,3 +97,13 @@ def test_the_paper_config_with_ddp_is_refused_before_any_job(workspace):
         result.stderr
     )
     assert "Building DAG" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_the_paper_config_with_its_corpus_streamed_plans_one_job_per_shard(workspace):
+    result = dry_run(workspace, "streamed.yaml")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    for rule, count in (("split_part", 3), ("tokenize_part", 3), ("gather_train_shards", 1)):
+        assert re.search(rf"^{rule}\s+{count}$", out, re.MULTILINE), (rule, out[-3000:])
+    assert re.search(r"^tokenize\s+2$", out, re.MULTILINE)  # validation and test only

@@ -219,3 +219,20 @@ def test_the_workflow_tokenizes_a_streamed_corpus_one_job_per_shard(
     manifest = json.loads((ws / train / "manifest.json").read_text())
     assert manifest["rows"] == len(expected) and manifest["context_tokens"] == 32
     assert read_shards(ws / test)["doc_id"].str.startswith("chunk").all()
+
+
+def test_a_streamed_corpus_that_cannot_stream_is_refused_in_one_line(tmp_path):
+    from refrag.preflight import corpus_errors
+
+    hub = {"corpus": {"source": "hf:cerebras/SlimPajama-627B", "streamed": True}}
+    assert corpus_errors(hub) == [
+        "config corpus.streamed: needs a folder of shard files, not "
+        "'hf:cerebras/SlimPajama-627B' (a local or mounted copy)"
+    ]
+    empty = {"corpus": {"source": str(tmp_path), "streamed": True}}
+    assert "holds no .parquet, .jsonl or .jsonl.zst shard" in corpus_errors(empty)[0]
+    slimpajama_shard(tmp_path / "a.jsonl.zst", documents(2))
+    good = {"corpus": {"source": str(tmp_path), "streamed": True, "min_chars": 10}}
+    assert corpus_errors(good) == []
+    train = good | {"eval": {"sets": ["train"]}}
+    assert "keeps no train split to evaluate on" in corpus_errors(train)[0]
