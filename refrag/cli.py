@@ -30,6 +30,7 @@ from refrag.modeling import RefragModel
 from refrag.modeling.tokenization import RefragTokenizer
 from refrag.preflight import ConfigFileError, check_config_files, configfile_args
 from refrag.serve.chat import run
+from refrag.train import batch
 from refrag.train.distributed import hello, rank_log_path
 from refrag.train.launch import ParallelError
 from refrag.train.runner import read_baselines, train_stage
@@ -293,6 +294,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--rank-log-dir", required=True)
     p.set_defaults(func=hello_dist)
+    p = sub.add_parser(
+        "batch-multinode",
+        help="submit an AWS Batch multi-node parallel job running a command on every node, wait",
+    )
+    batch.add_arguments(p)
+    p.set_defaults(func=lambda args: batch.run_from_arguments(args) and None)
     args = parser.parse_args(argv)
     try:
         status = args.func(args)
@@ -302,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         UnsafeFolderError,
         DiskFullError,
         ParallelError,
+        batch.BatchJobError,
     ) as err:  # one line
         raise SystemExit(f"refrag {args.command}: {err}") from None
     if status:

@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
-from refrag.data.corpus import EMBEDDED_CORPORA, read_documents
+from refrag.data.corpus import EMBEDDED_CORPORA, read_documents, shard_files, stream_documents
 from refrag.io.models import EMBEDDED_MODELS, ModelSpecError, cache_name, check_spec
 from refrag.modeling.limits import compression_limit
 from refrag.train.launch import Parallel, run_parallel
@@ -337,6 +337,17 @@ def model_shapes(spec: str, cache_dir: Path, causal: bool) -> Shapes | None:
 def corpus_errors(config: dict) -> list[str]:
     corpus = config["corpus"]
     source = corpus["source"]
+    if corpus.get("streamed"):
+        if source.startswith(("embedded:", "hf:")):
+            return [
+                f"config corpus.streamed: needs a folder of shard files, not {source!r} "
+                "(a local or mounted copy)"
+            ]
+        if "train" in config.get("eval", {}).get("sets", []):
+            return [
+                "config eval.sets: a streamed corpus keeps no train split to evaluate on "
+                "(its train windows are tokenized shard by shard)"
+            ]
     if source.startswith("embedded:"):
         name = source.removeprefix("embedded:")
         if name in EMBEDDED_CORPORA:
@@ -352,13 +363,25 @@ def corpus_errors(config: dict) -> list[str]:
         return [
             f"config corpus.source: {source!r} is not a folder (nor embedded:<name>, hf:<dataset>)"
         ]
-    files = [p for p in folder.rglob("*") if p.suffix in CORPUS_SUFFIXES and p.is_file()]
-    if not files:
-        return [f"config corpus.source: folder {source!r} holds no .txt, .parquet or .jsonl file"]
     data = config.get("data", {})
     window = data.get("context_tokens", 256) + data.get("target_tokens", 64)
     min_chars = corpus.get("min_chars", 2000)
-    for text in _texts(folder):
+    if corpus.get("streamed"):  # read one shard, streamed, never the whole folder
+        shards = shard_files(folder)
+        if not shards:
+            return [
+                f"config corpus.source: streamed folder {source!r} holds no .parquet, .jsonl "
+                "or .jsonl.zst shard"
+            ]
+        texts = (d["text"] for d in stream_documents(shards[0], corpus.get("subsets", [])))
+    else:
+        files = [p for p in folder.rglob("*") if p.suffix in CORPUS_SUFFIXES and p.is_file()]
+        if not files:
+            return [
+                f"config corpus.source: folder {source!r} holds no .txt, .parquet or .jsonl file"
+            ]
+        texts = _texts(folder)
+    for text in texts:
         if len(text) >= min_chars and len(text.encode("utf-8", "replace")) >= window:
             return []
     return [

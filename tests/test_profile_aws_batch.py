@@ -305,8 +305,14 @@ def test_setup_registers_gpu_and_cpu_job_definitions(deployed):
     deployment = yaml.safe_load(
         (deployed["work"] / "profiles/aws-batch/deployment.yaml").read_text()
     )
-    assert deployment["job_definitions"] == {"cpu": f"{NAME}-cpu", "gpu": f"{NAME}-gpu"}
+    assert deployment["job_definitions"] == {
+        "cpu": f"{NAME}-cpu",
+        "gpu": f"{NAME}-gpu",
+        "multinode": f"{NAME}-multinode",
+    }
     assert deployment["job_queue"] == f"{NAME}-queue"
+    policies = client(deployed, "iam").list_role_policies(RoleName=f"{NAME}-batch-job")
+    assert set(policies["PolicyNames"]) == {f"{NAME}-workflow-s3", f"{NAME}-multinode-submit"}
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from .conftest_profiles import unavailable
+from .conftest_profiles import copy_worktree, unavailable
 from .test_workflow import tiny_workspace
 
 PROBE = """include: "Snakefile"
@@ -204,3 +204,63 @@ def test_a_job_cancelled_by_slurm_is_reported_failed_with_its_log(slurm_run):
     assert str(slurm_log) in output and slurm_log.exists()
     assert (ws / "logs/probe/cancelled.log").read_text().startswith(f"running as Slurm job {job}")
     assert not (ws / "results/probe/cancelled.txt").exists()
+
+
+# --- multi-node: the sbatch call of a 2 nodes × 8 GPUs training job (no Slurm needed) ---
+FAKE_SBATCH = """#!/bin/sh
+# records the call and refuses it: the plugin then reports the call and stops
+printf '%s\\n' "$*" > "$SBATCH_RECORD"
+echo "recorded by the test" >&2
+exit 1
+"""
+
+
+@pytest.mark.slow
+def test_a_two_node_training_job_asks_sbatch_for_2_nodes_16_gpus_and_one_agent_per_node(
+    tmp_path,
+):
+    """The real Slurm plugin builds the call from the train rule's resources (the paper's
+    models, `parallel: {nodes: 2, gpus_per_node: 8}`); a fake `sbatch` records it. The align
+    stage's inputs are stand-ins (the models' shapes only), so only that job is submitted."""
+    ws = copy_worktree(tmp_path / "work")
+    (ws / "two_nodes.yaml").write_text("parallel: {nodes: 2, gpus_per_node: 8}\n")
+    for name, repo in (
+        ("llama-2-7b", "meta-llama/Llama-2-7b-hf"),
+        ("roberta-large", "FacebookAI/roberta-large"),
+    ):
+        (ws / "resources/models" / name).mkdir(parents=True)
+        shutil.copy(ws / "config/shapes" / repo / "config.json", ws / "resources/models" / name)
+    pairs = ws / "results/alignment/slimpajama-arxiv-book/llama-2-7b/roberta-large/train.parquet"
+    pairs.parent.mkdir(parents=True)
+    pairs.write_bytes(b"")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text(FAKE_SBATCH)
+    (fake / "sbatch").chmod(0o755)
+    record = tmp_path / "sbatch.txt"
+    env = os.environ | {
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "SBATCH_RECORD": str(record),
+        "REFRAG_SLURM_PARTITION": "gpu",
+    }
+    target = "results/checkpoints/slimpajama-arxiv-book/llama-2-7b/roberta-large/k16/align"
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", target, "--profile", "profiles/slurm"]
+        + ["--allowed-rules", "train", "--configfile", "config/paper.yaml", "two_nodes.yaml"],
+        cwd=ws,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert record.exists(), result.stdout[-3000:] + result.stderr[-3000:]
+    call = record.read_text().split(" --wrap=")[0].split()
+    assert {"-p", "gpu", "--nodes=2", "--ntasks=2", "--gpus=16", "--cpus-per-gpu=8"} <= set(call)
+    assert call[call.index("--mem") + 1] == str(8 * 61440)  # per node: 8 GPUs' worth
+    assert call[call.index("-t") + 1] == "1440"
+    assert not [flag for flag in call if flag.startswith("--ntasks-per-gpu")]  # the trap
+    # the job's rule starts one torchrun agent per node with a c10d rendezvous on the first
+    shell = result.stderr
+    assert "srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 bash -c" in shell
+    assert "--nnodes=$SLURM_NNODES --nproc-per-node=8 --rdzv-id=$SLURM_JOB_ID" in shell
+    assert "--rdzv-backend=c10d --rdzv-endpoint=$head:29500" in shell

@@ -63,8 +63,14 @@ def job_definitions(
     execution_role_arn: str | None = None,
     hf_token_secret_arn: str | None = None,
     gpu_shm_mib: int = GPU_DEFAULTS["shm_mib"],
+    shared_efs: str | None = None,
+    shared_path: str = "/shared",
 ) -> dict[str, dict]:
-    """`register_job_definition` arguments of `{name}-cpu` and `{name}-gpu`, keyed cpu/gpu."""
+    """`register_job_definition` arguments of `{name}-cpu`, `{name}-gpu` and
+    `{name}-multinode` (a multi-node parallel job: every node the GPU container; a training
+    rule on N > 1 nodes submits it with its node count, refrag.train.batch), keyed
+    cpu/gpu/multinode. With `shared_efs`, every container mounts that EFS file system at
+    `shared_path` (multi-node training reads and writes its files there)."""
 
     def one(kind: str, shape: dict, environment: dict, shm_mib: int, ulimits: list) -> dict:
         requirements = [
@@ -89,6 +95,13 @@ def job_definitions(
             container["secrets"] = [{"name": "HF_TOKEN", "valueFrom": hf_token_secret_arn}]
         if execution_role_arn:
             container["executionRoleArn"] = execution_role_arn
+        if shared_efs:
+            container["volumes"] = [
+                {"name": "shared", "efsVolumeConfiguration": {"fileSystemId": shared_efs}}
+            ]
+            container["mountPoints"] = [
+                {"sourceVolume": "shared", "containerPath": shared_path, "readOnly": False}
+            ]
         return {
             "jobDefinitionName": f"{name}-{kind}",
             "type": "container",
@@ -102,11 +115,22 @@ def job_definitions(
 
     nofile = {"name": "nofile", "softLimit": 65536, "hardLimit": 65536}
     memlock = {"name": "memlock", "softLimit": -1, "hardLimit": -1}  # NCCL / EFA pinned memory
+    gpu_environment = JOB_ENVIRONMENT | GPU_ENVIRONMENT
+    gpu = one("gpu", GPU_DEFAULTS, gpu_environment, gpu_shm_mib, [nofile, memlock])
+    multinode = one("multinode", GPU_DEFAULTS, gpu_environment, gpu_shm_mib, [nofile, memlock])
+    container = multinode.pop("containerProperties")
+    multinode |= {
+        "type": "multinode",
+        "nodeProperties": {  # each submission overrides numNodes and the command
+            "numNodes": 2,
+            "mainNode": 0,
+            "nodeRangeProperties": [{"targetNodes": "0:", "container": container}],
+        },
+    }
     return {
         "cpu": one("cpu", CPU_DEFAULTS, JOB_ENVIRONMENT, CPU_DEFAULTS["shm_mib"], [nofile]),
-        "gpu": one(
-            "gpu", GPU_DEFAULTS, JOB_ENVIRONMENT | GPU_ENVIRONMENT, gpu_shm_mib, [nofile, memlock]
-        ),
+        "gpu": gpu,
+        "multinode": multinode,
     }
 
 
@@ -257,8 +281,41 @@ def ensure_job_role(iam, name: str, bucket: str, prefix: str) -> str:
         PolicyName=f"{name}-workflow-s3",
         PolicyDocument=json.dumps(policy_document(bucket, prefix)),
     )
+    iam.put_role_policy(
+        RoleName=role,
+        PolicyName=f"{name}-multinode-submit",
+        PolicyDocument=json.dumps(multinode_submit_policy(name)),
+    )
     print(f"job role {arn}: policy deploy/aws/iam-policy.json on s3://{bucket}/{prefix}")
     return arn
+
+
+def multinode_submit_policy(name: str) -> dict:
+    """What a training rule on N > 1 nodes does from inside its job (refrag.train.batch):
+    submit a job of the multinode definition to the set-up's queue, follow it, end it."""
+    batch = "arn:aws:batch:*:*"
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "SubmitMultinodeTraining",
+                "Effect": "Allow",
+                "Action": ["batch:SubmitJob", "batch:TagResource"],
+                "Resource": [
+                    f"{batch}:job-queue/{name}-queue",
+                    f"{batch}:job-definition/{name}-multinode",
+                    f"{batch}:job-definition/{name}-multinode:*",
+                    f"{batch}:job/*",
+                ],
+            },
+            {
+                "Sid": "FollowAndEndIt",
+                "Effect": "Allow",
+                "Action": ["batch:DescribeJobs", "batch:TerminateJob"],
+                "Resource": "*",
+            },
+        ],
+    }
 
 
 def ensure_compute_environment(batch, args) -> str:
@@ -332,6 +389,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--execution-role-arn", help="needed with --hf-token-secret-arn")
     parser.add_argument("--hf-token-secret-arn", help="Secrets Manager ARN injected as HF_TOKEN")
     parser.add_argument("--gpu-shm-mib", type=int, default=GPU_DEFAULTS["shm_mib"])
+    parser.add_argument(
+        "--shared-efs", help="EFS file system id mounted in every job (multi-node training)"
+    )
+    parser.add_argument("--shared-path", default="/shared", help="where it is mounted")
     parser.add_argument("--compute-environment", help="an existing compute environment")
     parser.add_argument("--subnets", help="comma-separated, to create a managed environment")
     parser.add_argument("--security-groups", help="comma-separated")
@@ -361,6 +422,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.execution_role_arn,
         args.hf_token_secret_arn,
         args.gpu_shm_mib,
+        args.shared_efs,
+        args.shared_path,
     ).items():
         out = batch.register_job_definition(**definition)
         registered[kind] = out["jobDefinitionName"]

@@ -9,12 +9,20 @@ Sources (``corpus.source`` in the config):
   column (and optionally ``doc_id``/``title``);
 - ``hf:<dataset>[@revision]``: the Parquet/JSON-lines/text files of a Hugging Face dataset
   repository, with a ``text`` column (needs the network; token from ``HF_TOKEN``).
+
+At scale (``corpus.streamed``) a folder of shard files (``*.parquet``, ``*.jsonl``,
+``*.jsonl.zst`` such as SlimPajama's) is never loaded whole: :func:`stream_documents` reads
+one file in record batches or lines, keeps the ``subsets`` asked for (SlimPajama's
+``meta.redpajama_set_name``), and each document's split comes from a hash of its id
+(:func:`assign_split`), so each shard is tokenized by its own job (refrag.data.shards).
 """
 
 from __future__ import annotations
 
 import bz2
 import hashlib
+import io
+import json
 import os
 import re
 import shutil
@@ -26,12 +34,15 @@ from pathlib import Path
 
 import mwparserfromhell
 import pandas as pd
+import pyarrow.parquet as pq
+import zstandard
 from huggingface_hub import snapshot_download
 
 from refrag.io.integrity import IntegrityError, atomic_file, read_manifest, verify_file, write_json
 from refrag.io.models import download_wheel
 
 SPLITS = ("train", "validation", "test")
+STREAMED_SUFFIXES = (".parquet", ".jsonl", ".jsonl.zst")
 
 
 EMBEDDED_CORPORA = {
@@ -208,3 +219,118 @@ def read_split(
         raise IntegrityError(path, "is not listed in its manifest", rule)
     verify_file(path, entry["sha256"], rule)
     return pd.read_parquet(path)
+
+
+def shard_files(folder: str | os.PathLike) -> list[Path]:
+    """The shard files of a streamed corpus folder, sorted (their index names their job)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"corpus source {str(folder)!r} is not a folder")
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.name.endswith(STREAMED_SUFFIXES)
+    )
+
+
+def stream_documents(
+    path: str | os.PathLike,
+    subsets: Iterable[str] = (),
+    name: str | None = None,
+    batch_rows: int = 256,
+) -> Iterator[dict]:
+    """Documents of one shard file as ``{"doc_id", "title", "text"}``, read a record batch
+    (Parquet) or a line (JSON lines, zstd-compressed or not) at a time; with ``subsets``,
+    only those whose ``meta.redpajama_set_name`` is one of them. Ids: the row's
+    ``doc_id``/``id``, else ``<name>-<row>`` (``name``: the shard's path in its corpus, e.g.
+    ``chunk1/example_train_0``; SlimPajama repeats file names across folders)."""
+    path, wanted = Path(path), set(subsets)
+    stem = name or path.name.split(".")[0]
+    for i, row in enumerate(_rows(path, batch_rows)):
+        if wanted and (row.get("meta") or {}).get("redpajama_set_name") not in wanted:
+            continue
+        yield {
+            "doc_id": str(row.get("doc_id", row.get("id", f"{stem}-{i}"))),
+            "title": str(row.get("title") or ""),
+            "text": row["text"],
+        }
+
+
+def _rows(path: Path, batch_rows: int) -> Iterator[dict]:
+    if path.suffix == ".parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+            yield from batch.to_pylist()
+        return
+    with open(path, "rb") as raw:
+        binary = zstandard.ZstdDecompressor().stream_reader(raw) if path.suffix == ".zst" else raw
+        for line in io.TextIOWrapper(binary, encoding="utf-8"):
+            if line.strip():
+                yield json.loads(line)
+
+
+def part_name(path: str | os.PathLike, folder: str | os.PathLike) -> str:
+    """A shard's name in its corpus: its path under ``folder``, without suffixes."""
+    relative = Path(path).relative_to(folder)
+    return str(relative.parent / relative.name.split(".")[0])
+
+
+def write_split_part(
+    documents: Iterable[dict],
+    out: str | os.PathLike,
+    *,
+    splits: Iterable[str],
+    validation_fraction: float,
+    test_fraction: float,
+    min_chars: int = 0,
+    seed: int = 0,
+) -> int:
+    """The documents of one streamed shard that belong to ``splits`` (the small evaluation
+    splits), with a ``split`` column, as one Parquet file; how many."""
+    wanted = set(splits)
+    rows = []
+    for doc in documents:
+        if len(doc["text"]) < min_chars:
+            continue
+        split = assign_split(doc["doc_id"], validation_fraction, test_fraction, seed)
+        if split in wanted:
+            rows.append(
+                {
+                    "doc_id": doc["doc_id"],
+                    "title": doc["title"],
+                    "text": doc["text"],
+                    "split": split,
+                }
+            )
+    frame = pd.DataFrame(rows, columns=["doc_id", "title", "text", "split"])
+    with atomic_file(Path(out)) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return len(frame)
+
+
+def prepare_from_parts(
+    parts: Iterable[str | os.PathLike], out_dir: str | os.PathLike, splits: Iterable[str]
+) -> dict:
+    """``{split}.parquet`` of each of ``splits`` and ``manifest.json`` (as
+    :func:`prepare_corpus` writes them), from the per-shard files of
+    :func:`write_split_part`; the train split, streamed, has none."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    if frame["doc_id"].duplicated().any():
+        raise ValueError(
+            f"duplicate document ids: {frame.loc[frame['doc_id'].duplicated(), 'doc_id'].tolist()[:5]}"
+        )
+    manifest = {"splits": {}, "streamed": True}
+    for split in splits:
+        part = frame[frame["split"] == split].drop(columns="split").reset_index(drop=True)
+        if part.empty:
+            raise ValueError(f"split {split!r} is empty: raise its fraction or add shards")
+        path = out_dir / f"{split}.parquet"
+        with atomic_file(path) as tmp:
+            part.to_parquet(tmp, index=False)
+        manifest["splits"][split] = {
+            "file": path.name,
+            "documents": len(part),
+            "characters": int(part["text"].str.len().sum()),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest

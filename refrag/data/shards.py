@@ -13,14 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from refrag.data.alignment import align
+from refrag.data.corpus import assign_split
 from refrag.io.integrity import (
     IntegrityError,
     atomic_file,
@@ -113,24 +116,111 @@ def write_shards(
     rows: list[dict], out_dir: str | os.PathLike, *, metadata: dict, shard_rows: int = SHARD_ROWS
 ) -> dict:
     """Parquet shards ``shard-NNNNN.parquet`` plus ``manifest.json`` (counts, checksums, metadata)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if not rows:
         raise ValueError("no windows: documents are shorter than context_tokens + target_tokens")
-    shards = []
-    for i in range(0, len(rows), shard_rows):
-        path = out_dir / f"shard-{i // shard_rows:05d}.parquet"
+    writer = ShardWriter(out_dir, shard_rows=shard_rows)
+    for row in rows:
+        writer.add(row)
+    return writer.close(metadata)
+
+
+class ShardWriter:
+    """Rows in, ``shard-NNNNN.parquet`` files out as each fills (at most ``shard_rows`` rows
+    held), then ``manifest.json`` (:meth:`close`): the same files as :func:`write_shards`."""
+
+    def __init__(self, out_dir: str | os.PathLike, shard_rows: int = SHARD_ROWS):
+        self.out_dir, self.shard_rows = Path(out_dir), shard_rows
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.pending: list[dict] = []
+        self.shards: list[dict] = []
+        self.rows, self.documents, self.last_doc = 0, 0, None
+
+    def add(self, row: dict) -> None:
+        """One row; a document's rows come one after the other (they are counted as runs)."""
+        self.pending.append(row)
+        self.rows += 1
+        if row["doc_id"] != self.last_doc:
+            self.documents, self.last_doc = self.documents + 1, row["doc_id"]
+        if len(self.pending) == self.shard_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        path = self.out_dir / f"shard-{len(self.shards):05d}.parquet"
         with atomic_file(path) as tmp:
-            pd.DataFrame(rows[i : i + shard_rows]).to_parquet(tmp, index=False)
-        shards.append(
-            {"file": path.name, "rows": len(rows[i : i + shard_rows]), "sha256": sha256_file(path)}
+            pd.DataFrame(self.pending).to_parquet(tmp, index=False)
+        self.shards.append(
+            {"file": path.name, "rows": len(self.pending), "sha256": sha256_file(path)}
         )
-    manifest = {
-        "rows": len(rows),
-        "documents": len({r["doc_id"] for r in rows}),
-        "shards": shards,
-    } | metadata
-    write_json(out_dir / "manifest.json", manifest)  # last: it vouches for the shards
+        self.pending = []
+
+    def close(self, metadata: dict) -> dict:
+        """Write the last shard and the manifest (last: it vouches for the shards)."""
+        if self.pending:
+            self._flush()
+        manifest = {
+            "rows": self.rows,
+            "documents": self.documents,
+            "shards": self.shards,
+        } | metadata
+        write_json(self.out_dir / "manifest.json", manifest)
+        return manifest
+
+
+def tokenize_stream(
+    documents: Iterable[dict],
+    out_dir: str | os.PathLike,
+    *,
+    split: str,
+    validation_fraction: float,
+    test_fraction: float,
+    seed: int,
+    min_chars: int,
+    max_windows: int | None,
+    metadata: dict,
+    shard_rows: int = SHARD_ROWS,
+    **window_options: Any,
+) -> dict:
+    """Windows of the documents of ``split`` (by :func:`~refrag.data.corpus.assign_split`)
+    among ``documents`` (a stream: one corpus shard), written as they come, the first
+    ``max_windows`` of them; memory holds one document and one shard of rows, whatever the
+    corpus's size. ``window_options``: :func:`iter_windows`'s tokenizers and lengths."""
+    writer = ShardWriter(out_dir, shard_rows=shard_rows)
+    mine = (
+        d
+        for d in documents
+        if len(d["text"]) >= min_chars
+        and assign_split(d["doc_id"], validation_fraction, test_fraction, seed) == split
+    )
+    for row in tqdm(iter_windows(mine, **window_options), desc="windows", mininterval=10):
+        if max_windows is not None and writer.rows >= max_windows:
+            break
+        writer.add(row)
+    return writer.close(metadata)
+
+
+def gather_shards(
+    parts: list[str | os.PathLike], out_dir: str | os.PathLike, metadata: dict
+) -> dict:
+    """One shard folder of the shard folders ``parts`` (in order): their files hard-linked
+    (copied across file systems) as ``shard-NNNNN.parquet``, one manifest over all."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards, rows, documents = [], 0, 0
+    for part in map(Path, parts):
+        manifest = read_manifest(part / "manifest.json")
+        for shard in manifest["shards"]:
+            source = part / shard["file"]
+            verify_file(source, shard["sha256"])
+            target = out_dir / f"shard-{len(shards):05d}.parquet"
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+            shards.append(shard | {"file": target.name})
+        rows += manifest["rows"]
+        documents += manifest["documents"]  # a document lives in one corpus shard
+    manifest = {"rows": rows, "documents": documents, "shards": shards} | metadata
+    write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 

@@ -11,8 +11,10 @@ settings are the config's top-level ``parallel``, then the run's ``gpus`` (short
 - no GPU, or one: the Python itself (inline, one process);
 - one node, G > 1 GPUs: ``torchrun --standalone --nproc_per_node=G``;
 - N > 1 nodes: one torchrun agent per node, rendezvous over c10d at the first node: under
-  Slurm through ``srun --nodes=N --ntasks-per-node=1`` (the rule needs ``mpi="srun"``); on an
-  AWS Batch multi-node parallel job from its ``AWS_BATCH_JOB_*`` variables.
+  Slurm through ``srun --nodes=N --ntasks-per-node=1`` (the rule needs ``mpi="srun"``); on
+  AWS Batch the rule submits a multi-node parallel job and waits for it
+  (``refrag batch-multinode``, :mod:`refrag.train.batch`), each node running
+  :func:`node_command` with the job's ``AWS_BATCH_JOB_*`` variables.
 """
 
 from __future__ import annotations
@@ -83,11 +85,10 @@ def launch_command(python: str, parallel: Parallel, port: int = RDZV_PORT) -> st
     torchrun = f"{python} -m torch.distributed.run"
     if parallel.nodes == 1:
         return f"{torchrun} --standalone --nproc_per_node={g}"
-    if parallel.multinode == "aws-batch":  # the main node lacks its own address variable
-        head = "${AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS:-$(hostname -i)}"
+    if parallel.multinode == "aws-batch":  # the rule submits a multi-node parallel job, waits
         return (
-            f"{torchrun} --nnodes=$AWS_BATCH_JOB_NUM_NODES --nproc-per-node={g} "
-            f"--rdzv-id=$AWS_BATCH_JOB_ID --rdzv-backend=c10d --rdzv-endpoint={head}:{port}"
+            f"{python} -m refrag.cli batch-multinode --nodes={parallel.nodes} "
+            f"--gpus-per-node={g} -- {shlex.quote(node_command(python, parallel, port))}"
         )
     # Slurm: the jobstep strips SLURM_* from the rule's environment but the job id, so the
     # head node is computed inside the srun-launched task (one per node)
@@ -100,4 +101,16 @@ def launch_command(python: str, parallel: Parallel, port: int = RDZV_PORT) -> st
     return (
         f"srun --nodes={parallel.nodes} --ntasks-per-node=1 --gpus-per-node={g} "
         f"bash -c {shlex.quote(agent)} torchrun"
+    )
+
+
+def node_command(python: str, parallel: Parallel, port: int = RDZV_PORT) -> str:
+    """What each node of an AWS Batch multi-node parallel job runs before ``-m refrag.cli
+    …``: one torchrun agent, the rendezvous at the main node (whose own address variable
+    Batch leaves unset: ``hostname -i`` there)."""
+    head = "${AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS:-$(hostname -i)}"
+    return (
+        f"{python} -m torch.distributed.run --nnodes=$AWS_BATCH_JOB_NUM_NODES "
+        f"--nproc-per-node={parallel.gpus_per_node} --rdzv-id=$AWS_BATCH_JOB_ID "
+        f"--rdzv-backend=c10d --rdzv-endpoint={head}:{port}"
     )

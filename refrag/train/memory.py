@@ -27,8 +27,11 @@ by benchmarks/gpu_check.py.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,31 +43,23 @@ from refrag.train.stages import StageConfig
 
 GIB = 2**30
 GPU_OVERHEAD_GIB = 3.0
-# config.json of hub models the paper uses, for plans whose models are not fetched yet
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "meta-llama/Llama-2-7b-hf": {
-        "model_type": "llama",
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "vocab_size": 32000,
-        "max_position_embeddings": 4096,
-    },
-    "roberta-large": {
-        "model_type": "roberta",
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "vocab_size": 50265,
-        "max_position_embeddings": 514,
-        "type_vocab_size": 1,
-        "pad_token_id": 1,
-    },
-}
-KNOWN_CONFIGS["FacebookAI/roberta-large"] = KNOWN_CONFIGS["roberta-large"]
+# The published config.json of hub models the paper uses (config/shapes/<repo>/config.json,
+# shipped with the repository; REFRAG_SHAPES_DIR points elsewhere), for plans whose models
+# are not fetched yet: the shapes, never the weights.
+SHAPES_DIR = Path(
+    os.environ.get("REFRAG_SHAPES_DIR", Path(__file__).parents[2] / "config" / "shapes")
+)
+ALIASES = {"roberta-large": "FacebookAI/roberta-large"}
+
+
+def shipped_configs(folder: Path = SHAPES_DIR) -> dict[str, dict[str, Any]]:
+    """``repo → config.json`` of every ``[owner/]repo/config.json`` under ``folder``."""
+    paths = sorted(folder.glob("*/*/config.json")) + sorted(folder.glob("*/config.json"))
+    found = {str(p.parent.relative_to(folder)): json.loads(p.read_text()) for p in paths}
+    return found | {alias: found[repo] for alias, repo in ALIASES.items() if repo in found}
+
+
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = shipped_configs()
 ACTIVATION_ELEMENTS = {"decoder": (12, 4), "encoder": (7, 4)}  # (× hidden, × MLP width)
 
 

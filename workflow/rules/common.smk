@@ -120,3 +120,28 @@ def qa_outputs():
                 for stage in qa_stages()
             ]
     return files
+
+
+# --- a streamed corpus (corpus.streamed): its shard files, one job each (corpus.smk, data.smk) ---
+from functools import cache
+
+from refrag.data.corpus import part_name, shard_files
+
+STREAMED = config["corpus"]["streamed"]
+EVAL_SPLITS = ["validation", "test"]
+
+
+@cache
+def corpus_parts():
+    """{part: shard file} of a streamed corpus folder, listed once when the workflow is
+    planned (part: the shard's index, 00000, 00001, ...)."""
+    return {
+        f"{i:05d}": str(p)
+        for i, p in enumerate(shard_files(config["corpus"]["source"]))
+    }
+
+
+def part_name_of(wildcards):
+    """The job's shard's name in its corpus (the prefix of its documents' ids)."""
+    shard = corpus_parts()[wildcards.part]
+    return part_name(shard, config["corpus"]["source"])

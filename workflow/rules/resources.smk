@@ -43,6 +43,13 @@ def run_nodes(wildcards):
     return run_parallel_settings(wildcards).nodes
 
 
+def run_submits_batch_job(wildcards):
+    """True where the job's run trains on N > 1 nodes of AWS Batch: its rule submits a
+    multi-node parallel job and waits for it."""
+    parallel = run_parallel_settings(wildcards)
+    return parallel.nodes > 1 and parallel.multinode == "aws-batch"
+
+
 def parallel_param(wildcards):
     """The run's parallel settings as JSON (`refrag train --parallel`): a change reruns."""
     return json.dumps(run_parallel_settings(wildcards).as_dict())
@@ -60,34 +67,47 @@ def launcher(wildcards):
     return launch_command(PYTHON, run_parallel_settings(wildcards))
 
 
-def gpu_resources(gpus, vcpu_per_gpu=8, mem_mb_per_gpu=61440, timeout_s=86400, nodes=1):
+def gpu_resources(
+    gpus, vcpu_per_gpu=8, mem_mb_per_gpu=61440, timeout_s=86400, nodes=1, submitter=None
+):
     """`resources:` of a job on `gpus` GPUs per node on `nodes` nodes (ints or functions of
-    the wildcards): `gpu` (the job's total) for local/docker/Slurm runs, with `nodes` and
-    `mpi` for multi-node Slurm jobs, memory (mem_mb), time (runtime, minutes) and CPUs per
-    GPU for Slurm, the aws_batch_* request for AWS Batch (each ignored elsewhere)."""
+    the wildcards): `gpu` (the job's total) for local/docker/Slurm runs; memory (mem_mb, per
+    node as Slurm's --mem), time (runtime, minutes) and CPUs per GPU for Slurm; the
+    aws_batch_* request (per node) for AWS Batch (each ignored elsewhere). With `nodes`
+    (multi-node) also `nodes`, `mpi` and `tasks` for Slurm: `sbatch --nodes=N --ntasks=N`,
+    the jobstep runs the rule without wrapping it in `srun -n1`, and the rule's own srun
+    starts one torchrun agent per node (`tasks_per_gpu=0`: else the plugin turns `tasks` of
+    a GPU job into --ntasks-per-gpu). `submitter(wildcards)` true: on AWS Batch the job
+    only submits a multi-node parallel job and waits (refrag.train.batch), on the CPU
+    job definition with the profile's CPU defaults."""
     per_node = gpus if callable(gpus) else (lambda wildcards: gpus)
     node_count = nodes if callable(nodes) else (lambda wildcards: nodes)
     count = lambda wildcards: per_node(wildcards) * node_count(wildcards)
+    node_mem = lambda wildcards: max(8192, mem_mb_per_gpu * per_node(wildcards))
     multi = {}
     if callable(nodes) or nodes > 1:
         multi = {
             "nodes": node_count,
-            # Slurm: the rule's own srun starts one torchrun agent per node
             "mpi": lambda wildcards: "srun" if node_count(wildcards) > 1 else "",
+            "tasks": node_count,
+            "tasks_per_gpu": 0,
         }
+    on_batch = lambda wildcards: 0 if submitter and submitter(wildcards) else 1
     return multi | {
         "gpu": count,
         "cpus_per_gpu": vcpu_per_gpu,  # Slurm (--gpus=N --cpus-per-gpu); CPU jobs use threads
-        "mem_mb": lambda wildcards: max(8192, mem_mb_per_gpu * count(wildcards)),
+        "mem_mb": node_mem,
         "runtime": timeout_s // 60,
-        "aws_batch_gpu": count,
-        "aws_batch_vcpu": lambda wildcards: max(2, vcpu_per_gpu * count(wildcards)),
-        "aws_batch_mem_mb": lambda wildcards: max(
-            8192, mem_mb_per_gpu * count(wildcards)
+        "aws_batch_gpu": lambda wildcards: per_node(wildcards) * on_batch(wildcards),
+        "aws_batch_vcpu": lambda wildcards: max(
+            2, vcpu_per_gpu * per_node(wildcards) * on_batch(wildcards)
+        ),
+        "aws_batch_mem_mb": lambda wildcards: (
+            node_mem(wildcards) if on_batch(wildcards) else 8192
         ),
         "aws_batch_task_timeout": timeout_s,
         "aws_batch_job_definition": lambda wildcards: aws_job_definition(
-            "gpu" if count(wildcards) else "cpu"
+            "gpu" if count(wildcards) * on_batch(wildcards) else "cpu"
         ),
     }
 

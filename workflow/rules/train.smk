@@ -20,7 +20,7 @@ rule train:
         CONDA_ENV
     threads: train_threads
     resources:
-        **gpu_resources(run_gpus, nodes=run_nodes),
+        **gpu_resources(run_gpus, nodes=run_nodes, submitter=run_submits_batch_job),
     params:
         hp=lambda wc: json.dumps(stage_hp(wc)),
         start=train_start,

@@ -1,0 +1,238 @@
+"""Data at scale: a corpus shard read streamed (refrag.data.corpus.stream_documents) and
+tokenized as it comes (refrag.data.shards.tokenize_stream): the same windows as the
+whole-corpus path, and peak memory flat in the corpus's size (measured in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import zstandard
+
+from refrag.data.corpus import (
+    assign_split,
+    part_name,
+    prepare_from_parts,
+    read_split,
+    shard_files,
+    stream_documents,
+    write_split_part,
+)
+from refrag.data.shards import gather_shards, iter_windows, read_shards, tokenize_stream
+
+from .conftest import TEXT
+
+SPLIT = {"validation_fraction": 0.2, "test_fraction": 0.2, "seed": 0}
+
+
+def slimpajama_shard(path: Path, docs: list[dict]) -> Path:
+    """A .jsonl.zst file as SlimPajama ships them (text, meta.redpajama_set_name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(d) + "\n" for d in docs).encode()
+    path.write_bytes(zstandard.ZstdCompressor().compress(lines))
+    return path
+
+
+def documents(n: int, start: int = 0) -> list[dict]:
+    sets = ("RedPajamaArXiv", "RedPajamaBook", "RedPajamaGithub")
+    return [
+        {"text": (TEXT[i % 50 :] + " ") * 2, "meta": {"redpajama_set_name": sets[i % 3]}}
+        for i in range(start, start + n)
+    ]
+
+
+def test_a_shard_streams_its_documents_of_the_asked_subsets(tmp_path):
+    corpus = tmp_path / "train"
+    shard = slimpajama_shard(corpus / "chunk1" / "example_train_0.jsonl.zst", documents(6))
+    slimpajama_shard(corpus / "chunk2" / "example_train_0.jsonl.zst", documents(3))
+    pd.DataFrame({"text": ["a" * 10, "b" * 10], "id": ["x", "y"]}).to_parquet(corpus / "p.parquet")
+    assert [part_name(p, corpus) for p in shard_files(corpus)] == [
+        "chunk1/example_train_0",
+        "chunk2/example_train_0",  # the same file name in another folder: another name
+        "p",
+    ]
+    kept = list(stream_documents(shard, ["RedPajamaArXiv", "RedPajamaBook"], name="chunk1/x"))
+    assert [d["doc_id"] for d in kept] == ["chunk1/x-0", "chunk1/x-1", "chunk1/x-3", "chunk1/x-4"]
+    assert kept[0]["text"] == (TEXT + " ") * 2
+    parquet = list(stream_documents(corpus / "p.parquet", batch_rows=1))
+    assert [d["doc_id"] for d in parquet] == ["x", "y"]
+
+
+def test_shard_by_shard_gives_the_windows_of_the_whole_corpus(
+    tmp_path, encoder_tokenizer, decoder_tokenizer
+):
+    corpus = tmp_path / "corpus"
+    shards = [slimpajama_shard(corpus / f"s{i}.jsonl.zst", documents(8, 8 * i)) for i in range(3)]
+    windows = {
+        "encoder_tokenizer": encoder_tokenizer,
+        "decoder_tokenizer": decoder_tokenizer,
+        "context_tokens": 32,
+        "target_tokens": 8,
+    }
+    parts, evaluation = [], []
+    for shard in shards:
+        docs = stream_documents(shard, name=part_name(shard, corpus))
+        out = tmp_path / "parts" / shard.name.split(".")[0]
+        tokenize_stream(
+            docs, out, split="train", min_chars=0, max_windows=None, metadata={}, **SPLIT, **windows
+        )
+        parts.append(out)
+        evaluation.append(tmp_path / f"{shard.name}.parquet")
+        write_split_part(
+            stream_documents(shard, name=part_name(shard, corpus)),
+            evaluation[-1],
+            splits=["validation", "test"],
+            **SPLIT,
+        )
+    gathered = gather_shards(parts, tmp_path / "train", metadata={"split": "train"})
+    # the whole-corpus path: every document in memory, its train split's windows
+    every = [d for s in shards for d in stream_documents(s, name=part_name(s, corpus))]
+    train = [d for d in every if assign_split(d["doc_id"], **SPLIT) == "train"]
+    expected = pd.DataFrame(list(iter_windows(train, **windows)))
+    got = read_shards(tmp_path / "train")
+    assert gathered["rows"] == len(expected) > 0
+    pd.testing.assert_frame_equal(got, expected)
+    manifest = prepare_from_parts(evaluation, tmp_path / "splits", ["validation", "test"])
+    for split in ("validation", "test"):
+        ids = read_split(tmp_path / "splits" / f"{split}.parquet")["doc_id"].tolist()
+        assert ids == [d["doc_id"] for d in every if assign_split(d["doc_id"], **SPLIT) == split]
+        assert manifest["splits"][split]["documents"] == len(ids)
+
+
+MEASURE = """
+import json, resource, sys, tracemalloc
+from refrag.data.corpus import stream_documents
+from refrag.data.shards import iter_windows, tokenize_stream
+from refrag.modeling.tokenization import load_tokenizer
+
+shard, out, mode = sys.argv[1:4]
+options = dict(encoder_tokenizer=load_tokenizer(sys.argv[4]),
+               decoder_tokenizer=load_tokenizer(sys.argv[5]), context_tokens=256, target_tokens=64)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tracemalloc.start()
+docs = stream_documents(shard)
+if mode == "streamed":
+    rows = tokenize_stream(docs, out, split="train", validation_fraction=0.0001,
+                           test_fraction=0.0001, seed=0, min_chars=0, max_windows=None,
+                           metadata={}, shard_rows=100, **options)["rows"]
+else:  # the whole-corpus path: every document and window in memory
+    rows = len(list(iter_windows(list(docs), **options)))
+peak = tracemalloc.get_traced_memory()[1]
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"rows": rows, "python_peak_mib": peak / 2**20,
+                  "rss_peak_growth_mib": (after - before) / 1024}))
+"""
+
+
+def measure(tmp_path: Path, shard: Path, mode: str, decoder_dir, encoder_dir) -> dict:
+    script = tmp_path / "measure.py"
+    script.write_text(MEASURE)
+    out = tmp_path / f"out-{shard.name.split('.')[0]}-{mode}"
+    result = subprocess.run(
+        [sys.executable, str(script), str(shard), str(out), mode, str(encoder_dir)]
+        + [str(decoder_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_streamed_tokenization_memory_is_flat_in_the_corpus_size(
+    tmp_path, decoder_dir, encoder_dir
+):
+    """The Python heap's peak (tracemalloc) while tokenizing shards of 200 and 800
+    documents (0.7 and 2.8 MB of text; 256 + 64-token windows): flat when streamed (one
+    document and one shard of rows, 100 here), growing with the corpus on the whole-corpus path.
+    The process's peak RSS growth is printed beside it (-s)."""
+    small = slimpajama_shard(tmp_path / "small.jsonl.zst", documents(200))
+    large = slimpajama_shard(tmp_path / "large.jsonl.zst", documents(800))
+    args = (decoder_dir, encoder_dir)
+    streamed = [measure(tmp_path, s, "streamed", *args) for s in (small, large)]
+    whole = [measure(tmp_path, s, "whole", *args) for s in (small, large)]
+    print({"streamed": streamed, "whole": whole})
+    assert streamed[1]["rows"] > 3.9 * streamed[0]["rows"] > 0
+    assert streamed[1]["python_peak_mib"] < 1.25 * streamed[0]["python_peak_mib"]
+    assert whole[1]["python_peak_mib"] > 3 * whole[0]["python_peak_mib"]
+
+
+@pytest.mark.slow
+def test_the_workflow_tokenizes_a_streamed_corpus_one_job_per_shard(
+    tmp_path, decoder_dir, encoder_dir, encoder_tokenizer, decoder_tokenizer
+):
+    """corpus.streamed: two .jsonl.zst shards, a split_part and a tokenize_part job each;
+    the train windows are each shard's first ones (max_windows shared by the shards), the
+    test split is tokenized from the gathered evaluation documents as before."""
+    from .test_workflow import override, planned_jobs, snakemake, tiny_workspace
+
+    ws = tiny_workspace(
+        tmp_path,
+        decoder_dir,
+        encoder_dir,
+        runs=[{"decoder": "tiny-decoder", "encoder": "tiny-encoder", "k": [4]}],
+        windows=30,
+        steps=1,
+    )
+    texts = [p.read_text() for p in sorted((tmp_path / "corpus").glob("*.txt"))]
+    corpus = tmp_path / "streamed"
+    for i in range(2):
+        slimpajama_shard(
+            corpus / f"chunk{i}" / "example_train_0.jsonl.zst",
+            [{"text": t, "meta": {"redpajama_set_name": "RedPajamaArXiv"}} for t in texts[i::2]],
+        )
+    args = override(
+        ws, {"corpus": {"source": str(corpus), "streamed": True, "subsets": ["RedPajamaArXiv"]}}
+    )
+    train = "results/shards/tiny/tiny-decoder/tiny-encoder/train"
+    test = "results/shards/tiny/tiny-decoder/tiny-encoder/test"
+    jobs = planned_jobs(ws, train, test, *args)
+    assert {k: jobs.get(k) for k in ("split_part", "tokenize_part", "gather_train_shards")} == {
+        "split_part": 2,
+        "tokenize_part": 2,
+        "gather_train_shards": 1,
+    }
+    assert (jobs["prepare_corpus"], jobs["tokenize"]) == (1, 1)  # test split only
+    snakemake(ws, train, test, "--cores", "2", *args)
+    split = {"validation_fraction": 0.2, "test_fraction": 0.25, "seed": 0}
+    expected = []
+    for shard in shard_files(corpus):
+        docs = [
+            d
+            for d in stream_documents(shard, name=part_name(shard, corpus))
+            if assign_split(d["doc_id"], **split) == "train"
+        ]
+        rows = iter_windows(
+            docs,
+            encoder_tokenizer=encoder_tokenizer,
+            decoder_tokenizer=decoder_tokenizer,
+            context_tokens=32,
+            target_tokens=8,
+        )
+        expected += list(rows)[:15]  # 30 / 2 per shard
+    pd.testing.assert_frame_equal(read_shards(ws / train), pd.DataFrame(expected))
+    manifest = json.loads((ws / train / "manifest.json").read_text())
+    assert manifest["rows"] == len(expected) and manifest["context_tokens"] == 32
+    assert read_shards(ws / test)["doc_id"].str.startswith("chunk").all()
+
+
+def test_a_streamed_corpus_that_cannot_stream_is_refused_in_one_line(tmp_path):
+    from refrag.preflight import corpus_errors
+
+    hub = {"corpus": {"source": "hf:cerebras/SlimPajama-627B", "streamed": True}}
+    assert corpus_errors(hub) == [
+        "config corpus.streamed: needs a folder of shard files, not "
+        "'hf:cerebras/SlimPajama-627B' (a local or mounted copy)"
+    ]
+    empty = {"corpus": {"source": str(tmp_path), "streamed": True}}
+    assert "holds no .parquet, .jsonl or .jsonl.zst shard" in corpus_errors(empty)[0]
+    slimpajama_shard(tmp_path / "a.jsonl.zst", documents(2))
+    good = {"corpus": {"source": str(tmp_path), "streamed": True, "min_chars": 10}}
+    assert corpus_errors(good) == []
+    train = good | {"eval": {"sets": ["train"]}}
+    assert "keeps no train split to evaluate on" in corpus_errors(train)[0]
