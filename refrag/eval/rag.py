@@ -31,21 +31,26 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-from tqdm.auto import tqdm
+import matplotlib
 
-from refrag.data.qa import QAExample, normalize_answer, question_prompt, read_qa_set
-from refrag.eval.choice import score_choices
-from refrag.eval.qa import answer_questions, qa_table
-from refrag.eval.statistics import bootstrap_ratio
-from refrag.io.integrity import verify_folder, write_json
-from refrag.io.runtime import pick_device
-from refrag.modeling import RefragModel
-from refrag.modeling.prompting import render_chat, template_tokenizer
-from refrag.modeling.tokenization import RefragTokenizer
-from refrag.retrieval import Passage, PassageIndex
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from refrag.data.qa import QAExample, normalize_answer, question_prompt, read_qa_set  # noqa: E402
+from refrag.eval.choice import score_choices  # noqa: E402
+from refrag.eval.qa import answer_questions, qa_table  # noqa: E402
+from refrag.eval.statistics import bootstrap_ratio  # noqa: E402
+from refrag.eval.tables import compact, with_interval  # noqa: E402
+from refrag.io.integrity import verify_folder, write_json  # noqa: E402
+from refrag.io.runtime import pick_device  # noqa: E402
+from refrag.modeling import RefragModel  # noqa: E402
+from refrag.modeling.prompting import render_chat, template_tokenizer  # noqa: E402
+from refrag.modeling.tokenization import RefragTokenizer  # noqa: E402
+from refrag.retrieval import Passage, PassageIndex  # noqa: E402
 
 PASSAGE_SEPARATOR = "\n\n"
 
@@ -143,7 +148,7 @@ def measure_ttft(
     for _ in tqdm(range(repeats), desc="ttft", mininterval=5):
         for key, batches in prepared.items():
             for batch in batches:
-                if device != "cpu":
+                if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 logits = model(**batch, use_cache=True).logits
@@ -282,3 +287,126 @@ def equal_latency(table: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(out)
+
+
+STYLES = {
+    "full_context": ("tab:green", "o", "passages as tokens"),
+    "refrag": ("tab:blue", "s", "REFRAG"),
+}
+
+RAG_CAPTION = (
+    "RAG on the QA set's questions: each question's top n retrieved passages (joined in rank "
+    "order) read by one checkpoint (stage and k given) as tokens (full_context) or as chunk "
+    "embeddings (refrag), or no passage (no_context, n 0); scored as the QA table scores. "
+    "ttft_ms: time to first token measured in the same job on this machine (prefill, batch 1, "
+    "chunk embeddings recomputed, median); positions: decoder positions of the prompt. "
+    "[*_lo, *_hi]: 95% bootstrap interval over documents; choice_gain: against no_context."
+)
+RECALL_CAPTION = (
+    "Retrieval recall@n over every question of the QA set (query: the question's sentence "
+    "with its blank, so it shares most words with its source: an easy task). recall_document: "
+    "a passage of the question's source document in the top n; recall_answer: one of them "
+    "also contains the answer. The index holds every document of the corpus (all splits)."
+)
+EQUAL_CAPTION = (
+    "Equal latency: for each number of passages read as tokens, REFRAG with the most "
+    "passages whose measured TTFT is not above it."
+)
+
+
+def plot_rag(rag_csv: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Multiple-choice accuracy and exact match against passages read and against measured
+    TTFT, tokens vs REFRAG, one figure (``no_context`` as a dashed line)."""
+    table = pd.read_csv(rag_csv)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharey="row")
+    for row, metric in enumerate(("choice_accuracy", "exact_match")):
+        for col, x in enumerate(("n", "ttft_ms")):
+            ax = axes[row, col]
+            for variant, (colour, marker, label) in STYLES.items():
+                part = table[table["variant"] == variant].sort_values("n")
+                if part.empty:
+                    continue
+                err = [part[metric] - part[f"{metric}_lo"], part[f"{metric}_hi"] - part[metric]]
+                ax.errorbar(
+                    part[x],
+                    part[metric],
+                    yerr=err,
+                    color=colour,
+                    marker=marker,
+                    capsize=3,
+                    label=label,
+                )
+                for _, r in part.iterrows():
+                    ax.annotate(
+                        f"{r['n']}",
+                        (r[x], r[metric]),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=8,
+                        color=colour,
+                    )
+            for _, r in table[table["variant"] == "no_context"].iterrows():
+                ax.axhline(r[metric], ls="--", color="tab:red", label="no passage")
+            ax.set_xlabel("retrieved passages read" if x == "n" else "TTFT (ms, measured)")
+            ax.set_ylabel(metric.replace("_", " "))
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    first = table.iloc[0]
+    fig.suptitle(
+        f"RAG at equal latency: {first.get('stage', '')} checkpoint, k = {first['k']}, "
+        f"{int(first['n_questions'])} questions, device {first.get('device', '?')}"
+    )
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def report_sections(
+    rag_csv: str | os.PathLike, recall_csv: str | os.PathLike, equal_csv: str | os.PathLike
+) -> list[tuple[str, str, pd.DataFrame]]:
+    """The report's retrieval sections: (title, caption, table) for recall@n, the RAG table
+    and the equal-latency pairs, numbers as the report prints them."""
+    recall = pd.read_csv(recall_csv)
+    for name in ("document", "answer"):
+        recall[f"recall_{name}"] = [
+            with_interval(*t)
+            for t in zip(
+                recall[f"recall_{name}"],
+                recall[f"recall_{name}_lo"],
+                recall[f"recall_{name}_hi"],
+                strict=True,
+            )
+        ]
+        recall = recall.drop(columns=[f"recall_{name}_lo", f"recall_{name}_hi"])
+    rag = pd.read_csv(rag_csv)
+    keep = [
+        "variant",
+        "n",
+        "k",
+        "stage",
+        "ttft_ms",
+        "positions",
+        "exact_match",
+        "exact_match_lo",
+        "exact_match_hi",
+        "f1",
+        "f1_lo",
+        "f1_hi",
+        "choice_accuracy",
+        "choice_accuracy_lo",
+        "choice_accuracy_hi",
+        "choice_gain",
+        "choice_gain_lo",
+        "choice_gain_hi",
+        "n_questions",
+        "n_documents",
+        "eval_set",
+    ]
+    return [
+        ("Retrieval recall@n", RECALL_CAPTION, compact(recall)),
+        ("RAG answers by passages read", RAG_CAPTION, compact(rag[[c for c in keep if c in rag]])),
+        ("RAG at equal latency", EQUAL_CAPTION, compact(pd.read_csv(equal_csv))),
+    ]
