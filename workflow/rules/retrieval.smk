@@ -4,6 +4,17 @@
 
 RAG_EVAL = "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/rag/{retriever}/k{k}-{stage}.json"
 
+RAG_REPORT = {  # eval_report's inputs when RAG is evaluated
+    "rag": "results/eval/rag.csv",
+    "retrieval": "results/eval/retrieval.csv",
+    "rag_equal": "results/eval/rag_equal_latency.csv",
+    "rag_plot": "results/plots/rag.png",
+}
+if config["retrieval"]["encoder"] not in config["models"]:
+    raise ValueError(
+        f"config retrieval.encoder: {config['retrieval']['encoder']!r} is not a key of models"
+    )
+
 
 def rag_outputs():
     """Every RAG evaluation JSON: each run at the k values retrieval.rag.k lists, each eval set."""
@@ -81,7 +92,9 @@ rule rag_table:
         rag_outputs(),
     output:
         rag=report(
-            "results/eval/rag.csv", caption="../report/rag_table.rst", category="Retrieval"
+            "results/eval/rag.csv",
+            caption="../report/rag_table.rst",
+            category="Retrieval",
         ),
         recall=report(
             "results/eval/retrieval.csv",
@@ -105,7 +118,9 @@ rule plot_rag:
     input:
         "results/eval/rag.csv",
     output:
-        report("results/plots/rag.png", caption="../report/rag.rst", category="Retrieval"),
+        report(
+            "results/plots/rag.png", caption="../report/rag.rst", category="Retrieval"
+        ),
     log:
         "logs/plot_rag.log",
     conda:
