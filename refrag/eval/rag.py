@@ -228,6 +228,7 @@ def evaluate_rag(
             "device": str(next(model.parameters()).device),
             "threads": torch.get_num_threads(),
             "index_passages": len(passage_index),
+            "index_documents": passage_index.meta["documents"],
         },
     }
     write_json(out, result)
@@ -306,7 +307,8 @@ RECALL_CAPTION = (
     "Retrieval recall@n over every question of the QA set (query: the question's sentence "
     "with its blank, so it shares most words with its source: an easy task). recall_document: "
     "a passage of the question's source document in the top n; recall_answer: one of them "
-    "also contains the answer. The index holds every document of the corpus (all splits)."
+    "also contains the answer. The index holds the documents of the splits retrieval.splits "
+    "lists (index_documents, index_passages)."
 )
 EQUAL_CAPTION = (
     "Equal latency: for each number of passages read as tokens, REFRAG with the most "

@@ -135,6 +135,13 @@ if config["retrieval"]["encoder"] not in config["models"]:
     raise ValueError(
         f"config retrieval.encoder: {config['retrieval']['encoder']!r} is not a key of `models`"
     )
+if config["retrieval"]["rag"]["k"] and set(config["eval"]["sets"]) - set(
+    config["retrieval"]["splits"]
+):
+    raise ValueError(
+        f"config retrieval.splits: {config['retrieval']['splits']} must hold every eval set "
+        f"{config['eval']['sets']} (their questions' sources are retrieved)"
+    )
 
 
 def rag_outputs():

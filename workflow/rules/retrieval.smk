@@ -4,10 +4,14 @@
 
 
 rule build_index:
-    """A FAISS index of fixed-size passages of every document of the corpus (all splits),
-    embedded by the sentence encoder retrieval.encoder (mean pooling, normalized)."""
+    """A FAISS index of fixed-size passages of the documents of the corpus splits
+    retrieval.splits lists, embedded by the sentence encoder retrieval.encoder (mean pooling, normalized).
+    """
     input:
-        splits=expand("results/corpus/{{corpus}}/{split}.parquet", split=SPLITS),
+        splits=expand(
+            "results/corpus/{{corpus}}/{split}.parquet",
+            split=config["retrieval"]["splits"],
+        ),
         manifest="results/corpus/{corpus}/manifest.json",
         encoder="resources/models/{encoder}",
     output:
@@ -18,6 +22,7 @@ rule build_index:
         CONDA_ENV
     threads: 1
     params:
+        splits=config["retrieval"]["splits"],
         passage_words=config["retrieval"]["passage_words"],
         overlap=config["retrieval"]["overlap"],
         batch_size=config["retrieval"]["batch_size"],

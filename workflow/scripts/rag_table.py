@@ -18,7 +18,9 @@ with log_to(snakemake.log[0]):
         equal.append(equal_latency(table).assign(**labels, k=result["run"]["k"]))
         recall.append(
             recall_table(result["recall"], snakemake.params.recall_n, **bootstrap).assign(
-                **labels, index_passages=result["run"]["index_passages"]
+                **labels,
+                index_passages=result["run"]["index_passages"],
+                index_documents=result["run"]["index_documents"],
             )
         )
     for frames, out in [
