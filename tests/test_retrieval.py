@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from refrag.cli import main
 from refrag.io.integrity import IntegrityError
 from refrag.retrieval import Passage, PassageIndex, SentenceEncoder, chunk_documents
 
@@ -103,3 +104,16 @@ def test_an_index_refuses_another_encoder(tmp_path, index, tiny_model_dirs):
     folder = index.save(tmp_path / "index")
     with pytest.raises(ValueError, match="weights differ"):
         PassageIndex.load(folder, tiny_model_dirs["encoder"])
+
+
+def test_refrag_retrieve_prints_the_top_passages_or_one_line(tmp_path, index, capsys):
+    folder = index.save(tmp_path / "index")
+    main(["retrieve", "Who designed the mechanical computer?", "--index", str(folder), "-n", "2"])
+    out = capsys.readouterr().out
+    assert out.startswith("[1] ") and "engine#p" in out and "[2] " in out and "[3] " not in out
+    main(["retrieve", "lava", "--index", str(folder), "-n", "1", "--json"])
+    (hit,) = json.loads(capsys.readouterr().out)
+    assert hit["doc_id"] == "volcano" and set(hit) >= {"text", "doc_id", "score"}
+    with pytest.raises(SystemExit, match=r"^refrag retrieve: .*no such folder") as err:
+        main(["retrieve", "lava", "--index", str(tmp_path / "missing")])
+    assert "\n" not in str(err.value)
