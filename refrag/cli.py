@@ -29,6 +29,7 @@ from refrag.io.runtime import log_to, quiet_transformers
 from refrag.modeling import RefragModel
 from refrag.modeling.tokenization import RefragTokenizer
 from refrag.preflight import ConfigFileError, check_config_files, configfile_args
+from refrag.retrieval import PassageIndex
 from refrag.serve.chat import run
 from refrag.train import batch
 from refrag.train.distributed import hello, rank_log_path
@@ -261,6 +262,25 @@ def hello_dist(args: argparse.Namespace) -> None:
         hello(args.out)
 
 
+DEFAULT_INDEX = "results/index/enwiki-sample/all-minilm-l6-v2"  # the main job's build_index
+
+
+def retrieve(args: argparse.Namespace) -> None:
+    """The top passages of the index for a question, best first."""
+    quiet_transformers()
+    try:
+        index = PassageIndex.load(args.index, args.encoder)
+        hits = index.search(args.question, args.n)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"refrag retrieve: {err}") from None
+    if args.json:
+        print(json.dumps([vars(p) | {"score": round(p.score, 4)} for p in hits]))
+        return
+    for rank, p in enumerate(hits, 1):
+        title = f" ({p.title})" if p.title else ""
+        print(f"[{rank}] {p.score:.3f} {p.passage_id}{title}\n{p.text}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="refrag", description=__doc__)
     parser.add_argument(
@@ -300,6 +320,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     batch.add_arguments(p)
     p.set_defaults(func=lambda args: batch.run_from_arguments(args) and None)
+    p = sub.add_parser("retrieve", help="the passages of a vector index nearest a question")
+    p.add_argument("question")
+    p.add_argument(
+        "--index",
+        default=DEFAULT_INDEX,
+        help=f"an index folder written by the build_index rule (default {DEFAULT_INDEX})",
+    )
+    p.add_argument("-n", type=int, default=5, help="passages to print (default 5)")
+    p.add_argument("--encoder", help="the encoder folder, if not where the index was built")
+    p.add_argument("--json", action="store_true", help="one JSON list of passages on stdout")
+    p.set_defaults(func=retrieve)
     args = parser.parse_args(argv)
     try:
         status = args.func(args)
