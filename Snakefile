@@ -27,6 +27,7 @@ include: "workflow/rules/corpus.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/eval.smk"
+include: "workflow/rules/retrieval.smk"
 include: "workflow/rules/distributed.smk"
 include: "workflow/rules/report.smk"
 

@@ -29,6 +29,7 @@ from refrag.io.runtime import log_to, pick_device, quiet_transformers
 from refrag.modeling import RefragModel
 from refrag.modeling.tokenization import RefragTokenizer
 from refrag.preflight import ConfigFileError, check_config_files, configfile_args
+from refrag.retrieval import PassageIndex
 from refrag.serve.api import ServeLimits
 from refrag.serve.chat import ChatInputError, check_checkpoint, run
 from refrag.serve.chunk_cache import ChunkEmbeddingCache
@@ -214,6 +215,11 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--index", metavar="FOLDER", help="a passage index; requests may then ask `retrieve: n`"
     )
+    parser.add_argument(
+        "--index-encoder",
+        metavar="FOLDER",
+        help="the index's sentence encoder (default: the folder that built it)",
+    )
     parser.add_argument("--max-batch", type=int, default=8, help="requests per batch (1: off)")
     parser.add_argument(
         "--batch-wait-ms",
@@ -265,7 +271,7 @@ def serve(args: argparse.Namespace) -> None:
         engine,
         model_name=name,
         limits=limits,
-        retriever=load_index(args.index, device) if args.index else None,
+        retriever=load_index(args.index, args.index_encoder, device) if args.index else None,
         compress_documents=not args.plain_documents,
         default_max_tokens=args.max_tokens,
     )
@@ -277,9 +283,12 @@ def serve(args: argparse.Namespace) -> None:
     serve_http(service, host=args.host, port=args.port, grace_s=args.grace_s)
 
 
-def load_index(folder: str, device: str):
-    """The passage index behind ``refrag serve --index``."""
-    raise SystemExit(f"refrag serve: --index {folder}: no retrieval index support on this branch")
+def load_index(folder: str, encoder: str | None, device: str) -> PassageIndex:
+    """The passage index behind ``refrag serve --index`` (its query encoder on ``device``)."""
+    try:
+        return PassageIndex.load(folder, encoder, device=device)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"refrag serve: --index {folder}: {err}") from None
 
 
 def train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -350,6 +359,25 @@ def hello_dist(args: argparse.Namespace) -> None:
         hello(args.out)
 
 
+DEFAULT_INDEX = "results/index/enwiki-sample/all-minilm-l6-v2"  # the main job's build_index
+
+
+def retrieve(args: argparse.Namespace) -> None:
+    """The top passages of the index for a question, best first."""
+    quiet_transformers()
+    try:
+        index = PassageIndex.load(args.index, args.encoder)
+        hits = index.search(args.question, args.n)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"refrag retrieve: {err}") from None
+    if args.json:
+        print(json.dumps([vars(p) | {"score": round(p.score, 4)} for p in hits]))
+        return
+    for rank, p in enumerate(hits, 1):
+        title = f" ({p.title})" if p.title else ""
+        print(f"[{rank}] {p.score:.3f} {p.passage_id}{title}\n{p.text}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="refrag", description=__doc__)
     parser.add_argument(
@@ -388,6 +416,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--rank-log-dir", required=True)
     p.set_defaults(func=hello_dist)
+    p = sub.add_parser("retrieve", help="the passages of a vector index nearest a question")
+    p.add_argument("question")
+    p.add_argument(
+        "--index",
+        default=DEFAULT_INDEX,
+        help=f"an index folder written by the build_index rule (default {DEFAULT_INDEX})",
+    )
+    p.add_argument("-n", type=int, default=5, help="passages to print (default 5)")
+    p.add_argument("--encoder", help="the encoder folder, if not where the index was built")
+    p.add_argument("--json", action="store_true", help="one JSON list of passages on stdout")
+    p.set_defaults(func=retrieve)
     args = parser.parse_args(argv)
     try:
         status = args.func(args)

@@ -278,9 +278,10 @@ def write_report(
     html_out: PathLike,
     md_out: PathLike,
     config: dict | None = None,
+    sections: Sequence[tuple[str, str, pd.DataFrame]] = (),
 ) -> None:
-    """Assemble the tables (perplexity, QA when ``qa_csv`` is given, TTFT), ``figures``
-    (title → PNG) and DAG into ``html_out`` (inlined) and ``md_out`` (linking the files where
+    """Assemble the tables (perplexity, QA when ``qa_csv`` is given, ``sections`` of (title,
+    caption, table) such as retrieval's, TTFT), ``figures`` (title → PNG) and DAG into ``html_out`` (inlined) and ``md_out`` (linking the files where
     they are)."""
     html_out, md_out = Path(html_out), Path(md_out)
     table = read_perplexity(perplexity_csv)
@@ -311,6 +312,8 @@ def write_report(
     ]
     if qa is not None:
         md += ["## Question answering", "", QA_CAPTION, "", qa.to_markdown(index=False), ""]
+    for title, caption, frame in sections:
+        md += [f"## {title}", "", caption, "", frame.to_markdown(index=False), ""]
     if ttft_table is not None:
         md += ["## Time to first token", "", ttft_table.to_markdown(index=False), ""]
     md += [f"![{title}]({os.path.relpath(fig, md_out.parent)})" for title, fig in figures.items()]
@@ -335,6 +338,9 @@ def write_report(
             f"<h2>Question answering</h2><p class='note'>{html.escape(QA_CAPTION)}</p>",
             _scroll(qa.to_html(index=False)),
         ]
+    for title, caption, frame in sections:
+        body += [f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(caption)}</p>"]
+        body += [_scroll(frame.to_html(index=False))]
     if ttft_table is not None:
         body += ["<h2>Time to first token</h2>", _scroll(ttft_table.to_html(index=False))]
     for title, fig in figures.items():

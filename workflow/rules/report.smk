@@ -123,6 +123,7 @@ rule eval_report:
     """results/report.html (+ report.md): the tables, plots and DAG above in one page."""
     input:
         unpack(lambda wc: {"qa": "results/eval/qa.csv"} if qa_keys() else {}),
+        unpack(lambda wc: RAG_REPORT if rag_outputs() else {}),
         perplexity="results/eval/perplexity.csv",
         ttft="results/bench/ttft.csv",
         perplexity_plot="results/plots/perplexity.png",
