@@ -18,9 +18,10 @@ import openai
 import pytest
 import torch
 
-from refrag.cli import main
+from refrag.cli import load_index, main
 from refrag.modeling import RefragModel
 from refrag.modeling.prompting import render_chat, template_tokenizer
+from refrag.retrieval import PassageIndex, chunk_documents
 from refrag.serve.api import ServeLimits
 from refrag.serve.engine import BatchingEngine
 from refrag.serve.inference import greedy_generate
@@ -258,3 +259,23 @@ def test_serve_command_help_lists_the_limits(capsys):
     out = capsys.readouterr().out
     for flag in ("--max-documents", "--max-prompt-positions", "--index", "--max-batch"):
         assert flag in out
+
+
+def test_retrieve_from_a_real_passage_index(tmp_path, encoder_dir, varied_model, refrag_tokenizer):
+    """`--index FOLDER` (the CLI's loader) behind the server: the passage nearest the question
+    is the one prepended."""
+    docs = [
+        {"doc_id": "engine", "text": "The Analytical Engine was designed by Charles Babbage."},
+        {"doc_id": "volcano", "text": "A volcano lets lava and ash escape from a magma chamber."},
+    ]
+    PassageIndex.build(chunk_documents(docs, words=20), encoder_dir, progress=False).save(
+        tmp_path / "index"
+    )
+    engine = BatchingEngine(varied_model, refrag_tokenizer, max_batch=1)
+    service = ChatService(
+        engine, model_name=MODEL, retriever=load_index(str(tmp_path / "index"), None, "cpu")
+    )
+    with running_server(service) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+        answer = ask(client, "Where does lava come from?", n=2, extra_body={"retrieve": 1})
+    assert answer.model_extra["refrag"]["retrieved"] == ["volcano#p0"]
