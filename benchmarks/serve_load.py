@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import platform
 import statistics
 import threading
@@ -204,6 +205,8 @@ def main() -> None:
         "device": str(param.device),
         "dtype": str(param.dtype),
         "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),  # other work on the machine skews timings
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -211,11 +214,14 @@ def main() -> None:
         },  # fmt: skip
         "load": vars(args) | {"checkpoint": checkpoint},
         "results": [run_mode(m, model, tok, contents, args) for m in args.modes.split(",")],
+        "load_average_at_end": os.getloadavg(),
     }
     print(
         f"{report['decoder']} + {report['encoder']}, k={report['k']}, {report['device']} "
         f"{report['dtype']}; {args.clients} clients x {args.requests} requests, "
-        f"{args.passages} passages of {args.words} words, {args.max_tokens} tokens each"
+        f"{args.passages} passages of {args.words} words, {args.max_tokens} tokens each; "
+        f"load average {report['load_average_at_start'][0]:.1f} -> "
+        f"{report['load_average_at_end'][0]:.1f} on {report['cpus']} CPUs"
     )
     print(f"{'mode':<18}{'positions':>10}{'TTFT p50 ms':>13}{'p99 ms':>10}{'tok/s':>9}"
           f"{'failed':>8}{'max batch':>11}")  # fmt: skip

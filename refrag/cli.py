@@ -243,13 +243,15 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    """Load the model (and the index), then serve until SIGTERM/SIGINT."""
+    """Load the index (first: a bad one fails fast) and the model, then serve until
+    SIGTERM/SIGINT."""
     quiet_transformers()
     try:
         checkpoint = args.checkpoint and check_checkpoint(args.checkpoint, args.cache_dir)
     except ChatInputError as err:
         raise SystemExit(f"refrag serve: {err}") from None
     device = pick_device(args.device)
+    index = load_index(args.index, args.index_encoder, device) if args.index else None
     model, tok = load_refrag(
         checkpoint or None,
         decoder=args.decoder,
@@ -271,7 +273,7 @@ def serve(args: argparse.Namespace) -> None:
         engine,
         model_name=name,
         limits=limits,
-        retriever=load_index(args.index, args.index_encoder, device) if args.index else None,
+        retriever=index,
         compress_documents=not args.plain_documents,
         default_max_tokens=args.max_tokens,
     )

@@ -142,6 +142,24 @@ def test_concurrent_requests_share_forward_passes_and_match_solo(server):
     assert stats.rows - rows == 30 and stats.forward_passes - passes < 30
 
 
+def test_stop_string_ends_the_answer_before_it(server):
+    client, _, _ = server
+    whole = ask(client, DOC, n=12).choices[0].message.content
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 3]
+    cut = ask(client, DOC, n=12, stop=[stop])
+    assert cut.choices[0].message.content == whole[: whole.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_sampling_with_a_seed_repeats(server):
+    client, _, _ = server
+    first, again, other = (
+        ask(client, DOC, n=10, temperature=1.5, seed=s).choices[0].message.content
+        for s in (7, 7, 8)
+    )
+    assert first == again and first != other
+
+
 def test_chunk_cache_is_shared_across_requests(server):
     client, service, _ = server
     doc = f"<doc id='cache'>{TEXT[50:450]} unique words for this test</doc> Who?"
@@ -228,7 +246,7 @@ def test_sigterm_finishes_in_flight_request_and_refuses_new_ones(tiny_checkpoint
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-        stream = ask(client, DOC, n=400, stream=True)
+        stream = ask(client, DOC, n=250, stream=True)
         pieces = []
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -279,3 +297,11 @@ def test_retrieve_from_a_real_passage_index(tmp_path, encoder_dir, varied_model,
         client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
         answer = ask(client, "Where does lava come from?", n=2, extra_body={"retrieve": 1})
     assert answer.model_extra["refrag"]["retrieved"] == ["volcano#p0"]
+
+
+def test_serve_with_a_missing_index_is_one_line_before_loading_the_model(tmp_path):
+    with pytest.raises(SystemExit) as caught:
+        main(["--cache-dir", str(tmp_path), "serve", "--index", str(tmp_path / "no-index")])
+    message = str(caught.value.code)
+    assert message.startswith("refrag serve: ") and "no-index" in message
+    assert "\n" not in message
