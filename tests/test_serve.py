@@ -23,7 +23,7 @@ from refrag.modeling import RefragModel
 from refrag.modeling.prompting import render_chat, template_tokenizer
 from refrag.retrieval import PassageIndex, chunk_documents
 from refrag.serve.api import ServeLimits
-from refrag.serve.engine import BatchingEngine
+from refrag.serve.engine import BatchingEngine, GenerationRequest, TokenEvent
 from refrag.serve.inference import greedy_generate
 from refrag.serve.server import ChatService, running_server
 from tests.conftest import ROOT, TEXT, tiny_config
@@ -305,3 +305,47 @@ def test_serve_with_a_missing_index_is_one_line_before_loading_the_model(tmp_pat
     message = str(caught.value.code)
     assert message.startswith("refrag serve: ") and "no-index" in message
     assert "\n" not in message
+
+
+def test_requests_arriving_mid_decode_join_the_batch_and_match_solo(varied_model, refrag_tokenizer):
+    """B (a longer prompt) arrives at A's first token, C (short) at A's fifth: both join
+    A's batch between decode steps, and every answer is the one it gets alone."""
+    engine = BatchingEngine(varied_model, refrag_tokenizer, max_batch=4, batch_wait_s=0)
+    engine.start()
+    prompts = {"a": "Tell me a story.", "b": DOC, "c": "Hi"}
+    sizes = {"a": 30, "b": 12, "c": 8}
+
+    def submit(name: str, out: dict, done: dict, on_token=None) -> None:
+        out[name], done[name] = [], threading.Event()
+
+        def sink(event: TokenEvent) -> None:
+            if event.token_id is None:
+                done[name].set()
+                return
+            out[name].append(event.token_id)
+            if on_token:
+                on_token(len(out[name]))
+
+        encoded = refrag_tokenizer.encode(prompts[name])
+        engine.submit(GenerationRequest(encoded, sizes[name], sink, ignore_eos=True))
+
+    solo: dict = {}
+    for name in prompts:
+        waits: dict = {}
+        submit(name, solo, waits)
+        waits[name].wait(60)
+    joined: dict = {}
+    waits = {}
+
+    def on_a(count: int) -> None:  # runs on the worker thread, between two decode steps
+        if count == 1:
+            submit("b", joined, waits)
+        if count == 5:
+            submit("c", joined, waits)
+
+    submit("a", joined, waits, on_a)
+    for name in prompts:
+        assert waits.get(name) is not None and waits[name].wait(60), name
+    engine.close()
+    assert joined == solo
+    assert engine.stats.joined == 2 and engine.stats.max_batch_seen >= 2

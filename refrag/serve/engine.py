@@ -6,9 +6,11 @@ The worker takes the first waiting request, gathers every other one that arrives
 ``batch_wait_s`` (up to ``max_batch``), left-pads them into one batch (chunk rows of all of
 them in one encoder pass, through the shared :class:`ChunkEmbeddingCache`), runs one
 prefill and then one decode step per token for the whole batch, and sends each row's
-tokens to its request as they come (:class:`TokenEvent`). Padded positions are masked and
-every row keeps its own position ids, so a row's greedy tokens do not depend on its batch.
-Requests that arrive while a batch decodes wait for the next batch::
+tokens to its request as they come (:class:`TokenEvent`). Between decode steps, requests
+that arrived meanwhile are prefilled together and join the running batch (their KV cache
+and the batch's left-padded to one length), and finished rows leave it. Padded positions
+are masked and every row keeps its own position ids, so a row's greedy tokens do not depend
+on its batch::
 
     engine = BatchingEngine(model, tok, max_batch=8)
     engine.start()
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from refrag.modeling import RefragModel
 from refrag.modeling.tokenization import RefragTokenizer
@@ -77,6 +80,7 @@ class EngineStats:
     forward_passes: int = 0
     rows: int = 0
     tokens: int = 0
+    joined: int = 0  # requests that joined a batch already decoding
 
 
 class EngineClosedError(RuntimeError):
@@ -116,6 +120,7 @@ class BatchingEngine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._pending = 0  # submitted, not yet finished
+        self._stopping = False  # the worker saw close()'s marker
         self._lock = threading.Lock()
 
     @property
@@ -154,20 +159,20 @@ class BatchingEngine:
 
     # -- the worker ---------------------------------------------------------------------------
     def _work(self) -> None:
-        stopping = False
-        while not stopping:
+        while not self._stopping:
             first = self._queue.get()
             if first is _STOP:
                 break
             group = [first]
             deadline = time.monotonic() + self.batch_wait_s
             while len(group) < self.max_batch:
+                left = deadline - time.monotonic()
                 try:
-                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0) or None)
+                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is _STOP:  # finish this group, then whatever is still queued
-                    stopping = True
+                    self._stopping = True
                     break
                 group.append(item)
             self._run_safely(group)
@@ -201,17 +206,49 @@ class BatchingEngine:
 
     @torch.inference_mode()
     def _run(self, group: list[GenerationRequest]) -> None:
-        """Prefill the group as one left-padded batch, then decode it step by step."""
-        model, n = self.model, len(group)
+        """Prefill the group as one left-padded batch, then decode it step by step; between
+        steps, requests that arrived meanwhile are prefilled and join the batch."""
+        batch = self._prefill(group)
         self.stats.batches += 1
+        tokens = self._emit(batch)
+        while True:
+            room = self.max_batch - len(batch.requests)
+            if room > 0 and batch.joinable and not self._stopping:
+                waiting = self._take_waiting(room)
+                if waiting:
+                    group.extend(waiting)  # so that an error reaches them too
+                    joined = self._prefill(waiting)
+                    self.stats.joined += len(waiting) if batch.requests else 0
+                    batch, tokens = _merge(batch, tokens, joined, self._emit(joined))
+            if not batch.requests:
+                return
+            n = len(batch.requests)
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, n)
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones(n, 1)], dim=1)
+            out = self.model.decoder(
+                input_ids=torch.tensor(tokens, device=self.device).view(n, 1),
+                attention_mask=batch.mask,
+                position_ids=batch.next_position,
+                cache=batch.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            self._count(n)
+            batch.next_position = batch.next_position + 1
+            batch.logits = out.logits[:, -1]
+            tokens = self._emit(batch)
+
+    def _prefill(self, group: list[GenerationRequest]) -> _Batch:
+        """One left-padded prefill of ``group`` (every row with its own position ids)."""
+        n = len(group)
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, n)
         batch = self.tok.pad([r.encoded for r in group], padding_side="left")
         inputs = model_inputs(batch, self.device)
         mask = inputs.pop("attention_mask")
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        embeds = model.embed_inputs(**inputs)
-        cache = DynamicCache(config=model.config.decoder)
-        out = model.decoder(
+        embeds = self.model.embed_inputs(**inputs)
+        cache = DynamicCache(config=self.model.config.decoder)
+        out = self.model.decoder(
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions,
@@ -220,53 +257,114 @@ class BatchingEngine:
             logits_to_keep=1,
         )
         self._count(n)
-        next_position = positions[:, -1:] + 1
-        done = [False] * n
-        produced = [0] * n
-        while True:
-            tokens = self._pick(group, out.logits[:, -1], done)
-            for i, r in enumerate(group):
-                if done[i]:
-                    continue
-                if r.cancelled.is_set():
-                    done[i] = True
-                    self._finish(r, TokenEvent(finish_reason="cancelled"))
-                    continue
-                token = tokens[i]
-                if token in self.eos_ids and not r.ignore_eos:
-                    done[i] = True
-                    self._finish(r, TokenEvent(finish_reason="stop"))
-                    continue
-                produced[i] += 1
-                self.stats.tokens += 1
-                r.sink(TokenEvent(token_id=token))
-                if produced[i] >= r.max_new_tokens:
-                    done[i] = True
-                    self._finish(r, TokenEvent(finish_reason="length"))
-            if all(done):
-                return
-            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
-            out = model.decoder(
-                input_ids=torch.tensor(tokens, device=self.device).view(n, 1),
-                attention_mask=mask,
-                position_ids=next_position,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            self._count(n)
-            next_position = next_position + 1
+        return _Batch(list(group), [0] * n, cache, mask, positions[:, -1:] + 1, out.logits[:, -1])
+
+    def _emit(self, batch: _Batch) -> list[int]:
+        """Pick each row's next token and send it; drop the rows that finished. Returns the
+        tokens of the remaining rows (the next decode step's input)."""
+        tokens = self._pick(batch.requests, batch.logits)
+        keep = []
+        for i, r in enumerate(batch.requests):
+            if r.cancelled.is_set():
+                self._finish(r, TokenEvent(finish_reason="cancelled"))
+                continue
+            if tokens[i] in self.eos_ids and not r.ignore_eos:
+                self._finish(r, TokenEvent(finish_reason="stop"))
+                continue
+            batch.produced[i] += 1
+            self.stats.tokens += 1
+            r.sink(TokenEvent(token_id=tokens[i]))
+            if batch.produced[i] >= r.max_new_tokens:
+                self._finish(r, TokenEvent(finish_reason="length"))
+                continue
+            keep.append(i)
+        if len(keep) < len(batch.requests):
+            batch.select(keep)
+        return [tokens[i] for i in keep]
+
+    def _take_waiting(self, most: int) -> list[GenerationRequest]:
+        """Up to ``most`` queued requests, without waiting (a stop marker is remembered)."""
+        out = []
+        while len(out) < most:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                self._stopping = True
+                break
+            if item.cancelled.is_set():
+                self._finish(item, TokenEvent(finish_reason="cancelled"))
+            else:
+                out.append(item)
+        return out
 
     def _count(self, rows: int) -> None:
         self.stats.forward_passes += 1
         self.stats.rows += rows
 
     @staticmethod
-    def _pick(group: list[GenerationRequest], logits: torch.Tensor, done: list[bool]) -> list[int]:
+    def _pick(group: list[GenerationRequest], logits: torch.Tensor) -> list[int]:
         """The next token per row: greedy, or sampled at the row's temperature."""
         tokens = logits.argmax(-1).tolist()
         for i, r in enumerate(group):
-            if r.temperature > 0 and not done[i]:
+            if r.temperature > 0:
                 probs = torch.softmax(logits[i].float().cpu() / r.temperature, dim=-1)
                 tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
         return tokens
+
+
+@dataclass
+class _Batch:
+    """Rows decoding together: their requests, tokens so far, KV cache, attention mask
+    ``(n, T)``, next position ids ``(n, 1)`` and the last pass's logits ``(n, vocab)``."""
+
+    requests: list[GenerationRequest]
+    produced: list[int]
+    cache: DynamicCache
+    mask: torch.Tensor
+    next_position: torch.Tensor
+    logits: torch.Tensor
+
+    @property
+    def joinable(self) -> bool:
+        """Whether rows can be appended: every cache layer a plain :class:`DynamicLayer`."""
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only the rows ``keep``."""
+        self.requests = [self.requests[i] for i in keep]
+        self.produced = [self.produced[i] for i in keep]
+        if keep:
+            index = torch.tensor(keep, device=self.mask.device)
+            self.cache.batch_select_indices(index)
+            self.mask, self.next_position = self.mask[index], self.next_position[index]
+
+
+def _left_pad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _merge(
+    a: _Batch, a_tokens: list[int], b: _Batch, b_tokens: list[int]
+) -> tuple[_Batch, list[int]]:
+    """``b``'s rows appended to ``a``'s: the shorter KV cache and mask are left-padded
+    (masked, so no row reads the padding)."""
+    if not a.requests:
+        return b, b_tokens
+    if not b.requests:
+        return a, a_tokens
+    length = max(a.mask.shape[1], b.mask.shape[1])
+    for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
+        la.keys = torch.cat([_left_pad(la.keys, length, 2), _left_pad(lb.keys, length, 2)])
+        la.values = torch.cat([_left_pad(la.values, length, 2), _left_pad(lb.values, length, 2)])
+    a.mask = torch.cat([_left_pad(a.mask, length, 1), _left_pad(b.mask, length, 1)])
+    a.next_position = torch.cat([a.next_position, b.next_position])
+    a.requests += b.requests
+    a.produced += b.produced
+    return a, a_tokens + b_tokens
