@@ -104,6 +104,10 @@ def test_default_dag_has_every_stage_once(workspace):
         "ttft_table": 1,
         "plot_ttft": 1,
         "rulegraph": 1,
+        "build_index": 1,  # retrieval: the index, RAG at k = 16, its tables and plot
+        "eval_rag": 1,
+        "rag_table": 1,
+        "plot_rag": 1,
         "eval_report": 1,
     }
 
@@ -169,6 +173,7 @@ def test_sft_data_named_in_the_config_is_an_input_of_the_sft_job(workspace, tmp_
             "is not a key of `models`",
         ),
         ({"hello_dist": {"nprocs": 2}}, "hello_dist.nprocs: unknown key", "nothing was run"),
+        ({"retrieval": {"encoder": "bert"}}, "retrieval.encoder", "is not a key of `models`"),
     ],
 )
 def test_bad_config_fails_before_any_job_naming_the_key(workspace, values, key, error):
@@ -270,6 +275,19 @@ def tiny_workspace(
     config["eval"]["selective"]["k"] = list(selective_and_qa_k)
     config["eval"]["qa"] |= {"k": list(selective_and_qa_k), "max_new_tokens": 4}
     config["bench"] = {"device": "cpu", "contexts": [256], "k": [8], "repeats": 1}
+    config["retrieval"] = {
+        "encoder": "tiny-encoder",  # random weights: the plumbing, not the retrieval
+        "passage_words": 64,
+        "recall_n": [1, 5],
+        "rag": {
+            "k": list(selective_and_qa_k),
+            "questions": 4,
+            "tokens_n": [1, 2],
+            "refrag_n": [1, 2, 4],
+            "ttft_questions": 1,
+            "ttft_repeats": 1,
+        },
+    }
     (ws / "config/config.yaml").write_text(yaml.safe_dump(config))
     return ws
 
@@ -369,6 +387,28 @@ def test_end_to_end_run_trains_sft_and_the_policy_and_evaluates_qa_and_selective
 
 
 @pytest.mark.slow
+def test_end_to_end_run_retrieves_and_compares_rag_at_equal_latency(finished_run):
+    recall = pd.read_csv(finished_run / "results/eval/retrieval.csv")
+    assert list(recall["n"]) == [1, 5] and (recall["index_passages"] > 0).all()
+    assert (recall["recall_document"] >= recall["recall_answer"]).all()
+    rag = pd.read_csv(finished_run / "results/eval/rag.csv")
+    assert list(zip(rag["variant"], rag["n"])) == [
+        ("no_context", 0),
+        ("full_context", 1),
+        ("refrag", 1),
+        ("full_context", 2),
+        ("refrag", 2),
+        ("refrag", 4),
+    ]
+    assert (rag["n_questions"] == 4).all() and (rag["ttft_ms"] > 0).all()
+    assert set(rag["stage"]) == {"sft"} and set(rag["k"]) == {4}
+    assert (finished_run / "results/plots/rag.png").read_bytes().startswith(b"\x89PNG")
+    report = (finished_run / "results/report.html").read_text()
+    assert "Retrieval recall@n" in report and "RAG at equal latency" in report
+    assert (finished_run / "results/index/tiny/tiny-encoder/integrity.json").exists()
+
+
+@pytest.mark.slow
 def test_nothing_reruns_without_a_change(finished_run):
     assert planned_jobs(finished_run, "eval_report") == {}
 
@@ -402,6 +442,9 @@ def test_changing_a_stage_hyperparameter_reruns_that_stage_onward(finished_run):
         "eval_selective": 1,
         "eval_qa": 2,
         "qa_table": 1,
+        "eval_rag": 1,  # it reads the sft checkpoint at k = 4
+        "rag_table": 1,
+        "plot_rag": 1,
         "perplexity_table": 1,
         "plot_perplexity": 1,
         "plot_training": 1,
@@ -431,6 +474,9 @@ def test_snakemake_report_carries_every_table_and_plot(finished_run):
     for output in (
         "perplexity.csv",
         "qa.csv",
+        "rag.csv",
+        "retrieval.csv",
+        "rag.png",
         "perplexity.png",
         "training.png",
         "ttft.csv",

@@ -2,37 +2,6 @@
 # passages, recall@n of the QA set's sources, and RAG answers by the QA stage's checkpoint
 # reading the top-n passages as tokens or compressed, each with its TTFT measured in the job.
 
-RAG_EVAL = "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/rag/{retriever}/k{k}-{stage}.json"
-
-RAG_REPORT = {  # eval_report's inputs when RAG is evaluated
-    "rag": "results/eval/rag.csv",
-    "retrieval": "results/eval/retrieval.csv",
-    "rag_equal": "results/eval/rag_equal_latency.csv",
-    "rag_plot": "results/plots/rag.png",
-}
-if config["retrieval"]["encoder"] not in config["models"]:
-    raise ValueError(
-        f"config retrieval.encoder: {config['retrieval']['encoder']!r} is not a key of models"
-    )
-
-
-def rag_outputs():
-    """Every RAG evaluation JSON: each run at the k values retrieval.rag.k lists, each eval set."""
-    return [
-        RAG_EVAL.format(
-            corpus=CORPUS,
-            decoder=d,
-            encoder=e,
-            eval_set=s,
-            retriever=config["retrieval"]["encoder"],
-            k=k,
-            stage=QA_STAGE,
-        )
-        for d, e, k in run_keys()
-        if k in config["retrieval"]["rag"]["k"]
-        for s in config["eval"]["sets"]
-    ]
-
 
 rule build_index:
     """A FAISS index of fixed-size passages of every document of the corpus (all splits),
