@@ -71,11 +71,12 @@ class GenerationRequest:
 
 @dataclass
 class EngineStats:
-    """Counts since start: batches, their largest size, decoder forward passes, and the
+    """Counts since start: prefill passes (each over the requests that arrived together),
+    the largest batch, decoder forward passes (prefill and decode), and the
     rows those passes carried (``rows > forward_passes``: requests shared passes)."""
 
     requests: int = 0
-    batches: int = 0
+    prefills: int = 0
     max_batch_seen: int = 0
     forward_passes: int = 0
     rows: int = 0
@@ -209,7 +210,6 @@ class BatchingEngine:
         """Prefill the group as one left-padded batch, then decode it step by step; between
         steps, requests that arrived meanwhile are prefilled and join the batch."""
         batch = self._prefill(group)
-        self.stats.batches += 1
         tokens = self._emit(batch)
         while True:
             room = self.max_batch - len(batch.requests)
@@ -241,6 +241,7 @@ class BatchingEngine:
     def _prefill(self, group: list[GenerationRequest]) -> _Batch:
         """One left-padded prefill of ``group`` (every row with its own position ids)."""
         n = len(group)
+        self.stats.prefills += 1
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, n)
         batch = self.tok.pad([r.encoded for r in group], padding_side="left")
         inputs = model_inputs(batch, self.device)
