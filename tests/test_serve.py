@@ -349,3 +349,26 @@ def test_requests_arriving_mid_decode_join_the_batch_and_match_solo(varied_model
     engine.close()
     assert joined == solo
     assert engine.stats.joined == 2 and engine.stats.max_batch_seen >= 2
+
+
+def test_a_failing_forward_is_a_500_and_the_server_goes_on(varied_model, refrag_tokenizer):
+    engine = BatchingEngine(varied_model, refrag_tokenizer, max_batch=2, batch_wait_s=0)
+    service = ChatService(engine, model_name=MODEL)
+    real = engine._prefill
+    calls = []
+
+    def broken_once(group):
+        calls.append(len(group))
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real(group)
+
+    engine._prefill = broken_once
+    with running_server(service) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as caught:
+            ask(client, DOC, n=2)
+        assert "out of memory (simulated)" in caught.value.body["message"]
+        assert caught.value.body["type"] == "server_error"
+        assert ask(client, DOC, n=2).choices[0].finish_reason == "length"
+    assert engine.pending == 0
