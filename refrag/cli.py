@@ -25,12 +25,17 @@ from refrag.io.models import (
     check_specs,
     resolve_model,
 )
-from refrag.io.runtime import log_to, quiet_transformers
+from refrag.io.runtime import log_to, pick_device, quiet_transformers
 from refrag.modeling import RefragModel
 from refrag.modeling.tokenization import RefragTokenizer
 from refrag.preflight import ConfigFileError, check_config_files, configfile_args
 from refrag.retrieval import PassageIndex
-from refrag.serve.chat import run
+from refrag.serve.api import ServeLimits
+from refrag.serve.chat import ChatInputError, check_checkpoint, run
+from refrag.serve.chunk_cache import ChunkEmbeddingCache
+from refrag.serve.engine import BatchingEngine
+from refrag.serve.inference import load_refrag
+from refrag.serve.server import ChatService, serve_http
 from refrag.train import batch
 from refrag.train.distributed import hello, rank_log_path
 from refrag.train.launch import ParallelError
@@ -194,6 +199,101 @@ def chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``refrag serve`` options."""
+    parser.add_argument(
+        "--checkpoint",
+        help="a RefragModel folder, or hf:<repo> (default: assemble --decoder/--encoder, "
+        "random projector)",
+    )
+    parser.add_argument("--decoder", default=DEFAULT_DECODER, help="without --checkpoint")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="without --checkpoint")
+    parser.add_argument("--k", type=int, default=16, help="compression without --checkpoint")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
+    parser.add_argument("--model-name", help="the model id clients name (default: the folder)")
+    parser.add_argument(
+        "--index", metavar="FOLDER", help="a passage index; requests may then ask `retrieve: n`"
+    )
+    parser.add_argument(
+        "--index-encoder",
+        metavar="FOLDER",
+        help="the index's sentence encoder (default: the folder that built it)",
+    )
+    parser.add_argument("--max-batch", type=int, default=8, help="requests per batch (1: off)")
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch's first request waits for others",
+    )
+    parser.add_argument(
+        "--plain-documents",
+        action="store_true",
+        help="read <doc> passages as decoder tokens, uncompressed (the baseline)",
+    )
+    parser.add_argument("--chunk-cache-dir", help="keep chunk embeddings on disk here too")
+    parser.add_argument("--max-tokens", type=int, default=256, help="when a request says none")
+    parser.add_argument("--grace-s", type=float, default=60, help="drain time after SIGTERM")
+    limits = ServeLimits()
+    for name, value in vars(limits).items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=int, default=value, help=f"(default {value:,})"
+        )
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Load the index (first: a bad one fails fast) and the model, then serve until
+    SIGTERM/SIGINT."""
+    quiet_transformers()
+    try:
+        checkpoint = args.checkpoint and check_checkpoint(args.checkpoint, args.cache_dir)
+    except ChatInputError as err:
+        raise SystemExit(f"refrag serve: {err}") from None
+    device = pick_device(args.device)
+    index = load_index(args.index, args.index_encoder, device) if args.index else None
+    model, tok = load_refrag(
+        checkpoint or None,
+        decoder=args.decoder,
+        encoder=args.encoder,
+        compression=args.k,
+        device=device,
+        cache_dir=args.cache_dir,
+    )
+    limits = ServeLimits(**{name: getattr(args, name) for name in vars(ServeLimits())})
+    engine = BatchingEngine(
+        model,
+        tok,
+        max_batch=args.max_batch,
+        batch_wait_s=args.batch_wait_ms / 1000,
+        chunk_cache=ChunkEmbeddingCache(disk_dir=args.chunk_cache_dir),
+    )
+    name = args.model_name or (Path(checkpoint).name if checkpoint else f"refrag-k{args.k}")
+    service = ChatService(
+        engine,
+        model_name=name,
+        limits=limits,
+        retriever=index,
+        compress_documents=not args.plain_documents,
+        default_max_tokens=args.max_tokens,
+    )
+    print(
+        f"refrag serve: {name} on {device}, k={tok.compression}, http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve_http(service, host=args.host, port=args.port, grace_s=args.grace_s)
+
+
+def load_index(folder: str, encoder: str | None, device: str) -> PassageIndex:
+    """The passage index behind ``refrag serve --index`` (its query encoder on ``device``)."""
+    try:
+        return PassageIndex.load(folder, encoder, device=device)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"refrag serve: --index {folder}: {err}") from None
+
+
 def train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=list(STAGES), required=True)
     parser.add_argument("--k", type=int, required=True, help="compression rate")
@@ -305,6 +405,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     chat_arguments(p)
     p.set_defaults(func=chat)
+    p = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions) for a checkpoint"
+    )
+    serve_arguments(p)
+    p.set_defaults(func=serve)
     p = sub.add_parser(
         "train", help="train one stage of the registry (what the workflow's train jobs run)"
     )

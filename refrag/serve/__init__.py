@@ -1,2 +1,3 @@
-"""Serving: inference (prefill, decode, static CUDA-graph runner), the chunk-embedding cache
-and ``refrag chat``. May import refrag.modeling and refrag.io only."""
+"""Serving: inference (prefill, decode, static CUDA-graph runner), the chunk-embedding cache,
+``refrag chat`` and ``refrag serve`` (batching engine, OpenAI-compatible HTTP server). May
+import refrag.modeling and refrag.io only."""
