@@ -5,6 +5,7 @@ whole-corpus path, and peak memory flat in the corpus's size (measured in a subp
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,11 +167,13 @@ def test_streamed_tokenization_memory_is_flat_in_the_corpus_size(
 
 @pytest.mark.slow
 def test_the_workflow_tokenizes_a_streamed_corpus_one_job_per_shard(
-    tmp_path, decoder_dir, encoder_dir, encoder_tokenizer, decoder_tokenizer
+    tmp_path, decoder_dir, encoder_dir, encoder_tokenizer, decoder_tokenizer, monkeypatch
 ):
     """corpus.streamed: two .jsonl.zst shards, a split_part and a tokenize_part job each;
     the train windows are each shard's first ones (max_windows shared by the shards), the
-    test split is tokenized from the gathered evaluation documents as before."""
+    test split is tokenized from the gathered evaluation documents as before. Then the same
+    files served as an hf: dataset by a fake hub, streamed in 2 parts planned offline: the
+    same train and test windows."""
     from .test_workflow import override, planned_jobs, snakemake, tiny_workspace
 
     ws = tiny_workspace(
@@ -221,6 +224,42 @@ def test_the_workflow_tokenizes_a_streamed_corpus_one_job_per_shard(
     manifest = json.loads((ws / train / "manifest.json").read_text())
     assert manifest["rows"] == len(expected) and manifest["context_tokens"] == 32
     assert read_shards(ws / test)["doc_id"].str.startswith("chunk").all()
+
+    # the same files as an hf: dataset's train/ folder, streamed in 2 parts from a fake hub
+    hub_args = override(
+        ws,
+        {
+            "corpus": {
+                "name": "tiny-hub",
+                "source": "hf:org/slimpajama",
+                "streamed": True,
+                "shards": 2,
+                "data_dir": "train",
+                "subsets": ["RedPajamaArXiv"],
+            }
+        },
+    )
+    hub_train, hub_test = (t.replace("/tiny/", "/tiny-hub/") for t in (train, test))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the plan needs no network
+    jobs = planned_jobs(ws, hub_train, hub_test, *hub_args)
+    assert {k: jobs.get(k) for k in ("split_part", "tokenize_part", "fetch_corpus")} == {
+        "split_part": 2,
+        "tokenize_part": 2,
+        "fetch_corpus": None,
+    }
+    repo = tmp_path / "hub-repo"
+    shutil.copytree(corpus, repo / "train")
+    slimpajama_shard(repo / "validation" / "x.jsonl.zst", [{"text": texts[0], "meta": {}}])
+    with FakeHub({"datasets/org/slimpajama": repo}) as hub:
+        for key, value in hub.env(tmp_path / "hf-home", "hf_secret_test_token").items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        snakemake(ws, hub_train, hub_test, "--cores", "2", *hub_args)
+    pd.testing.assert_frame_equal(read_shards(ws / hub_train), read_shards(ws / train))
+    pd.testing.assert_frame_equal(read_shards(ws / hub_test), read_shards(ws / test))
+    manifest = json.loads((ws / hub_train / "manifest.json").read_text())
+    assert manifest["source"] == f"hf:org/slimpajama@{COMMIT}"
+    assert not any("validation/" in path for _, path, _ in hub.requests)
 
 
 def test_a_streamed_corpus_that_cannot_stream_is_refused_in_one_line(tmp_path):

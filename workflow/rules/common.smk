@@ -138,7 +138,8 @@ HUB_STREAMED = STREAMED and config["corpus"]["source"].startswith("hf:")
 def corpus_parts():
     """{part: what it reads} of a streamed corpus, known when the workflow is planned (part:
     00000, 00001, ...): a folder's shard files, listed once; an hf: dataset's corpus.shards
-    parts (their files are listed by each job at run time: planning needs no network)."""
+    parts (their files are listed by each job at run time: planning needs no network).
+    """
     if HUB_STREAMED:
         return {f"{i:05d}": i for i in range(config["corpus"]["shards"])}
     return {
@@ -159,4 +160,3 @@ def part_name_of(wildcards):
         return ""
     shard = corpus_parts()[wildcards.part]
     return part_name(shard, config["corpus"]["source"])
-
