@@ -83,7 +83,7 @@ def test_the_paper_config_plans_under_the_slurm_profile_offline(workspace):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout + result.stderr
     # 3 k × (align, reconstruct, cpt), and sft, mixed, policy at k = 16
-    assert "train                   12" in out
+    assert re.search(r"^train\s+12$", out, re.MULTILINE), out[-3000:]
     assert "srun --nodes=8 --ntasks-per-node=1 --gpus-per-node=8 bash -c" in out
     assert "--nnodes=$SLURM_NNODES --nproc-per-node=8" in out
     assert not (workspace / "resources/models").exists()  # nothing fetched for the plan
