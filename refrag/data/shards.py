@@ -202,12 +202,18 @@ def gather_shards(
     parts: list[str | os.PathLike], out_dir: str | os.PathLike, metadata: dict
 ) -> dict:
     """One shard folder of the shard folders ``parts`` (in order): their files hard-linked
-    (copied across file systems) as ``shard-NNNNN.parquet``, one manifest over all."""
+    (copied across file systems) as ``shard-NNNNN.parquet``, one manifest over all. Parts
+    that say what they read (``read.source``, e.g. ``hf:<dataset>@<commit>``) must have read
+    the same source: a dataset updated between two parts' jobs is refused."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards, rows, documents = [], 0, 0
+    shards, rows, documents, sources = [], 0, 0, set()
     for part in map(Path, parts):
         manifest = read_manifest(part / "manifest.json")
+        if "source" in manifest.get("read", {}):
+            sources.add(manifest["read"]["source"])
+        if len(sources) > 1:
+            raise ValueError(f"corpus parts read different sources: {', '.join(sorted(sources))}")
         for shard in manifest["shards"]:
             source = part / shard["file"]
             verify_file(source, shard["sha256"])
@@ -220,6 +226,8 @@ def gather_shards(
         rows += manifest["rows"]
         documents += manifest["documents"]  # a document lives in one corpus shard
     manifest = {"rows": rows, "documents": documents, "shards": shards} | metadata
+    if sources:
+        manifest["source"] = sources.pop()
     write_json(out_dir / "manifest.json", manifest)
     return manifest
 

@@ -131,18 +131,33 @@ STREAMED = config["corpus"]["streamed"]
 EVAL_SPLITS = ["validation", "test"]
 
 
+HUB_STREAMED = STREAMED and config["corpus"]["source"].startswith("hf:")
+
+
 @cache
 def corpus_parts():
-    """{part: shard file} of a streamed corpus folder, listed once when the workflow is
-    planned (part: the shard's index, 00000, 00001, ...)."""
+    """{part: what it reads} of a streamed corpus, known when the workflow is planned (part:
+    00000, 00001, ...): a folder's shard files, listed once; an hf: dataset's corpus.shards
+    parts (their files are listed by each job at run time: planning needs no network).
+    """
+    if HUB_STREAMED:
+        return {f"{i:05d}": i for i in range(config["corpus"]["shards"])}
     return {
         f"{i:05d}": str(p)
         for i, p in enumerate(shard_files(config["corpus"]["source"]))
     }
 
 
+def part_input(wildcards):
+    """A folder part's shard file (an input); an hf: part has none."""
+    return {} if HUB_STREAMED else {"shard": corpus_parts()[wildcards.part]}
+
+
 def part_name_of(wildcards):
-    """The job's shard's name in its corpus (the prefix of its documents' ids)."""
+    """The job's shard's name in its corpus (the prefix of its documents' ids); an hf:
+    part names each of its files at run time."""
+    if HUB_STREAMED:
+        return ""
     shard = corpus_parts()[wildcards.part]
     return part_name(shard, config["corpus"]["source"])
 

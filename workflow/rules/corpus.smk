@@ -49,7 +49,7 @@ else:
     rule split_part:
         """The evaluation documents (validation, test) of one corpus shard, streamed."""
         input:
-            shard=lambda wc: corpus_parts()[wc.part],
+            unpack(part_input),
         output:
             "results/corpus/{corpus}/parts/{part}.parquet",
         log:
@@ -57,6 +57,10 @@ else:
         conda:
             CONDA_ENV
         params:
+            source=config["corpus"]["source"],
+            part=lambda wc: int(wc.part),
+            parts=lambda wc: len(corpus_parts()),
+            data_dir=config["corpus"]["data_dir"],
             name=part_name_of,
             subsets=config["corpus"]["subsets"],
             splits=EVAL_SPLITS,

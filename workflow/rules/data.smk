@@ -30,7 +30,7 @@ if STREAMED:
         """Train windows of one corpus shard, read streamed and written as they come (the
         split's max_windows shared evenly by the shards: the first ones of each)."""
         input:
-            shard=lambda wc: corpus_parts()[wc.part],
+            unpack(part_input),
             decoder="resources/models/{decoder}",
             encoder="resources/models/{encoder}",
         output:
@@ -40,6 +40,10 @@ if STREAMED:
         conda:
             CONDA_ENV
         params:
+            source=config["corpus"]["source"],
+            part=lambda wc: int(wc.part),
+            parts=lambda wc: len(corpus_parts()),
+            data_dir=config["corpus"]["data_dir"],
             name=part_name_of,
             subsets=config["corpus"]["subsets"],
             validation_fraction=config["corpus"]["validation_fraction"],

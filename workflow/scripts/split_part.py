@@ -1,10 +1,21 @@
-from refrag.data.corpus import stream_documents, write_split_part
+from refrag.cli import one_line_errors
+from refrag.data.corpus import part_documents, write_split_part
 from refrag.io.runtime import log_to
 
-with log_to(snakemake.log[0]):
+with log_to(snakemake.log[0]), one_line_errors():
     p = snakemake.params
+    documents, origin = part_documents(
+        p.source,
+        part=p.part,
+        parts=p.parts,
+        subsets=p.subsets,
+        data_dir=p.data_dir,
+        shard=snakemake.input.get("shard"),
+        name=p.name,
+    )
+    print(origin)
     kept = write_split_part(
-        stream_documents(snakemake.input.shard, p.subsets, name=p.name),
+        documents,
         snakemake.output[0],
         splits=p.splits,
         validation_fraction=p.validation_fraction,
@@ -12,4 +23,4 @@ with log_to(snakemake.log[0]):
         min_chars=p.min_chars,
         seed=p.seed,
     )
-    print({"shard": p.name, "evaluation_documents": kept})
+    print({"part": p.part, "evaluation_documents": kept})
