@@ -64,7 +64,7 @@ TTFT_COLUMNS = [
 BASELINE_STYLES = {  # variant: (line style, colour)
     "no_context": ("--", "tab:red"),
     "full_context": (":", "tab:green"),
-    "full_context_lowercase": ("-.", "tab:purple"),
+    "full_context_encoder_text": ("-.", "tab:purple"),
 }
 
 
@@ -468,8 +468,9 @@ def _caption() -> str:
     return (
         "log_ppl: mean negative log-likelihood (nats) per target token of held-out continuations "
         "(o tokens after s context tokens); lower is better. no_context: the decoder sees no context; "
-        "full_context: the context as tokens; full_context_lowercase: the context's text lowercased "
-        "and re-tokenized (at best what an uncased encoder can pass on); refrag: the context as chunk "
+        "full_context: the context as tokens; full_context_encoder_text: the context's encoder "
+        "tokens decoded and re-tokenized (what the encoder can pass on at best: REFRAG's "
+        "ceiling); refrag: the context as chunk "
         "embeddings (k encoder tokens each); refrag_<stage>: an earlier stage; refrag_rl, "
         "refrag_random, refrag_heuristic: a fraction p of the chunks read as tokens, chosen by "
         "the learned policy, at random, or by the decoder's surprise at their tokens (the "

@@ -10,6 +10,7 @@ from refrag.eval.perplexity import perplexity_table
 from refrag.eval.scoring import (
     VARIANTS,
     context_benefit_retained,
+    encoder_text_ids,
     score_windows,
     scored_digest,
     target_nll,
@@ -171,18 +172,27 @@ def test_context_positions_count_what_the_decoder_reads(shards, refrag_tokenizer
         ("no_context", 0),
         ("full_context", 32),
         ("refrag", sum(tok.encode_parts(window_parts(row, "refrag", tok)[0])["chunk_mask"])),
-        (
-            "full_context_lowercase",
-            len(tok.decoder_tokenizer(row["context_text"].lower())["input_ids"]),
-        ),
+        ("full_context_encoder_text", len(encoder_text_ids(row, tok))),
     ):
         parts, positions = window_parts(row, variant, tok)
         assert positions == expected, variant
-    lowered = window_parts(row, "full_context_lowercase", tok)[0][0][1]
-    assert tok.decode(lowered) == row["context_text"].lower()
+    seen = window_parts(row, "full_context_encoder_text", tok)[0][0][1]
+    # the uncased encoder gives the context back lowercased: what it can pass on
+    assert tok.decode(seen) == tok.encoder_tokenizer.decode(list(row["context_encoder_ids"]))
+    assert tok.decode(seen) != row["context_text"] and tok.decode(seen).islower()
 
 
-@pytest.mark.parametrize("variant", ["full_context_lowercase", "refrag"])
+def test_encoder_text_is_the_context_when_the_encoder_shares_the_decoders_tokenizer(
+    shards, decoder_tokenizer
+):
+    """The ceiling row of a decoder-layers encoder (same tokenizer) is the full context."""
+    tok = RefragTokenizer(encoder_tokenizer=decoder_tokenizer, decoder_tokenizer=decoder_tokenizer)
+    row = read_shards(shards).to_dict("records")[0]
+    row["context_encoder_ids"] = list(row["context_ids"])
+    assert encoder_text_ids(row, tok) == list(row["context_ids"])
+
+
+@pytest.mark.parametrize("variant", ["full_context_encoder_text", "refrag"])
 def test_padded_batches_score_as_single_windows(variant, shards, tiny_model, refrag_tokenizer):
     """Windows of different lengths padded into one batch score as each alone."""
     windows = read_shards(shards).to_dict("records")[:4]

@@ -29,7 +29,7 @@ def perplexity_csv(path, intervals=True):
     rows = [
         base | {"variant": "no_context", "k": None, "log_ppl": 3.0},
         base | {"variant": "full_context", "k": None, "log_ppl": 2.0},
-        base | {"variant": "full_context_lowercase", "k": None, "log_ppl": 2.3},
+        base | {"variant": "full_context_encoder_text", "k": None, "log_ppl": 2.3},
         base | {"variant": "refrag", "k": 8, "log_ppl": 2.2, "context_benefit_retained": 0.8},
         base | {"variant": "refrag", "k": 16, "log_ppl": 2.4, "context_benefit_retained": 0.6},
         base | {"variant": "refrag", "k": 32, "log_ppl": 2.7, "context_benefit_retained": 0.3},
@@ -223,7 +223,7 @@ def test_table_one_has_a_row_per_method_and_a_column_per_eval_set(tmp_path):
     assert list(main["method"]) == [
         "no_context",
         "full_context",
-        "full_context_lowercase",
+        "full_context_encoder_text",
         "refrag k=8",
         "refrag k=16",
         "refrag k=32",
