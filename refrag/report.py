@@ -136,6 +136,12 @@ def plot_perplexity(perplexity_csv: PathLike, out: PathLike) -> Path:
     return Path(out)
 
 
+PANEL_SIZE = (6.0, 4.0)  # inches of one training panel (at 110 dpi: 660 x 440 pixels)
+
+
+TRAINING_COLUMNS = 2  # panels per row of the training plot
+
+
 def stage_order(names: set[str]) -> list[str]:
     """``names`` in the stage registry's order; stages it does not know last, sorted."""
     return [s for s in STAGES if s in names] + sorted(names - set(STAGES))
@@ -145,8 +151,10 @@ def plot_training(checkpoints: Sequence[tuple[str, PathLike]], out: PathLike) ->
     """Training loss per step, one panel per stage (in :data:`refrag.train.stages.STAGES` order), one
     line per run: ``checkpoints`` are (run label, stage folder holding training_log.json). A
     stage that logged a ``reward`` (the policy stage) shows its mean reward instead.
-    Stages that logged a held-out curve (:mod:`refrag.train.heldout`) get a second panel below: the
-    share of the context's benefit retained on validation windows against training tokens."""
+    Stages that logged a held-out curve (:mod:`refrag.train.heldout`) get a second panel right
+    after theirs: the share of the context's benefit retained on validation windows against
+    training tokens. Panels are laid out two per row, each large enough to read at the
+    report's width (:data:`PANEL_SIZE` inches)."""
     logs = [
         (label, json.loads((Path(folder) / "training_log.json").read_text()))
         for label, folder in checkpoints
@@ -158,12 +166,20 @@ def plot_training(checkpoints: Sequence[tuple[str, PathLike]], out: PathLike) ->
     rewarded = {  # policy stages: their REINFORCE loss centres on 0; the reward is the curve
         log["stage"] for _, log in logs if any("reward" in e for e in log["log_history"])
     }
-    rows = 2 if curves else 1
+    panels = [(stage, heldout) for stage in stages for heldout in (False, True)]
+    panels = [(stage, heldout) for stage, heldout in panels if not heldout or stage in curves]
+    cols = min(TRAINING_COLUMNS, len(panels))
+    rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(
-        rows, len(stages), figsize=(5 * len(stages), 3.5 * rows), squeeze=False
+        rows, cols, figsize=(PANEL_SIZE[0] * cols, PANEL_SIZE[1] * rows), squeeze=False
     )
-    for col, stage in enumerate(stages):
-        ax = axes[0][col]
+    flat = axes.ravel()
+    for ax in flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (stage, heldout) in zip(flat, panels):
+        if heldout:
+            _plot_heldout(ax, stage, logs)
+            continue
         for run, log in logs:
             if log["stage"] != stage:
                 continue
@@ -171,16 +187,14 @@ def plot_training(checkpoints: Sequence[tuple[str, PathLike]], out: PathLike) ->
             points = [(e["step"], e[metric]) for e in log["log_history"] if metric in e]
             if points:
                 ax.plot(*zip(*points), label=run)
-        ax.set_title(stage)
+        ax.set_title(f"{stage}: training", fontsize=12)
         ax.set_xlabel("step")
         ax.set_ylabel(
             "mean reward (−log-ppl of the continuation)" if stage in rewarded else "training loss"
         )
-        ax.legend(fontsize=7)
-        if stage in curves:
-            _plot_heldout(axes[1][col], stage, logs)
-        elif rows == 2:
-            axes[1][col].axis("off")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -204,10 +218,11 @@ def _plot_heldout(ax, stage: str, logs: list[tuple[str, dict]]) -> None:
         if "heldout_windows" in e
     )
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_title(f"{stage}: held-out curve ({windows} validation windows)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{stage}: held-out curve ({windows} validation windows)", fontsize=12)
     ax.set_xlabel("training tokens (context + target)")
     ax.set_ylabel("context benefit retained")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9)
 
 
 def write_ttft_table(
