@@ -212,9 +212,7 @@ class RefragModel(PreTrainedModel):
         states = self.encoder(
             input_ids=chunk_input_ids, attention_mask=chunk_attention_mask
         ).last_hidden_state
-        return self.projector(
-            pool_chunks(states, chunk_attention_mask, self.config.chunk_pooling)
-        )
+        return self.projector(pool_chunks(states, chunk_attention_mask, self.config.chunk_pooling))
 
     def embed_inputs(
         self,
