@@ -16,7 +16,7 @@ from refrag.eval.scoring import (
     target_nll,
     window_parts,
 )
-from refrag.eval.statistics import bootstrap_ratio
+from refrag.eval.statistics import bootstrap_ratio, tokens_to_separate
 from refrag.modeling.tokenization import RefragTokenizer
 
 
@@ -212,3 +212,19 @@ def test_rows_without_per_window_sums_ask_for_a_rerun():
     del rows[1]["windows"]
     with pytest.raises(ValueError, match="rerun the evaluation"):
         perplexity_table(rows)
+
+
+def test_tokens_to_separate_scales_the_paired_error_to_the_gap():
+    """A constant gap of 0.1 nats per token with per-document noise: separated at once when
+    the documents agree; the token count grows as (error / gap)² when they do not."""
+    rng = np.random.default_rng(0)
+    docs = [f"d{i}" for i in range(20)]
+    base = [{"doc_id": d, "window": 0, "nll": 64 * 3.0, "tokens": 64} for d in docs]
+    noisy = [w | {"nll": w["nll"] - 6.4 + rng.normal(0, 60)} for w in base]
+    steady = [w | {"nll": w["nll"] - 6.4} for w in base]
+    sure = tokens_to_separate({"windows": base}, {"windows": steady}, samples=200)
+    assert sure["diff"] == pytest.approx(0.1) and sure["diff_lo"] == pytest.approx(0.1)
+    assert sure["tokens_needed"] == sure["n_tokens"] == 1280
+    unsure = tokens_to_separate({"windows": base}, {"windows": noisy}, samples=200)
+    assert unsure["tokens_needed"] > unsure["n_tokens"]
+    assert unsure["diff_lo"] < unsure["diff"] < unsure["diff_hi"]
