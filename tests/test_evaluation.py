@@ -10,12 +10,13 @@ from refrag.eval.perplexity import perplexity_table
 from refrag.eval.scoring import (
     VARIANTS,
     context_benefit_retained,
+    encoder_text_ids,
     score_windows,
     scored_digest,
     target_nll,
     window_parts,
 )
-from refrag.eval.statistics import bootstrap_ratio
+from refrag.eval.statistics import bootstrap_ratio, tokens_to_separate
 from refrag.modeling.tokenization import RefragTokenizer
 
 
@@ -171,18 +172,27 @@ def test_context_positions_count_what_the_decoder_reads(shards, refrag_tokenizer
         ("no_context", 0),
         ("full_context", 32),
         ("refrag", sum(tok.encode_parts(window_parts(row, "refrag", tok)[0])["chunk_mask"])),
-        (
-            "full_context_lowercase",
-            len(tok.decoder_tokenizer(row["context_text"].lower())["input_ids"]),
-        ),
+        ("full_context_encoder_text", len(encoder_text_ids(row, tok))),
     ):
         parts, positions = window_parts(row, variant, tok)
         assert positions == expected, variant
-    lowered = window_parts(row, "full_context_lowercase", tok)[0][0][1]
-    assert tok.decode(lowered) == row["context_text"].lower()
+    seen = window_parts(row, "full_context_encoder_text", tok)[0][0][1]
+    # the uncased encoder gives the context back lowercased: what it can pass on
+    assert tok.decode(seen) == tok.encoder_tokenizer.decode(list(row["context_encoder_ids"]))
+    assert tok.decode(seen) != row["context_text"] and tok.decode(seen).islower()
 
 
-@pytest.mark.parametrize("variant", ["full_context_lowercase", "refrag"])
+def test_encoder_text_is_the_context_when_the_encoder_shares_the_decoders_tokenizer(
+    shards, decoder_tokenizer
+):
+    """The ceiling row of a decoder-layers encoder (same tokenizer) is the full context."""
+    tok = RefragTokenizer(encoder_tokenizer=decoder_tokenizer, decoder_tokenizer=decoder_tokenizer)
+    row = read_shards(shards).to_dict("records")[0]
+    row["context_encoder_ids"] = list(row["context_ids"])
+    assert encoder_text_ids(row, tok) == list(row["context_ids"])
+
+
+@pytest.mark.parametrize("variant", ["full_context_encoder_text", "refrag"])
 def test_padded_batches_score_as_single_windows(variant, shards, tiny_model, refrag_tokenizer):
     """Windows of different lengths padded into one batch score as each alone."""
     windows = read_shards(shards).to_dict("records")[:4]
@@ -202,3 +212,19 @@ def test_rows_without_per_window_sums_ask_for_a_rerun():
     del rows[1]["windows"]
     with pytest.raises(ValueError, match="rerun the evaluation"):
         perplexity_table(rows)
+
+
+def test_tokens_to_separate_scales_the_paired_error_to_the_gap():
+    """A constant gap of 0.1 nats per token with per-document noise: separated at once when
+    the documents agree; the token count grows as (error / gap)² when they do not."""
+    rng = np.random.default_rng(0)
+    docs = [f"d{i}" for i in range(20)]
+    base = [{"doc_id": d, "window": 0, "nll": 64 * 3.0, "tokens": 64} for d in docs]
+    noisy = [w | {"nll": w["nll"] - 6.4 + rng.normal(0, 60)} for w in base]
+    steady = [w | {"nll": w["nll"] - 6.4} for w in base]
+    sure = tokens_to_separate({"windows": base}, {"windows": steady}, samples=200)
+    assert sure["diff"] == pytest.approx(0.1) and sure["diff_lo"] == pytest.approx(0.1)
+    assert sure["tokens_needed"] == sure["n_tokens"] == 1280
+    unsure = tokens_to_separate({"windows": base}, {"windows": noisy}, samples=200)
+    assert unsure["tokens_needed"] > unsure["n_tokens"]
+    assert unsure["diff_lo"] < unsure["diff"] < unsure["diff_hi"]

@@ -45,7 +45,7 @@ def test_a_resumed_stage_keeps_its_baselines_and_adds_no_second_start_point(
 def test_given_baselines_are_used_and_logged(tiny_model_dirs, shards, tmp_path):
     base = {"encoder": tiny_model_dirs["encoder"], "decoder": tiny_model_dirs["decoder"]}
     out = tmp_path / "cpt"
-    baselines = {"no_context": 10.0, "full_context": 0.0, "full_context_lowercase": 1.0}
+    baselines = {"no_context": 10.0, "full_context": 0.0, "full_context_encoder_text": 1.0}
     hp = {"steps": 2, "batch_size": 2, "eval_steps": 2}
     train_stage(
         "cpt",

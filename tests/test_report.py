@@ -2,6 +2,7 @@ import json
 import shutil
 import subprocess
 
+import matplotlib.axes
 import pandas as pd
 import pytest
 import torch
@@ -9,15 +10,15 @@ from PIL import Image
 
 from refrag.eval.tables import compact, sig3, with_interval
 from refrag.report import (
-    headline,
     plot_perplexity,
     plot_training,
     plot_ttft,
     stage_order,
-    table1,
     write_report,
     write_ttft_table,
 )
+from refrag.report.document import headline, table1
+from refrag.report.plots import PANEL_SIZE
 
 from .conftest_profiles import unavailable
 
@@ -29,7 +30,7 @@ def perplexity_csv(path, intervals=True):
     rows = [
         base | {"variant": "no_context", "k": None, "log_ppl": 3.0},
         base | {"variant": "full_context", "k": None, "log_ppl": 2.0},
-        base | {"variant": "full_context_lowercase", "k": None, "log_ppl": 2.3},
+        base | {"variant": "full_context_encoder_text", "k": None, "log_ppl": 2.3},
         base | {"variant": "refrag", "k": 8, "log_ppl": 2.2, "context_benefit_retained": 0.8},
         base | {"variant": "refrag", "k": 16, "log_ppl": 2.4, "context_benefit_retained": 0.6},
         base | {"variant": "refrag", "k": 32, "log_ppl": 2.7, "context_benefit_retained": 0.3},
@@ -156,24 +157,34 @@ def test_report_inlines_the_given_figures_and_links_them_in_markdown(tmp_path):
     assert "](../plots/perplexity.png)" in (out / "report.md").read_text()
 
 
-def test_a_held_out_curve_adds_a_row_of_panels(tmp_path):
-    from PIL import Image
-
-    def figure(history, name):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "training_log.json").write_text(
-            json.dumps({"stage": "cpt", "log_history": history})
-        )
-        return Image.open(plot_training([("d / e / k8", folder)], tmp_path / f"{name}.png"))
-
+def test_training_panels_are_one_per_stage_two_per_row_each_full_size(tmp_path, monkeypatch):
+    """Each stage's panel (and its held-out curve, right after it) keeps PANEL_SIZE, however
+    many stages there are: the figure grows in rows of two, never squeezes the panels."""
     losses = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
     curve = [
         {"step": s, "heldout_retained": r, "heldout_tokens_seen": 96 * s, "heldout_windows": 4}
         for s, r in ((0, -0.1), (2, 0.3))
     ]
-    plain, with_curve = figure(losses, "plain"), figure(losses + curve, "curve")
-    assert with_curve.height > 1.8 * plain.height and with_curve.width == plain.width
+    folders = []
+    for stage in ("sft", "cpt", "align", "reconstruct"):
+        folder = tmp_path / stage
+        folder.mkdir()
+        history = losses + (curve if stage == "cpt" else [])
+        (folder / "training_log.json").write_text(
+            json.dumps({"stage": stage, "log_history": history})
+        )
+        folders.append(("d / e / k8", folder))
+    titles = []
+    set_title = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(
+        "matplotlib.axes.Axes.set_title",
+        lambda ax, label, **kw: titles.append(label) or set_title(ax, label, **kw),
+    )
+    image = Image.open(plot_training(folders, tmp_path / "training.png"))
+    assert [t.split(":")[0] for t in titles] == ["align", "reconstruct", "cpt", "cpt", "sft"]
+    assert "held-out" in titles[3]
+    dpi = 110
+    assert image.size == (2 * PANEL_SIZE[0] * dpi, 3 * PANEL_SIZE[1] * dpi)
 
 
 def test_tables_print_three_significant_figures_with_their_interval():
@@ -223,7 +234,7 @@ def test_table_one_has_a_row_per_method_and_a_column_per_eval_set(tmp_path):
     assert list(main["method"]) == [
         "no_context",
         "full_context",
-        "full_context_lowercase",
+        "full_context_encoder_text",
         "refrag k=8",
         "refrag k=16",
         "refrag k=32",

@@ -319,7 +319,7 @@ def test_end_to_end_run_writes_the_report_and_the_fixed_outputs(finished_run):
     assert set(table["variant"]) == {
         "no_context",
         "full_context",
-        "full_context_lowercase",
+        "full_context_encoder_text",
         "refrag",
         "refrag_reconstruct",
         "refrag_rl",

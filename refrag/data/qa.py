@@ -14,11 +14,15 @@ evaluation: the test split's windows, never the training documents):
    span;
 4. questions whose normalized text repeats an earlier one are dropped;
 5. with ``choices`` > 1, each question gets candidate answers (:func:`add_choices`): its
-   answer and ``choices - 1`` distractors of the same kind (a number for a number, a name of
-   as many words for a name where there are enough) drawn, seeded by the question's id, from
-   the answer spans of the *other documents'* passages, none occurring in this passage, in a
-   seeded random order. Only the passage tells them apart: without it each is a plausible
-   filler of the blank (scoring: :mod:`refrag.eval.choice`).
+   answer and ``choices - 1`` distractors of the same kind (a year for a year, another
+   number for a number, a name of as many words for a name where there are enough) drawn,
+   seeded by the question's id, first from the answer spans of the *same passage* (other
+   names and numbers it mentions), then of the same document's other passages, and only then
+   of other documents (not occurring in this passage); none occurs in the question's
+   sentence; the candidates are in a seeded random order. So the distractors are on the
+   passage's topic, as plausible a filler of the blank as the answer without the passage,
+   and the passage decides between them: the question's sentence is in it, with the answer
+   (scoring: :mod:`refrag.eval.choice`).
 
 So every question is a sentence of its passage with a named entity or number removed: the
 answer is in the passage (extractive), the question carries the rest of the sentence (never
@@ -147,7 +151,7 @@ def build_qa(
             break
     if choices > 1:
         pool = [
-            (_document(_passage_id(row)), answer)
+            (_passage_id(row), answer)
             for row in passages
             for _, answer in cloze_candidates(
                 row.get("text", row.get("context_text")), keep_edges=True
@@ -165,48 +169,59 @@ def _document(passage_id: str) -> str:
     return passage_id.rsplit("#", 1)[0]
 
 
+_YEAR = re.compile(r"1\d{3}|20\d{2}")
+
+
 def answer_kind(answer: str) -> str:
-    """``"number"`` for a number, else ``"name:<words>"`` (a name of that many words)."""
-    return "number" if _NUMBER.fullmatch(answer) else f"name:{len(answer.split())}"
+    """``"year"`` for a year (1000–2099), ``"number"`` for another number, else
+    ``"name:<words>"`` (a name of that many words)."""
+    if _NUMBER.fullmatch(answer):
+        return "year" if _YEAR.fullmatch(answer) else "number"
+    return f"name:{len(answer.split())}"
+
+
+def _tier(example: QAExample, passage_id: str) -> int | None:
+    """Where a pool span comes from, for ``example``: 0 its passage, 1 another passage of its
+    document, 2 another document."""
+    if passage_id == example.passage_id:
+        return 0
+    return 1 if _document(passage_id) == _document(example.passage_id) else 2
 
 
 def add_choices(
     examples: list[QAExample], pool: Iterable[tuple[str, str]], n: int, *, seed: int = 0
 ) -> list[QAExample]:
     """Each example with ``n`` candidate answers (step 5 of the module docstring): its answer
-    and ``n - 1`` distractors from ``pool`` ((document, answer span) pairs), of another
-    document, of the answer's kind (a name of any length where too few names have its
-    length), not occurring in the passage and distinct after normalization. An example with
-    too few distractors keeps no candidates."""
-    by_kind: dict[str, dict[str, set[str]]] = {}
-    for document, span in pool:
-        by_kind.setdefault(answer_kind(span), {}).setdefault(span, set()).add(document)
+    and ``n - 1`` distractors from ``pool`` ((passage id, answer span) pairs): those of its
+    own passage first, then of its document's other passages, then of other documents (not
+    occurring in its passage); within each, of the answer's kind first (then, for a name, a
+    name of another length); never one occurring in the question, distinct after
+    normalization. An example with too few distractors keeps no candidates."""
+    spans: dict[tuple[str, str], set[str]] = {}  # (kind, span) -> its passages
+    for passage_id, span in pool:
+        spans.setdefault((answer_kind(span), span), set()).add(passage_id)
     out = []
     for example in examples:
-        document, kind = _document(example.passage_id), answer_kind(example.answer)
-        kinds = (
-            [kind]
-            if kind == "number"
-            else [kind, *(k for k in by_kind if k.startswith("name:") and k != kind)]
-        )
+        kind = answer_kind(example.answer)
         rng = random.Random(
             int.from_bytes(hashlib.sha256(f"{seed}:{example.id}".encode()).digest()[:8], "big")
         )
+        ranked = []
+        for (k, span), passages in sorted(spans.items()):
+            tier = min(_tier(example, p) for p in passages)
+            if span in example.question or (tier == 2 and span in example.passage):
+                continue
+            if k != kind and not (k.startswith("name:") and kind.startswith("name:")):
+                continue
+            ranked.append((tier, k != kind, rng.random(), span))
         taken = {normalize_answer(example.answer)}
         picks: list[str] = []
-        for k in kinds:
-            spans = sorted(
-                span
-                for span, docs in by_kind.get(k, {}).items()
-                if docs - {document} and span not in example.passage
-            )
-            rng.shuffle(spans)
-            for span in spans:
-                if len(picks) == n - 1:
-                    break
-                if normalize_answer(span) not in taken:
-                    taken.add(normalize_answer(span))
-                    picks.append(span)
+        for *_, span in sorted(ranked):
+            if len(picks) == n - 1:
+                break
+            if normalize_answer(span) not in taken:
+                taken.add(normalize_answer(span))
+                picks.append(span)
         if len(picks) < n - 1:
             out.append(replace(example, choices=()))
             continue

@@ -1,9 +1,9 @@
 """Perplexity of held-out continuations given a context read several ways, with intervals.
 
 For each window (s context tokens, o target tokens) the decoder predicts the target after:
-``no_context`` (only BOS), ``full_context`` (the s context tokens), ``full_context_lowercase``
-(the context's text lowercased and re-tokenized by the decoder: what survives an uncased
-encoder, at best), or ``refrag`` (the context's chunk embeddings). ``log_ppl`` is the mean
+``no_context`` (only BOS), ``full_context`` (the s context tokens),
+``full_context_encoder_text`` (the context's encoder tokens decoded to text and re-tokenized by
+the decoder: what survives the encoder's tokenizer, the ceiling of REFRAG with that encoder), or ``refrag`` (the context's chunk embeddings). ``log_ppl`` is the mean
 negative log-likelihood per target token over all windows (token-weighted), in nats, as the
 paper's Table 1. Every variant scores the same target tokens (:func:`check_same_tokens`), and
 the table's 95% intervals come from a bootstrap over documents (:func:`bootstrap_table`).

@@ -1,5 +1,5 @@
-"""Scoring held-out windows: each variant (no context, full context, lowercased context,
-REFRAG chunk embeddings) reads the same windows and is scored on the same target tokens."""
+"""Scoring held-out windows: each variant (no context, full context, the context as the
+encoder's tokens give it back, REFRAG chunk embeddings) reads the same windows and is scored on the same target tokens."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from refrag.data.shards import first_scored, start_token
 from refrag.modeling.tokenization import IGNORE_INDEX, RefragTokenizer
 
-BASELINES = ("no_context", "full_context", "full_context_lowercase")
+BASELINES = ("no_context", "full_context", "full_context_encoder_text")
 
 
 VARIANTS = (*BASELINES, "refrag")
@@ -34,16 +34,25 @@ def window_parts(
         return ([("prompt", [start])] if start is not None else []) + parts, 0
     if variant == "full_context":
         context = list(row["context_ids"])
-    elif variant == "full_context_lowercase":
-        context = tok.decoder_tokenizer(row["context_text"].lower(), add_special_tokens=False)[
-            "input_ids"
-        ]
+    elif variant == "full_context_encoder_text":
+        context = encoder_text_ids(row, tok)
     elif variant == "refrag":
         ids = list(row["context_encoder_ids"])
         return [("chunks", ids), *parts], -(-len(ids) // tok.compression)
     else:
         raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
     return [("prompt", context), *parts], len(context)
+
+
+def encoder_text_ids(row: dict, tok: RefragTokenizer) -> list[int]:
+    """The context as the encoder sees it, back as decoder tokens: its encoder tokens
+    (``context_encoder_ids``) decoded to text by the encoder tokenizer, then tokenized by the
+    decoder's (text → encoder tokens → text). What is lost (case for an uncased encoder,
+    characters outside its vocabulary) no chunk embedding can carry: this row is the ceiling
+    of what REFRAG with this encoder can retain. With the decoder's own tokenizer it is the
+    context unchanged."""
+    text = tok.encoder_tokenizer.decode(list(row["context_encoder_ids"]), skip_special_tokens=True)
+    return tok.decoder_tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()

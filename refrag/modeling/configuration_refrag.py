@@ -7,6 +7,8 @@ import copy
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+CHUNK_POOLINGS = ("first", "mean", "last")
+
 
 class RefragConfig(PreTrainedConfig):
     """Hyperparameters of :class:`~refrag.modeling.RefragModel`.
@@ -19,6 +21,10 @@ class RefragConfig(PreTrainedConfig):
             decoder's hidden size (as in the paper).
         projector_activation: activation between the projector's two layers.
         train_encoder, train_projector, train_decoder: which parts receive gradients.
+        chunk_pooling: how a chunk row's encoder states become its one vector: ``"first"``
+            (the first position, a bidirectional encoder's [CLS]; the paper's), ``"mean"`` (the
+            mean over the row's tokens) or ``"last"`` (its last token: what a causal encoder,
+            e.g. a decoder's lower layers, has read the whole chunk at).
         policy: settings of the selective-compression policy
             (:class:`~refrag.modeling.policy.ChunkPolicy`'s arguments); ``None``: no policy.
     """
@@ -38,6 +44,7 @@ class RefragConfig(PreTrainedConfig):
     train_projector: bool = True
     train_decoder: bool = False
     policy: dict | None = None
+    chunk_pooling: str = "first"
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -56,6 +63,10 @@ class RefragConfig(PreTrainedConfig):
                 getattr(self, name)._attn_implementation = implementation
         if self.compression < 1:
             raise ValueError(f"compression must be >= 1, got {self.compression}")
+        if self.chunk_pooling not in CHUNK_POOLINGS:
+            raise ValueError(
+                f"chunk_pooling must be one of {', '.join(CHUNK_POOLINGS)}, got {self.chunk_pooling!r}"
+            )
         if self.projector_hidden_size is None:
             self.projector_hidden_size = self.decoder.hidden_size
 

@@ -1,7 +1,8 @@
 """The REFRAG model: a chunk encoder, a projector and a causal decoder.
 
-Each row of ``k`` context tokens is encoded once; the first position's state is projected
-into the decoder's token-embedding space and takes the place of the ``k`` tokens in the
+Each row of ``k`` context tokens is encoded once; its pooled state (the first position's, or
+the mean or last of its tokens: ``config.chunk_pooling``) is projected into the decoder's
+token-embedding space and takes the place of the ``k`` tokens in the
 decoder's input. Forward is one encoder pass over all chunk rows of the batch, one
 ``masked_scatter`` into the decoder's input embeddings, and one decoder pass.
 """
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 
 from refrag.io.integrity import refuse_code
 from refrag.modeling.configuration_refrag import RefragConfig
@@ -39,6 +41,26 @@ def attn_implementations(module: nn.Module) -> set[str | None]:
         for m in module.modules()
         if "Attention" in type(m).__name__ and hasattr(getattr(m, "config", None), "model_type")
     }
+
+
+def default_pooling(encoder_config: PretrainedConfig) -> str:
+    """``"first"`` for an encoder that reads bidirectionally (one with a masked-LM head, whose
+    first position is a [CLS] that sees the whole row), ``"mean"`` for a causal one (a decoder's
+    lower layers: its first position has read one token)."""
+    masked = type(encoder_config) in MODEL_FOR_MASKED_LM_MAPPING
+    return "first" if masked or getattr(encoder_config, "is_encoder_decoder", False) else "mean"
+
+
+def pool_chunks(states: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``(N, W, H)`` encoder states of chunk rows (``mask`` ``(N, W)``: their real tokens,
+    right-padded) → ``(N, H)`` by ``pooling`` (first, mean or last real token)."""
+    if pooling == "first":
+        return states[:, 0]
+    mask = mask.to(states.dtype)
+    if pooling == "mean":
+        return (states * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    return states[torch.arange(states.shape[0], device=states.device), last]
 
 
 @dataclass
@@ -99,7 +121,7 @@ class RefragModel(PreTrainedModel):
             decoder if decoder is not None else AutoModelForCausalLM.from_config(config.decoder)
         )
         if getattr(self.encoder, "pooler", None) is not None:
-            self.encoder.pooler = None  # the chunk embedding is the first position's raw state
+            self.encoder.pooler = None  # the chunk embedding is pooled from the raw states
         # The composite config holds the sub-models' own config objects (which their layers
         # read): nothing of a given encoder/decoder changes, and a later
         # ``set_attn_implementation`` on the composite reaches the layers.
@@ -138,13 +160,15 @@ class RefragModel(PreTrainedModel):
         """Assemble a model from two pretrained folders; the projector starts random.
 
         ``attn_implementation`` (``None``: transformers' default, SDPA where supported) goes to
-        both sub-models; ``config_kwargs`` (``compression`` …) to :class:`RefragConfig`."""
+        both sub-models; ``config_kwargs`` (``compression``, ``chunk_pooling`` …) to
+        :class:`RefragConfig`; ``chunk_pooling`` defaults to :func:`default_pooling`."""
         model_kwargs = {
             "dtype": dtype,
             "attn_implementation": attn_implementation,
         }
         encoder = load_pretrained(AutoModel, encoder_name_or_path, **model_kwargs)
         decoder = load_pretrained(AutoModelForCausalLM, decoder_name_or_path, **model_kwargs)
+        config_kwargs.setdefault("chunk_pooling", default_pooling(encoder.config))
         config = RefragConfig(encoder=encoder.config, decoder=decoder.config, **config_kwargs)
         return cls(config, encoder=encoder, decoder=decoder).eval()
 
@@ -188,7 +212,7 @@ class RefragModel(PreTrainedModel):
         states = self.encoder(
             input_ids=chunk_input_ids, attention_mask=chunk_attention_mask
         ).last_hidden_state
-        return self.projector(states[:, 0])
+        return self.projector(pool_chunks(states, chunk_attention_mask, self.config.chunk_pooling))
 
     def embed_inputs(
         self,

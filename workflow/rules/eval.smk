@@ -1,6 +1,6 @@
 rule eval_baselines:
-    """Log-perplexity of the plain decoder with no context, the full context as tokens, and the
-    lowercased context as tokens."""
+    """Log-perplexity of the plain decoder with no context, the full context as tokens,
+    and the context as the encoder sees it (its tokens decoded): the ceiling."""
     input:
         shards="results/shards/{corpus}/{decoder}/{encoder}/{eval_set}",
         decoder="resources/models/{decoder}",

@@ -1,10 +1,8 @@
-"""The experiment report: perplexity table and plot, training curves, TTFT, the workflow DAG.
-
-Each plot is its own function from input files to one PNG (:func:`plot_perplexity`,
-:func:`plot_training`, :func:`plot_ttft`); :func:`write_ttft_table` merges TTFT benchmarks;
-:func:`write_report` assembles given tables and figures into a self-contained ``report.html``
-(figures inlined) and a ``report.md`` that links them. Every function takes the paths it reads
-and writes: nothing here knows where a workflow keeps its files.
+"""The report document: :func:`write_report` assembles given tables and figures into a
+self-contained ``report.html`` (figures inlined) and a ``report.md`` that links them, with a
+headline, the test table in the paper's Table 1 layout, and the hardware and versions;
+:func:`write_ttft_table` merges TTFT benchmarks. Every function takes the paths it reads and
+writes.
 """
 
 from __future__ import annotations
@@ -17,16 +15,12 @@ import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+import torch
+import transformers
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from refrag.eval.tables import compact, with_interval  # noqa: E402
-from refrag.train.stages import STAGES  # noqa: E402
+from refrag.eval.tables import compact, with_interval
+from refrag.report.plots import read_perplexity
 
 PathLike = str | os.PathLike
 
@@ -64,155 +58,6 @@ TTFT_COLUMNS = [
 ]
 
 
-BASELINE_STYLES = {  # variant: (line style, colour)
-    "no_context": ("--", "tab:red"),
-    "full_context": (":", "tab:green"),
-    "full_context_lowercase": ("-.", "tab:purple"),
-}
-
-
-def _yerr(rows: pd.DataFrame, value: str, lo: str, hi: str):
-    """Error-bar lengths below and above ``value`` from interval columns, where present."""
-    if lo not in rows.columns or rows[[lo, hi]].isna().all().all():
-        return None
-    return [(rows[value] - rows[lo]).clip(lower=0), (rows[hi] - rows[value]).clip(lower=0)]
-
-
-def plot_perplexity(perplexity_csv: PathLike, out: PathLike) -> Path:
-    """Per eval set, two panels against k: log-ppl and the context benefit retained, one line
-    per REFRAG stage and model pair with 95% error bars; baselines as horizontal lines with
-    their interval as a band."""
-    table = read_perplexity(perplexity_csv)
-    sets = table["eval_set"].nunique()
-    fig, axes = plt.subplots(sets, 2, figsize=(12, 4.2 * sets), squeeze=False)
-    panels = (
-        ("log_ppl", "log_ppl_lo", "log_ppl_hi", "log-perplexity of the continuation (nats/token)"),
-        (
-            "context_benefit_retained",
-            "retained_lo",
-            "retained_hi",
-            "context benefit retained",
-        ),
-    )
-    for row_axes, (eval_set, part) in zip(axes, table.groupby("eval_set")):
-        refrag = part[part["k"].notna()]
-        refrag = refrag if "p" in refrag else refrag.assign(p=float("nan"))
-        for ax, (value, lo, hi, ylabel) in zip(row_axes, panels):
-            if value not in part.columns:
-                ax.set_visible(False)
-                continue
-            for (variant, fraction, decoder, encoder), rows in refrag.groupby(
-                ["variant", "p", "decoder", "encoder"], dropna=False
-            ):
-                selective = "" if pd.isna(fraction) else f", p={fraction:g}"
-                rows = rows.sort_values("k")
-                ax.errorbar(
-                    rows["k"].astype(int),
-                    rows[value],
-                    yerr=_yerr(rows, value, lo, hi),
-                    marker="o",
-                    capsize=4,
-                    label=f"{variant}{selective} ({decoder} / {encoder})",
-                )
-            for variant, (style, colour) in BASELINE_STYLES.items():
-                for _, row in part[part["variant"] == variant].iterrows():
-                    ax.axhline(
-                        row[value],
-                        linestyle=style,
-                        color=colour,
-                        label=f"{variant} ({row['decoder']})",
-                    )
-                    if lo in part.columns and pd.notna(row[lo]) and row[hi] > row[lo]:
-                        ax.axhspan(row[lo], row[hi], color=colour, alpha=0.1)
-            ks = sorted(refrag["k"].dropna().astype(int).unique())
-            if ks:
-                ax.set_xscale("log", base=2)
-                ax.set_xticks(ks, [str(k) for k in ks])
-                ax.minorticks_off()
-            ax.set_xlabel("compression k (encoder tokens per chunk embedding)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"eval set: {eval_set}")
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
-
-
-def stage_order(names: set[str]) -> list[str]:
-    """``names`` in the stage registry's order; stages it does not know last, sorted."""
-    return [s for s in STAGES if s in names] + sorted(names - set(STAGES))
-
-
-def plot_training(checkpoints: Sequence[tuple[str, PathLike]], out: PathLike) -> Path:
-    """Training loss per step, one panel per stage (in :data:`refrag.train.stages.STAGES` order), one
-    line per run: ``checkpoints`` are (run label, stage folder holding training_log.json). A
-    stage that logged a ``reward`` (the policy stage) shows its mean reward instead.
-    Stages that logged a held-out curve (:mod:`refrag.train.heldout`) get a second panel below: the
-    share of the context's benefit retained on validation windows against training tokens."""
-    logs = [
-        (label, json.loads((Path(folder) / "training_log.json").read_text()))
-        for label, folder in checkpoints
-    ]
-    stages = stage_order({log["stage"] for _, log in logs})
-    curves = {
-        log["stage"] for _, log in logs if any("heldout_retained" in e for e in log["log_history"])
-    }
-    rewarded = {  # policy stages: their REINFORCE loss centres on 0; the reward is the curve
-        log["stage"] for _, log in logs if any("reward" in e for e in log["log_history"])
-    }
-    rows = 2 if curves else 1
-    fig, axes = plt.subplots(
-        rows, len(stages), figsize=(5 * len(stages), 3.5 * rows), squeeze=False
-    )
-    for col, stage in enumerate(stages):
-        ax = axes[0][col]
-        for run, log in logs:
-            if log["stage"] != stage:
-                continue
-            metric = "reward" if stage in rewarded else "loss"
-            points = [(e["step"], e[metric]) for e in log["log_history"] if metric in e]
-            if points:
-                ax.plot(*zip(*points), label=run)
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.set_ylabel(
-            "mean reward (−log-ppl of the continuation)" if stage in rewarded else "training loss"
-        )
-        ax.legend(fontsize=7)
-        if stage in curves:
-            _plot_heldout(axes[1][col], stage, logs)
-        elif rows == 2:
-            axes[1][col].axis("off")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
-
-
-def _plot_heldout(ax, stage: str, logs: list[tuple[str, dict]]) -> None:
-    for run, log in logs:
-        points = [e for e in log["log_history"] if "heldout_retained" in e]
-        if log["stage"] == stage and points:
-            ax.plot(
-                [p["heldout_tokens_seen"] for p in points],
-                [p["heldout_retained"] for p in points],
-                marker="o",
-                label=run,
-            )
-    windows = next(
-        e["heldout_windows"]
-        for _, log in logs
-        for e in log["log_history"]
-        if "heldout_windows" in e
-    )
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_title(f"{stage}: held-out curve ({windows} validation windows)")
-    ax.set_xlabel("training tokens (context + target)")
-    ax.set_ylabel("context benefit retained")
-    ax.legend(fontsize=7)
-
-
 def write_ttft_table(
     benchmarks: Sequence[tuple[Mapping[str, str], PathLike]], json_out: PathLike, csv_out: PathLike
 ) -> pd.DataFrame:
@@ -228,47 +73,6 @@ def write_ttft_table(
     frame = frame[[c for c in TTFT_COLUMNS if c in frame.columns]]
     frame.to_csv(csv_out, index=False)
     return frame
-
-
-def plot_ttft(ttft_json: PathLike, out: PathLike) -> Path:
-    """TTFT speedup over the plain decoder vs context length, per model pair and k, with the
-    analytic limit (dotted); a noisy row's points are hollow, a suspect ratio is not drawn."""
-    frame = pd.DataFrame(json.loads(Path(ttft_json).read_text()))
-    keys = [c for c in ("decoder", "encoder") if c in frame.columns] + ["k"]
-    if "noise" not in frame:
-        frame["noise"] = [[] for _ in range(len(frame))]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for i, (key, part) in enumerate(frame.groupby(keys)):
-        *pair, k = key
-        name, color = " / ".join([*pair, f"k={k}"]), f"C{i}"
-        part = part.sort_values("context")
-        noisy = part["noise"].map(bool)
-        for mode, marker, style in (("cached", "o", "-"), ("recomputed", "s", "--")):
-            y = pd.to_numeric(part[f"speedup_{mode}"], errors="coerce")
-            ax.plot(part["context"], y, style, color=color, label=f"{name}, {mode}")
-            ax.scatter(part["context"][~noisy], y[~noisy], marker=marker, color=color)
-            ax.scatter(
-                part["context"][noisy], y[noisy], marker=marker, facecolors="none", edgecolors=color
-            )
-        if "analytic_limit" in part:
-            limit = part["analytic_limit"]
-            ax.plot(part["context"], limit, ":", color=color, label=f"{name}, limit")
-    ax.set_xlabel("context length s (tokens)", fontsize=11)
-    ax.set_ylabel("TTFT speedup vs full context (×)", fontsize=11)
-    ax.set_title("hollow points: noisy rows (see the table's noise column)", fontsize=9)
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
-
-
-def read_perplexity(perplexity_csv: PathLike) -> pd.DataFrame:
-    table = pd.read_csv(perplexity_csv)
-    table["k"] = table["k"].astype("Int64")
-    return table
 
 
 def write_report(
@@ -477,8 +281,9 @@ def _caption() -> str:
     return (
         "log_ppl: mean negative log-likelihood (nats) per target token of held-out continuations "
         "(o tokens after s context tokens); lower is better. no_context: the decoder sees no context; "
-        "full_context: the context as tokens; full_context_lowercase: the context's text lowercased "
-        "and re-tokenized (at best what an uncased encoder can pass on); refrag: the context as chunk "
+        "full_context: the context as tokens; full_context_encoder_text: the context's encoder "
+        "tokens decoded and re-tokenized (what the encoder can pass on at best: REFRAG's "
+        "ceiling); refrag: the context as chunk "
         "embeddings (k encoder tokens each); refrag_<stage>: an earlier stage; refrag_rl, "
         "refrag_random, refrag_heuristic: a fraction p of the chunks read as tokens, chosen by "
         "the learned policy, at random, or by the decoder's surprise at their tokens (the "
