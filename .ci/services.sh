@@ -3,7 +3,7 @@
 # - podman + runc (+ uidmap) stand in for the Docker client, and mmdebstrap makes the Debian
 #   base from which tests/test_profile_docker.py builds ./Dockerfile (no registry is reachable);
 #   installed only, nothing persistent is started;
-# - a single-node Slurm (slurmctld, slurmd, munge; tests/test_profile_slurm.py): installed and
+# - a Slurm on this host (slurmctld, three slurmd: one node, and a two-node partition; munge; tests/test_profile_slurm.py): installed and
 #   started by .ci/slurm.sh (munged, slurmctld, slurmd run as daemons; `bash .ci/slurm.sh stop`).
 # - chromium: tests/test_report.py renders the report in a headless browser.
 # The moto server of tests/test_profile_aws_batch.py is started and stopped by that test.
@@ -27,6 +27,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 if [ "$(id -u)" = 0 ]; then
-    echo "==> starting a single-node Slurm"
+    echo "==> starting Slurm (partition ci: this host; ci2: two slurmd on this host)"
     bash .ci/slurm.sh
 fi

@@ -1,5 +1,6 @@
-"""profiles/slurm against a real single-node Slurm (slurmctld, slurmd, munged from Debian's
-packages; .ci/slurm.sh starts it, .ci/services.sh runs that in CI).
+"""profiles/slurm against a real Slurm (slurmctld, slurmd, munged from Debian's packages;
+.ci/slurm.sh starts it, .ci/services.sh runs that in CI): partition `ci` is this host as one
+node; partition `ci2` is two more slurmd on this host, where a training job spans two nodes.
 
 One `snakemake --profile slurm --keep-going` runs the tiny workflow (tiny random-weight models,
 a small local corpus) to its report through `sbatch` (rules grouped into a few Slurm jobs to
@@ -26,7 +27,10 @@ import time
 
 import pytest
 
+from refrag.train.launch import Parallel, launch_command
+
 from .conftest_profiles import copy_worktree, unavailable
+from .test_multinode import check_two_node_run, free_port, train_args
 from .test_workflow import tiny_workspace
 
 PROBE = """include: "Snakefile"
@@ -264,3 +268,52 @@ def test_a_two_node_training_job_asks_sbatch_for_2_nodes_16_gpus_and_one_agent_p
     assert "srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 bash -c" in shell
     assert "--nnodes=$SLURM_NNODES --nproc-per-node=8 --rdzv-id=$SLURM_JOB_ID" in shell
     assert "--rdzv-backend=c10d --rdzv-endpoint=$head:29500" in shell
+
+
+# --- multi-node on the CI cluster: partition ci2 is two slurmd (node1, node2) on this host ---
+def two_node_partition_is_up() -> bool:
+    if not slurm_is_up():
+        return False
+    out = subprocess.run(
+        ["sinfo", "--noheader", "-p", "ci2", "--Node", "--format=%N %T"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    return out.stdout.split() == ["node1", "idle", "node2", "idle"]
+
+
+@pytest.mark.slow
+def test_a_training_job_spans_two_slurm_nodes(tiny_checkpoint, shards, tmp_path):
+    """The launch line of a 2-node job (launch_command: srun, one torchrun agent per node,
+    c10d rendezvous at the first node), submitted with the real `sbatch --nodes=2` to the CI
+    cluster's two-node partition: the agents run on node1 and node2 and train the tiny model
+    with world size 2 (gloo on the CPU; each node's GRES gpu has no device)."""
+    if not two_node_partition_is_up():
+        unavailable("no two-node Slurm partition ci2 here (bash .ci/slurm.sh starts one)")
+    command = launch_command(sys.executable, Parallel(nodes=2, gpus_per_node=1), free_port())
+    out, ranks = tmp_path / "cpt", tmp_path / "ranks"
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\nsrun --ntasks-per-node=1 printenv SLURMD_NODENAME\n"
+        f"{command} {train_args(tiny_checkpoint, shards, out, ranks)}\n"
+    )
+    job_out = tmp_path / "slurm.out"
+    result = subprocess.run(
+        ["sbatch", "--parsable", "--wait", "-p", "ci2", "--nodes=2", "--ntasks=2"]
+        + ["--gpus-per-node=1", "--mem=3000", "-t", "10", "-o", str(job_out), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = job_out.read_text() if job_out.exists() else ""
+    check_two_node_run(
+        subprocess.CompletedProcess("sbatch", result.returncode, log, ""), out, ranks
+    )
+    assert sorted(log.split()[:2]) == ["node1", "node2"], log[:500]
+    job = subprocess.run(
+        ["scontrol", "show", "job", "-o", result.stdout.strip().split(";")[0]],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert " NodeList=node[1-2] " in job and " NumNodes=2 " in job, job
