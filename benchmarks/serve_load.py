@@ -15,9 +15,9 @@ failed requests. A warm-up request per server is not counted.
 
     python benchmarks/serve_load.py --clients 8 --requests 2 --passages 8 --out serve_load.json
 
-Without ``--checkpoint`` it takes the newest ``results/checkpoints/*/*/{sft,cpt}`` folder, or
-else assembles the embedded default models with a random projector (timing only: the text
-is noise).
+Without ``--checkpoint`` it takes the newest ``sft`` (else ``cpt``) folder under
+``results/checkpoints/``, or else assembles the embedded default models with a random
+projector (timing only: the text is noise).
 """
 
 from __future__ import annotations
@@ -55,9 +55,12 @@ MODES = {
 
 
 def default_checkpoint() -> str | None:
-    found = [p for s in ("sft", "cpt") for p in glob.glob(f"results/checkpoints/*/*/{s}")]
-    found = [p for p in found if Path(p, "config.json").is_file()]
-    return max(found, key=lambda p: Path(p).stat().st_mtime) if found else None
+    """The newest trained ``sft`` folder (a chat model), else the newest ``cpt`` one."""
+    for stage in ("sft", "cpt"):  # results/checkpoints/{corpus}/{decoder}/{encoder}/k{k}/{stage}
+        found = glob.glob(f"results/checkpoints/**/{stage}/config.json", recursive=True)
+        if found:
+            return str(Path(max(found, key=lambda p: Path(p).stat().st_mtime)).parent)
+    return None
 
 
 def passages(source: str, words: int, count: int) -> list[str]:

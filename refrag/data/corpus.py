@@ -182,20 +182,27 @@ def prepare_corpus(
     )
     if frame.empty:
         raise ValueError(f"no document has at least {min_chars} characters")
+    frame["split"] = [
+        assign_split(d, validation_fraction, test_fraction, seed) for d in frame["doc_id"]
+    ]
+    return _write_splits(frame, out_dir, SPLITS, {}, f"the corpus has only {len(frame)} documents")
+
+
+def _write_splits(
+    frame: pd.DataFrame, out_dir: Path, splits: Iterable[str], manifest: dict, if_empty: str
+) -> dict:
+    """``{split}.parquet`` of each split of ``frame`` (its ``split`` column), then
+    ``manifest.json`` (``manifest`` with each file's counts and checksum) last: it vouches
+    for the splits."""
     if frame["doc_id"].duplicated().any():
         raise ValueError(
             f"duplicate document ids: {frame.loc[frame['doc_id'].duplicated(), 'doc_id'].tolist()[:5]}"
         )
-    frame["split"] = [
-        assign_split(d, validation_fraction, test_fraction, seed) for d in frame["doc_id"]
-    ]
-    manifest = {"splits": {}}
-    for split in SPLITS:
+    manifest = {"splits": {}} | manifest
+    for split in splits:
         part = frame[frame["split"] == split].drop(columns="split").reset_index(drop=True)
         if part.empty:
-            raise ValueError(
-                f"split {split!r} is empty: the corpus has only {len(frame)} documents"
-            )
+            raise ValueError(f"split {split!r} is empty: {if_empty}")
         path = out_dir / f"{split}.parquet"
         with atomic_file(path) as tmp:
             part.to_parquet(tmp, index=False)
@@ -205,7 +212,7 @@ def prepare_corpus(
             "characters": int(part["text"].str.len().sum()),
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         }
-    write_json(out_dir / "manifest.json", manifest)  # last: it vouches for the splits
+    write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 
@@ -318,26 +325,9 @@ def prepare_from_parts(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-    if frame["doc_id"].duplicated().any():
-        raise ValueError(
-            f"duplicate document ids: {frame.loc[frame['doc_id'].duplicated(), 'doc_id'].tolist()[:5]}"
-        )
-    manifest = {"splits": {}, "streamed": True}
-    for split in splits:
-        part = frame[frame["split"] == split].drop(columns="split").reset_index(drop=True)
-        if part.empty:
-            raise ValueError(f"split {split!r} is empty: raise its fraction or add shards")
-        path = out_dir / f"{split}.parquet"
-        with atomic_file(path) as tmp:
-            part.to_parquet(tmp, index=False)
-        manifest["splits"][split] = {
-            "file": path.name,
-            "documents": len(part),
-            "characters": int(part["text"].str.len().sum()),
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        }
-    write_json(out_dir / "manifest.json", manifest)
-    return manifest
+    return _write_splits(
+        frame, out_dir, splits, {"streamed": True}, "raise its fraction or add shards"
+    )
 
 
 @dataclass(frozen=True)
