@@ -223,9 +223,10 @@ def test_the_headline_says_each_result_with_its_interval_and_what_it_was_measure
     ttft = pd.DataFrame(ttft_rows(16)).assign(analytic_limit=21.8, noise=["[]", "['load']"])
     lines = headline(table, qa_frame(), ttft)
     assert "24 windows of 12 documents" in lines[0] and "k=16: 0.6 [0.1, 0.9]" in lines[0]
-    assert "168 questions from 12 test documents" in lines[1]
-    assert "gains 0.5 [0.41, 0.58]" in lines[1] and "k=16, sft True" in lines[1]
-    assert "TTFT" in lines[2] and "NOISY" in lines[2]
+    assert "base decoder (168 questions from 12 test documents" in lines[1]
+    assert "the passage as tokens gains 0.5 [0.41, 0.58]" in lines[1] and "REFRAG" not in lines[1]
+    assert "after SFT" in lines[2] and "REFRAG k=16 gains 0.2 [0.1, 0.3]" in lines[2]
+    assert "TTFT" in lines[3] and "NOISY" in lines[3]
 
 
 def test_table_one_has_a_row_per_method_and_a_column_per_eval_set(tmp_path):

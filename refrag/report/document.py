@@ -225,19 +225,27 @@ def headline(table: pd.DataFrame, qa: pd.DataFrame | None, ttft: pd.DataFrame | 
                 f"95% interval over documents): {shares}."
             )
     if qa is not None and "choice_gain" in qa:
-        for _, r in qa[(qa["variant"] == "full_context") & ~qa["sft"]].iterrows():
-            best = qa[qa["variant"] == "refrag"].sort_values("choice_accuracy").tail(1)
-            refrag = "".join(
-                f"; the best REFRAG row (k={int(b['k'])}, sft {b['sft']}) gains "
-                + with_interval(b["choice_gain"], b["choice_gain_lo"], b["choice_gain_hi"])
-                for _, b in best.iterrows()
-            )
-            lines.append(
-                f"Multiple-choice QA ({r['n_choice_questions']} questions from {r['n_documents']} "
-                f"{r['eval_set']} documents): reading the passage as tokens gains "
-                + with_interval(r["choice_gain"], r["choice_gain_lo"], r["choice_gain_hi"])
-                + f" accuracy over no passage{refrag}."
-            )
+        for (eval_set, sft), rows in qa.groupby(["eval_set", "sft"], sort=True):
+            gains = []
+            for _, r in rows.sort_values("k", na_position="first", kind="stable").iterrows():
+                if r["variant"] == "no_context":
+                    continue
+                name = (
+                    "the passage as tokens"
+                    if r["variant"] == "full_context"
+                    else f"REFRAG k={int(r['k'])}"
+                )
+                gain = with_interval(r["choice_gain"], r["choice_gain_lo"], r["choice_gain_hi"])
+                gains.append(f"{name} gains {gain}")
+            if gains:
+                first = rows.iloc[0]
+                lines.append(
+                    f"Multiple-choice QA, {'after SFT' if sft else 'base decoder'} "
+                    f"({first['n_choice_questions']} questions from {first['n_documents']} "
+                    f"{eval_set} documents; accuracy over the base decoder without the passage): "
+                    + "; ".join(gains)
+                    + "."
+                )
     if ttft is not None and len(ttft):
         for _, r in ttft[ttft["k"] == 16].sort_values("context").tail(1).iterrows():
             noisy = r.get("noise") not in (None, "", "[]") and not pd.isna(r.get("noise"))
