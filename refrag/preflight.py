@@ -39,7 +39,13 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from refrag.data.corpus import EMBEDDED_CORPORA, read_documents, shard_files, stream_documents
-from refrag.io.models import EMBEDDED_MODELS, ModelSpecError, cache_name, check_spec
+from refrag.io.models import (
+    EMBEDDED_MODELS,
+    ModelSpecError,
+    cache_name,
+    check_spec,
+    split_layers_spec,
+)
 from refrag.modeling.limits import compression_limit
 from refrag.train.launch import Parallel, run_parallel
 from refrag.train.memory import (
@@ -231,6 +237,11 @@ def chunk_limit(spec: str, fetched: Path | None = None) -> int | None:
     """The largest k whose chunk rows fit the encoder's positions, or ``None`` if unknown
     without fetching (an ``hf:`` model not downloaded yet)."""
     config_file = None
+    if spec.startswith("layers:") and not (fetched and (fetched / "config.json").is_file()):
+        try:  # a decoder's lower layers: its positions
+            return chunk_limit(split_layers_spec(spec)[1])
+        except ModelSpecError:
+            return None  # named by the spec check
     if fetched is not None and (fetched / "config.json").is_file():
         config_file = fetched / "config.json"
     elif not spec.startswith(("hf:", "embedded:")) and (Path(spec) / "config.json").is_file():

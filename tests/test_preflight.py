@@ -77,18 +77,29 @@ def test_a_non_number_string_names_its_key(tmp_path):
 
 
 def test_k_that_overflows_the_encoder_positions_is_named(tmp_path):
-    errors = check(config(runs__0__k=[16, 600]), tmp_path)
+    minilm = {"runs__0__encoder": "all-minilm-l6-v2"}
+    errors = check(config(runs__0__k=[16, 600], **minilm), tmp_path)
     assert errors == [
         "config runs[0].k[1]: k=600 does not fit encoder 'all-minilm-l6-v2': a chunk row is "
         "k + 2 tokens (CLS, SEP) and it has positions for 512; use k <= 510"
     ]
-    assert check(config(runs__0__k=[16, 510]), tmp_path) == []
+    assert check(config(runs__0__k=[16, 510], **minilm), tmp_path) == []
+
+
+def test_the_default_layers_encoder_takes_k_up_to_the_decoders_positions(tmp_path):
+    """The default encoder (the decoder's lower layers, not fetched yet) has the decoder's
+    8,192 positions: its limit is the decoder's, read before anything is fetched (two
+    positions kept for special tokens, as for every encoder)."""
+    (error,) = check(config(runs__0__k=[16, 8191]), tmp_path)
+    assert error.startswith("config runs[0].k[1]: k=8191 does not fit encoder")
+    assert "'smollm2-135m-layers-4'" in error and "use k <= 8190" in error
+    assert check(config(runs__0__k=[16, 8190]), tmp_path) == []
 
 
 def test_k_limit_reads_a_local_encoder_and_knows_roberta_offsets(tmp_path, encoder_dir):
-    cfg = config(runs__0__k=[511])
+    cfg = config(runs__0__k=[16, 511], runs__0__encoder="all-minilm-l6-v2")
     cfg["models"]["all-minilm-l6-v2"] = str(encoder_dir)
-    assert "runs[0].k[0]: k=511" in check(cfg, tmp_path)[0]
+    assert "runs[0].k[1]: k=511" in check(cfg, tmp_path)[0]
     assert compression_limit({"model_type": "roberta", "max_position_embeddings": 514}) == 510
     assert compression_limit({"model_type": "bert", "max_position_embeddings": 512}) == 510
 
@@ -111,7 +122,7 @@ def test_model_specs_that_cannot_resolve_are_named(tmp_path, spec, message):
 def test_runs_must_name_configured_models(tmp_path):
     assert check(config(runs__0__encoder="bert"), tmp_path) == [
         "config runs[0].encoder: 'bert' is not a key of `models` "
-        "(smollm2-135m-instruct, all-minilm-l6-v2)"
+        "(smollm2-135m-instruct, smollm2-135m-layers-4, all-minilm-l6-v2)"
     ]
 
 
