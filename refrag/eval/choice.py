@@ -36,11 +36,14 @@ def candidate_scores(model, tok: RefragTokenizer, example: QAExample, variant: s
         tok.decoder_tokenizer, [{"role": "user", "content": question_prompt(example, variant)}]
     )
     batch = {k: v.to(device) for k, v in tok(text).items() if k != "labels"}
-    if is_refrag:
-        out = model(**batch, use_cache=True)
+    if is_refrag:  # the last position's logits only: the vocabulary over the prompt is waste
+        out = model(**batch, use_cache=True, logits_to_keep=1)
     else:
         out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=True,
+            logits_to_keep=1,
         )
     cache, first = out.past_key_values, torch.log_softmax(out.logits[0, -1].float(), -1)
     length = batch["input_ids"].shape[1]
