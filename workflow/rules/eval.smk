@@ -161,6 +161,7 @@ rule eval_qa:
     conda:
         CONDA_ENV
     threads: 1
+    priority: 5  # the longest evaluation (three variants after sft): start it first
     params:
         variants=lambda wc: (
             ["refrag"]
