@@ -83,7 +83,7 @@ def workspace(tmp_path_factory) -> Path:
 def test_default_dag_has_every_stage_once(workspace):
     jobs = planned_jobs(workspace, "--forceall", "eval_report")
     assert jobs == {
-        "fetch_model": 2,
+        "fetch_model": 3,  # decoder, its lower layers (the chunk encoder), the retriever
         "fetch_corpus": 1,
         "prepare_corpus": 1,
         "tokenize": 3,  # train, validation (the held-out curve), test
