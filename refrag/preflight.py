@@ -237,13 +237,13 @@ def chunk_limit(spec: str, fetched: Path | None = None) -> int | None:
     """The largest k whose chunk rows fit the encoder's positions, or ``None`` if unknown
     without fetching (an ``hf:`` model not downloaded yet)."""
     config_file = None
-    if spec.startswith("layers:") and not (fetched and (fetched / "config.json").is_file()):
-        try:  # a decoder's lower layers: its positions
+    if fetched is not None and (fetched / "config.json").is_file():
+        config_file = fetched / "config.json"
+    elif spec.startswith("layers:"):  # a decoder's lower layers: its positions
+        try:
             return chunk_limit(split_layers_spec(spec)[1])
         except ModelSpecError:
             return None  # named by the spec check
-    if fetched is not None and (fetched / "config.json").is_file():
-        config_file = fetched / "config.json"
     elif not spec.startswith(("hf:", "embedded:")) and (Path(spec) / "config.json").is_file():
         config_file = Path(spec) / "config.json"
     if config_file is not None:

@@ -1,5 +1,6 @@
 """Scoring held-out windows: each variant (no context, full context, the context as the
-encoder's tokens give it back, REFRAG chunk embeddings) reads the same windows and is scored on the same target tokens."""
+encoder's tokens give it back, REFRAG chunk embeddings) reads the same windows and is scored
+on the same target tokens."""
 
 from __future__ import annotations
 
