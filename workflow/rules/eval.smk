@@ -158,10 +158,10 @@ rule eval_qa:
         QA_EVAL,
     log:
         "logs/eval_qa/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-{stage}.log",
+    priority: 5  # the longest evaluation (three variants after sft): start it first
     conda:
         CONDA_ENV
     threads: 1
-    priority: 5  # the longest evaluation (three variants after sft): start it first
     params:
         variants=lambda wc: (
             ["refrag"]
