@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from refrag.data.qa import QAExample, build_qa, question_prompt
-from refrag.eval.choice import candidate_scores, score_choices
+from refrag.eval.qa import answer_questions
 from refrag.modeling.prompting import render_chat, template_tokenizer
 
 from .test_qa import multi_document_passages
@@ -41,34 +41,53 @@ def full_sequence_score(model, tok, example, variant, choice):
     return float(sum(logp[n - 1 + i, t] for i, t in enumerate(ids))) / len(ids)
 
 
+def batch_of_examples() -> list[QAExample]:
+    """Prompts of different lengths (a left-padded batch) and candidates of 1 to 3 tokens."""
+    other = QAExample(
+        "q:1",
+        "q",
+        "Ada Lovelace wrote the first published program, for the Engine, in 1843 in London.",
+        "She wrote it in ____.",
+        "1843",
+        ("1843", "1791", "1871"),
+    )
+    plain = QAExample("r:0", "r", "A short one.", "It is ____.", "short")  # no candidates
+    return [EXAMPLE, other, plain]
+
+
 @pytest.mark.parametrize("variant", ["no_context", "full_context", "refrag"])
 def test_candidate_scores_are_mean_token_log_likelihoods_of_the_reply(
     tiny_model, refrag_tokenizer, variant
 ):
+    """Scored from the generation's cache of a left-padded batch, each candidate's score is
+    what reading the whole prompt and candidate in one pass, alone, gives."""
+    examples = batch_of_examples()
+    rows = answer_questions(tiny_model, refrag_tokenizer, examples, variant, max_new_tokens=3)
     tok = template_tokenizer(refrag_tokenizer)
     with torch.no_grad():
-        scores = candidate_scores(tiny_model, tok, EXAMPLE, variant)
-        expected = [
-            full_sequence_score(tiny_model, tok, EXAMPLE, variant, c) for c in EXAMPLE.choices
-        ]
-    assert scores == pytest.approx(expected, abs=1e-4)
+        for example, row in zip(examples[:2], rows):
+            expected = [
+                full_sequence_score(tiny_model, tok, example, variant, c) for c in example.choices
+            ]
+            assert row["choice_scores"] == pytest.approx(expected, abs=1e-4)
+    assert "choice_scores" not in rows[2]
 
 
 def test_a_plain_decoder_scores_the_baselines(tiny_model, refrag_tokenizer):
-    tok = template_tokenizer(refrag_tokenizer)
-    with torch.no_grad():
-        plain = candidate_scores(tiny_model.decoder, tok, EXAMPLE, "full_context")
-        refrag = candidate_scores(tiny_model, tok, EXAMPLE, "full_context")
-    assert plain == pytest.approx(refrag, abs=1e-5)
+    examples = batch_of_examples()
+    plain = answer_questions(tiny_model.decoder, refrag_tokenizer, examples, "full_context")
+    refrag = answer_questions(tiny_model, refrag_tokenizer, examples, "full_context")
+    for a, b in zip(plain[:2], refrag):
+        assert a["choice_scores"] == pytest.approx(b["choice_scores"], abs=1e-5)
 
 
-def test_score_choices_picks_the_best_candidate_and_marks_the_gold(tiny_model, refrag_tokenizer):
+def test_the_pick_is_the_best_candidate_and_marks_the_gold(tiny_model, refrag_tokenizer):
     examples = build_qa(multi_document_passages(), per_passage=2, choices=3)
-    results = score_choices(tiny_model, refrag_tokenizer, examples, "refrag")
-    for example, result in zip(examples, results):
+    rows = answer_questions(tiny_model, refrag_tokenizer, examples, "refrag", max_new_tokens=2)
+    for example, row in zip(examples, rows):
         if not example.choices:
-            assert result == {}
+            assert "choice" not in row
             continue
-        best = max(range(3), key=lambda i: result["choice_scores"][i])
-        assert result["choice"] == example.choices[best]
-        assert result["choice_correct"] == float(example.choices[best] == example.answer)
+        best = max(range(3), key=lambda i: row["choice_scores"][i])
+        assert row["choice"] == example.choices[best]
+        assert row["choice_correct"] == float(example.choices[best] == example.answer)

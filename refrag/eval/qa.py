@@ -33,7 +33,7 @@ from refrag.data.qa import (
     question_prompt,
     read_qa_set,
 )
-from refrag.eval.choice import score_choices
+from refrag.eval.choice import cached_candidate_scores, choice_result
 from refrag.eval.statistics import bootstrap_ratio
 from refrag.eval.tables import QA_COLUMNS, ordered, write_rows
 from refrag.io.integrity import verify_folder
@@ -169,11 +169,13 @@ def answer_questions(
     max_new_tokens: int = 24,
     batch_size: int = 8,
 ) -> list[dict]:
-    """Generate a short answer greedily for each example and score it.
+    """Generate a short answer greedily for each example and score it; score its candidate
+    answers (:mod:`refrag.eval.choice`) from the same reading of the prompt.
 
     ``model`` is a ``RefragModel`` (every variant) or a plain causal LM (``no_context`` and
     ``full_context``). Returns one dict per example: its fields, ``prediction``,
-    ``exact_match`` and ``f1``.
+    ``exact_match`` and ``f1``, and where it has candidates ``choice_scores``, ``choice`` and
+    ``choice_correct``.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
@@ -182,7 +184,14 @@ def answer_questions(
         raise ValueError("the refrag variant needs a RefragModel")
     tok = template_tokenizer(tok)
     device = next(model.parameters()).device
-    eos = tok.decoder_tokenizer.eos_token_id
+    kwargs = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "pad_token_id": tok.decoder_pad_token_id,
+        "eos_token_id": tok.decoder_tokenizer.eos_token_id,
+        "return_dict_in_generate": True,  # its KV cache and first logits score the candidates
+        "output_logits": True,
+    }
     rows = []
     for i in tqdm(range(0, len(examples), batch_size), desc=variant, mininterval=5):
         part = examples[i : i + batch_size]
@@ -194,20 +203,26 @@ def answer_questions(
         ]
         batch = tok(texts, padding_side="left")
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        kwargs = {
-            "max_new_tokens": max_new_tokens,
-            "do_sample": False,
-            "pad_token_id": tok.decoder_pad_token_id,
-            "eos_token_id": eos,
-        }
+        length = inputs["input_ids"].shape[1]
         if is_refrag:
-            new = model.generate(**inputs, **kwargs)
+            out = model.generate(**inputs, **kwargs)
+            new = out.sequences
         else:
             out = model.generate(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs
             )
-            new = out[:, inputs["input_ids"].shape[1] :]
-        for example, ids in zip(part, new.tolist()):
+            new = out.sequences[:, length:]
+        cache = out.past_key_values
+        cache.crop(length - cache.get_seq_length())  # the prompt's positions only
+        scores = cached_candidate_scores(
+            model.decoder if is_refrag else model,
+            tok,
+            part,
+            inputs["attention_mask"],
+            cache,
+            out.logits[0],
+        )
+        for example, ids, choices in zip(part, new.tolist(), scores):
             prediction = cloze_answer(tok.decode(ids, skip_special_tokens=True), example.question)
             rows.append(
                 asdict(example)
@@ -217,6 +232,7 @@ def answer_questions(
                     "exact_match": exact_match(prediction, example.answer),
                     "f1": f1_score(prediction, example.answer),
                 }
+                | choice_result(example, choices)
             )
     return rows
 
@@ -259,10 +275,9 @@ def evaluate_qa(
         answered = answer_questions(
             model, tok, examples, variant, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
-        chosen = score_choices(model, tok, examples, variant)
-        rows += [row | pick | run | (labels or {}) for row, pick in zip(answered, chosen)]
+        rows += [row | run | (labels or {}) for row in answered]
         mean = sum(r["exact_match"] for r in answered) / max(len(answered), 1)
-        picks = [c["choice_correct"] for c in chosen if c]
+        picks = [r["choice_correct"] for r in answered if "choice_correct" in r]
         accuracy = sum(picks) / max(len(picks), 1)
         print(
             f"{variant} {run}: exact match {mean:.3f} over {len(answered)} questions, "

@@ -41,7 +41,6 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from refrag.data.qa import QAExample, normalize_answer, question_prompt, read_qa_set  # noqa: E402
-from refrag.eval.choice import score_choices  # noqa: E402
 from refrag.eval.qa import answer_questions, qa_table  # noqa: E402
 from refrag.eval.statistics import bootstrap_ratio  # noqa: E402
 from refrag.eval.tables import compact, with_interval  # noqa: E402
@@ -210,9 +209,8 @@ def evaluate_rag(
         answered = answer_questions(
             model, tok, examples_n, variant, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
-        chosen = score_choices(model, tok, examples_n, variant)
         extra = {"n": n, "ttft_ms": ttft[variant, n]["ttft_ms"]} | run
-        answers += [r | c | extra for r, c in zip(answered, chosen, strict=True)]
+        answers += [r | extra for r in answered]
         ttft_rows.append({"variant": variant, "n": n} | ttft[variant, n] | run)
         print(
             f"{variant} n={n}: exact match "
