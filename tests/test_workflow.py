@@ -95,7 +95,7 @@ def test_default_dag_has_every_stage_once(workspace):
         "eval_selective": 1,
         "qa_set": 1,
         "eval_qa_baselines": 1,
-        "eval_qa": 2,  # k16 cpt (no SFT) and sft
+        "eval_qa": 4,  # cpt (no SFT) at k = 8, 16, 32; sft at k = 16
         "qa_table": 1,
         "perplexity_table": 1,
         "plot_perplexity": 1,
@@ -366,13 +366,14 @@ def test_end_to_end_run_trains_sft_and_the_policy_and_evaluates_qa_and_selective
     assert (selective["positions"] > refrag).all()  # expanded chunks take their tokens
     assert (selective["compression"] < 96 / refrag).all()
     qa = pd.read_csv(finished_run / "results/eval/qa.csv")
-    assert list(zip(qa["variant"], qa["sft"])) == [
-        ("no_context", False),
-        ("full_context", False),
-        ("refrag", False),
-        ("no_context", True),
-        ("full_context", True),
-        ("refrag", True),
+    assert list(zip(qa["variant"], qa["k"].astype(object), qa["sft"])) == [
+        ("no_context", pd.NA, False),
+        ("full_context", pd.NA, False),
+        ("refrag", 4, False),  # before SFT at every k the run trains
+        ("refrag", 8, False),
+        ("no_context", pd.NA, True),
+        ("full_context", pd.NA, True),
+        ("refrag", 4, True),
     ]
     assert qa["n_questions"].nunique() == 1 and qa["n_questions"].iloc[0] > 0
     assert ((qa["exact_match_lo"] <= qa["exact_match"]) & (qa["f1"] <= qa["f1_hi"])).all()
@@ -440,7 +441,7 @@ def test_changing_a_stage_hyperparameter_reruns_that_stage_onward(finished_run):
         "train": 2 + len(AT_K16),  # cpt at k = 4 and 8, and what starts from cpt at k = 4
         "eval_refrag": 2,
         "eval_selective": 1,
-        "eval_qa": 2,
+        "eval_qa": 3,  # cpt at k = 4 and 8 (no SFT), sft at k = 4
         "qa_table": 1,
         "eval_rag": 1,  # it reads the sft checkpoint at k = 4
         "rag_table": 1,

@@ -1,6 +1,12 @@
 import re
 
-from refrag.train.stages import STAGES, final_stage, qa_stages, stage_with_role
+from refrag.train.stages import (
+    STAGES,
+    final_stage,
+    qa_stages,
+    stage_with_role,
+    stages_to_train,
+)
 
 # every rule's conda environment (--sdm conda), relative to the rule files
 CONDA_ENV = "../envs/refrag.yaml"
@@ -106,18 +112,23 @@ SELECTIVE_STAGE = stage_with_role("selective")  # its checkpoints hold the chunk
 
 def qa_outputs():
     """Every QA JSON the QA table is made of: the base decoder's baselines (without SFT),
-    REFRAG from the stage the QA stage starts from, and all three variants after it."""
+    REFRAG from the stage the QA stage starts from at every k that trains it, and all three
+    variants after the QA stage (at eval.qa.k)."""
+    before, qa = qa_stages()
+    pairs = {(d, e) for d, e, _ in qa_keys()}
     files = []
     for eval_set in config["eval"]["sets"]:
         where = {"corpus": CORPUS, "eval_set": eval_set}
-        for decoder, encoder in sorted({(d, e) for d, e, _ in qa_keys()}):
+        for decoder, encoder in sorted(pairs):
             files.append(QA_BASELINES.format(decoder=decoder, encoder=encoder, **where))
-        for decoder, encoder, k in qa_keys():
+        for decoder, encoder, k in run_keys():
+            trained = stages_to_train(config["eval"], k)
             files += [
                 QA_EVAL.format(
                     decoder=decoder, encoder=encoder, k=k, stage=stage, **where
                 )
-                for stage in qa_stages()
+                for stage in (before, qa)
+                if (decoder, encoder) in pairs and stage in trained
             ]
     return files
 
