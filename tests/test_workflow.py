@@ -366,7 +366,7 @@ def test_end_to_end_run_trains_sft_and_the_policy_and_evaluates_qa_and_selective
     assert (selective["positions"] > refrag).all()  # expanded chunks take their tokens
     assert (selective["compression"] < 96 / refrag).all()
     qa = pd.read_csv(finished_run / "results/eval/qa.csv")
-    assert list(zip(qa["variant"], qa["k"].astype(object), qa["sft"])) == [
+    assert list(zip(qa["variant"], qa["k"].astype("Int64").astype(object), qa["sft"])) == [
         ("no_context", pd.NA, False),
         ("full_context", pd.NA, False),
         ("refrag", 4, False),  # before SFT at every k the run trains
