@@ -15,12 +15,15 @@ from refrag.data.qa import (
 from refrag.eval.qa import (
     answer_questions,
     cloze_answer,
+    evaluate_qa,
     exact_match,
     f1_score,
     normalize_answer,
     qa_table,
 )
-from tests.conftest import TEXT
+from refrag.modeling import RefragModel
+from refrag.train.runner import save_model_folder
+from tests.conftest import TEXT, tiny_config
 
 PASSAGE = (
     "cut at the window start. The Analytical Engine was designed by the English "
@@ -317,3 +320,21 @@ def test_qa_table_scores_multiple_choice_and_its_gain_over_no_context():
     )
     assert table.loc["refrag", "choice_accuracy"] == 0.5
     assert set(table["n_choice_questions"]) == {20}
+
+
+def test_a_policy_checkpoint_answers_once_per_fraction(tmp_path, refrag_tokenizer):
+    torch.manual_seed(0)
+    model = RefragModel(tiny_config())
+    model.add_policy(hidden_size=16, heads=2)
+    checkpoint = tmp_path / "policy"
+    log = {"training_log.json": {"stage": "policy"}}
+    save_model_folder(model, refrag_tokenizer, checkpoint, extra=log)
+    qa = write_qa_set(build_qa([{"id": "p", "text": PASSAGE}], per_passage=2), tmp_path / "qa")
+    run = {"qa_set": qa, "checkpoint": checkpoint, "variants": ["refrag_rl"], "max_new_tokens": 2}
+    rows = evaluate_qa(out=tmp_path / "out.json", fractions=[0.25, 0.5], **run)
+    assert [(r["variant"], r["p"], r["stage"], r["sft"]) for r in rows] == [
+        ("refrag_rl", p, "policy", False) for p in (0.25, 0.25, 0.5, 0.5)
+    ]
+    assert rows[0]["positions"] < rows[2]["positions"]  # more chunks as tokens
+    with pytest.raises(ValueError, match="fractions"):
+        evaluate_qa(out=tmp_path / "none.json", **run)

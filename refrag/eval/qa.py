@@ -280,6 +280,9 @@ def evaluate_qa(
     SFT), reading the passage as each of ``variants`` (``refrag_rl``: at each p of
     ``fractions``, with a policy stage's checkpoint). Writes and returns one row per question,
     variant and p (:func:`answer_questions`, with ``labels``)."""
+    variants = list(variants)
+    if "refrag_rl" in variants and not fractions:
+        raise ValueError("the refrag_rl variant needs fractions (the p values to expand)")
     examples = read_qa_set(qa_set)
     if checkpoint is not None:
         verify_folder(checkpoint)
@@ -300,8 +303,6 @@ def evaluate_qa(
         for variant in variants
         for p in (fractions if variant == "refrag_rl" else [None])
     ]
-    if "refrag_rl" in variants and not fractions:
-        raise ValueError("the refrag_rl variant needs fractions (the p values to expand)")
     for variant, p in readings:
         answered = answer_questions(
             model,
