@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from refrag.data.mixed import expand_count, expanded_parts
 from refrag.data.qa import QAExample, build_qa, question_prompt
 from refrag.eval.qa import answer_questions
+from refrag.eval.selective import top_selection
 from refrag.modeling.prompting import render_chat, template_tokenizer
 
 from .test_qa import multi_document_passages
@@ -17,12 +19,21 @@ EXAMPLE = QAExample(
 )
 
 
-def full_sequence_score(model, tok, example, variant, choice):
+def policy_encoding(model, tok, text, p):
+    """``text`` encoded with the policy's top ⌊p·L⌋ chunks of its one document expanded,
+    chosen from the embeddings of the plain refrag encoding's chunk rows."""
+    plain = tok(text)
+    embeds = model.encode_chunks(plain["chunk_input_ids"], plain["chunk_attention_mask"])
+    chosen = top_selection(model.policy(embeds[None])[0], expand_count(len(embeds), p))
+    return tok.pad([tok.encode_parts(expanded_parts(tok, text, [chosen]))])
+
+
+def full_sequence_score(model, tok, example, variant, choice, p=None):
     """The reference: the whole prompt + candidate read in one pass, no KV cache."""
     text = render_chat(
         tok.decoder_tokenizer, [{"role": "user", "content": question_prompt(example, variant)}]
     )
-    batch = tok(text)
+    batch = policy_encoding(model, tok, text, p) if variant == "refrag_rl" else tok(text)
     ids = tok.decoder_tokenizer(choice, add_special_tokens=False)["input_ids"]
     n = batch["input_ids"].shape[1]
     full = {k: v for k, v in batch.items() if k != "labels"}
@@ -91,3 +102,29 @@ def test_the_pick_is_the_best_candidate_and_marks_the_gold(tiny_model, refrag_to
         best = max(range(3), key=lambda i: row["choice_scores"][i])
         assert row["choice"] == example.choices[best]
         assert row["choice_correct"] == float(example.choices[best] == example.answer)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
+def test_policy_rows_score_candidates_as_one_pass_over_the_expanded_prompt(
+    tiny_model, refrag_tokenizer, p
+):
+    """refrag_rl: the policy's chunks of the passage read as tokens, the rest as chunk
+    embeddings; scored from the cache of a left-padded batch as in one pass alone."""
+    torch.manual_seed(1)
+    tiny_model.add_policy(hidden_size=16, heads=2)
+    examples = batch_of_examples()
+    rows = answer_questions(tiny_model, refrag_tokenizer, examples, "refrag_rl", p=p)
+    tok = template_tokenizer(refrag_tokenizer)
+    with torch.no_grad():
+        for example, row in zip(examples[:2], rows):
+            expected = [
+                full_sequence_score(tiny_model, tok, example, "refrag_rl", c, p)
+                for c in example.choices
+            ]
+            assert row["choice_scores"] == pytest.approx(expected, abs=1e-4)
+    assert all(row["p"] == p for row in rows)
+    if p == 0.0:  # nothing expanded: the refrag reading
+        refrag = answer_questions(tiny_model, refrag_tokenizer, examples, "refrag")
+        for a, b in zip(rows[:2], refrag):
+            assert a["choice_scores"] == pytest.approx(b["choice_scores"], abs=1e-5)
+            assert a["prediction"] == b["prediction"]

@@ -15,12 +15,15 @@ from refrag.data.qa import (
 from refrag.eval.qa import (
     answer_questions,
     cloze_answer,
+    evaluate_qa,
     exact_match,
     f1_score,
     normalize_answer,
     qa_table,
 )
-from tests.conftest import TEXT
+from refrag.modeling import RefragModel
+from refrag.train.runner import save_model_folder
+from tests.conftest import TEXT, tiny_config
 
 PASSAGE = (
     "cut at the window start. The Analytical Engine was designed by the English "
@@ -77,12 +80,12 @@ def test_qa_set_is_deterministic_by_seed_and_deduplicated():
     assert len(others) > 1  # the seed chooses
 
 
-def scored_rows(variant, k, sft, hits):
+def scored_rows(variant, k, sft, hits, p=None):
     """Per-question rows as evaluate_qa writes them: question i of document d{i % 4}."""
     group = {"decoder": "dec", "encoder": "enc", "eval_set": "test"}
     return [
         {"id": f"d{i % 4}#{i}:0", "passage_id": f"d{i % 4}#{i}", "variant": variant, "k": k}
-        | {"sft": sft, "exact_match": float(hit), "f1": 0.5 + hit / 2}
+        | {"sft": sft, "p": p, "exact_match": float(hit), "f1": 0.5 + hit / 2}
         | group
         for i, hit in enumerate(hits)
     ]
@@ -105,6 +108,24 @@ def test_qa_table_gives_means_with_document_intervals_and_counts():
     assert set(table["n_questions"]) == {20} and set(table["n_documents"]) == {4}
 
 
+def test_qa_table_gives_a_policy_row_per_p_after_refrag():
+    rows = scored_rows("refrag_rl", 16, False, [1] * 20, p=0.5)
+    rows += scored_rows("refrag_rl", 16, False, [i % 2 for i in range(20)], p=0.25)
+    rows += scored_rows("refrag", 16, False, [0] * 20)
+    rows += [r | {"p": float("nan")} for r in scored_rows("no_context", None, False, [0] * 20)]
+    table = qa_table(rows, samples=100)
+    assert list(zip(table["variant"], table["p"].fillna(-1))) == [
+        ("no_context", -1),
+        ("refrag", -1),
+        ("refrag_rl", 0.25),
+        ("refrag_rl", 0.5),
+    ]
+    assert table["exact_match"].tolist() == [0, 0, 0.5, 1]
+    assert list(table.columns[:5]) == ["variant", "k", "sft", "p", "eval_set"]
+    old = [{k: v for k, v in r.items() if k != "p"} for r in scored_rows("refrag", 8, 0, [1] * 20)]
+    assert qa_table(old, samples=10)["p"].isna().all()  # rows written before p was a column
+
+
 def test_qa_table_refuses_rows_that_answered_different_questions():
     rows = scored_rows("no_context", None, False, [0] * 20)
     rows += scored_rows("refrag", 16, False, [1] * 19)
@@ -122,6 +143,7 @@ def test_prompts_read_the_passage_as_nothing_tokens_or_a_doc():
     assert "Some passage." not in question_prompt(e, "no_context")
     assert "Some passage." in question_prompt(e, "full_context")
     assert "<doc id='p'>Some passage.</doc>" in question_prompt(e, "refrag")
+    assert question_prompt(e, "refrag_rl") == question_prompt(e, "refrag")
     with pytest.raises(ValueError, match="variants"):
         question_prompt(e, "other")
 
@@ -146,6 +168,22 @@ def test_answer_questions_reads_the_doc_through_the_encoder(tiny_model, refrag_t
     answer_questions(tiny_model, refrag_tokenizer, examples, "refrag", max_new_tokens=2)
     assert calls == [1]
     assert refrag_tokenizer.add_bos  # the shared tokenizer is left as it was
+
+
+def test_the_policy_variant_needs_a_policy_and_p(tiny_model, refrag_tokenizer):
+    examples = build_qa([{"id": "p", "text": PASSAGE}])
+    with pytest.raises(ValueError, match="chunk policy"):
+        answer_questions(tiny_model, refrag_tokenizer, examples, "refrag_rl", p=0.25)
+    tiny_model.add_policy(hidden_size=16, heads=2)
+    with pytest.raises(ValueError, match="needs p"):
+        answer_questions(tiny_model, refrag_tokenizer, examples, "refrag_rl")
+    with pytest.raises(ValueError, match="RefragModel"):
+        answer_questions(tiny_model.decoder, refrag_tokenizer, examples, "refrag_rl", p=0.25)
+    rows = answer_questions(tiny_model, refrag_tokenizer, examples, "refrag_rl", p=0.25)
+    chunks = -(-len(refrag_tokenizer.encoder_tokenizer(PASSAGE)["input_ids"][1:-1]) // 4)
+    assert rows[0]["p"] == 0.25 and chunks < rows[0]["positions"]  # some chunks as tokens
+    refrag = answer_questions(tiny_model, refrag_tokenizer, examples, "refrag")
+    assert refrag[0]["p"] is None and "positions" not in refrag[0]
 
 
 def test_a_plain_decoder_answers_the_baselines(tiny_model, refrag_tokenizer):
@@ -282,3 +320,21 @@ def test_qa_table_scores_multiple_choice_and_its_gain_over_no_context():
     )
     assert table.loc["refrag", "choice_accuracy"] == 0.5
     assert set(table["n_choice_questions"]) == {20}
+
+
+def test_a_policy_checkpoint_answers_once_per_fraction(tmp_path, refrag_tokenizer):
+    torch.manual_seed(0)
+    model = RefragModel(tiny_config())
+    model.add_policy(hidden_size=16, heads=2)
+    checkpoint = tmp_path / "policy"
+    log = {"training_log.json": {"stage": "policy"}}
+    save_model_folder(model, refrag_tokenizer, checkpoint, extra=log)
+    qa = write_qa_set(build_qa([{"id": "p", "text": PASSAGE}], per_passage=2), tmp_path / "qa")
+    run = {"qa_set": qa, "checkpoint": checkpoint, "variants": ["refrag_rl"], "max_new_tokens": 2}
+    rows = evaluate_qa(out=tmp_path / "out.json", fractions=[0.25, 0.5], **run)
+    assert [(r["variant"], r["p"], r["stage"], r["sft"]) for r in rows] == [
+        ("refrag_rl", p, "policy", False) for p in (0.25, 0.25, 0.5, 0.5)
+    ]
+    assert rows[0]["positions"] < rows[2]["positions"]  # more chunks as tokens
+    with pytest.raises(ValueError, match="fractions"):
+        evaluate_qa(out=tmp_path / "none.json", **run)

@@ -211,6 +211,9 @@ def qa_frame():
             | {"variant": "full_context", "k": None, "sft": False, "choice_accuracy": 0.8}
             | {"choice_gain": 0.5, "choice_gain_lo": 0.41, "choice_gain_hi": 0.58},
             base
+            | {"variant": "refrag_rl", "k": 16, "sft": False, "p": 0.25, "choice_accuracy": 0.4}
+            | {"choice_gain": 0.1, "choice_gain_lo": 0.02, "choice_gain_hi": 0.2},
+            base
             | {"variant": "refrag", "k": 16, "sft": True, "choice_accuracy": 0.5}
             | {"choice_gain": 0.2, "choice_gain_lo": 0.1, "choice_gain_hi": 0.3},
         ]
@@ -225,6 +228,7 @@ def test_the_headline_says_each_result_with_its_interval_and_what_it_was_measure
     assert "24 windows of 12 documents" in lines[0] and "k=16: 0.6 [0.1, 0.9]" in lines[0]
     assert "base decoder (168 questions from 12 test documents" in lines[1]
     assert "the passage as tokens gains 0.5 [0.41, 0.58]" in lines[1] and "REFRAG" not in lines[1]
+    assert "the policy (k=16, p=0.25) gains 0.1 [0.02, 0.2]" in lines[1]
     assert "after SFT" in lines[2] and "REFRAG k=16 gains 0.2 [0.1, 0.3]" in lines[2]
     assert "TTFT" in lines[3] and "NOISY" in lines[3]
 

@@ -95,7 +95,7 @@ def test_default_dag_has_every_stage_once(workspace):
         "eval_selective": 1,
         "qa_set": 1,
         "eval_qa_baselines": 1,
-        "eval_qa": 4,  # cpt (no SFT) at k = 8, 16, 32; sft at k = 16
+        "eval_qa": 5,  # cpt (no SFT) at k = 8, 16, 32; sft and policy (refrag_rl) at k = 16
         "qa_table": 1,
         "perplexity_table": 1,
         "plot_perplexity": 1,
@@ -371,10 +371,13 @@ def test_end_to_end_run_trains_sft_and_the_policy_and_evaluates_qa_and_selective
         ("full_context", pd.NA, False),
         ("refrag", 4, False),  # before SFT at every k the run trains
         ("refrag", 8, False),
+        ("refrag_rl", 4, False),  # the policy stage's, expanding p = 0.25 of the chunks
         ("no_context", pd.NA, True),
         ("full_context", pd.NA, True),
         ("refrag", 4, True),
     ]
+    assert qa.loc[qa["variant"] == "refrag_rl", "p"].tolist() == [0.25]
+    assert qa.loc[qa["variant"] != "refrag_rl", "p"].isna().all()
     assert qa["n_questions"].nunique() == 1 and qa["n_questions"].iloc[0] > 0
     assert ((qa["exact_match_lo"] <= qa["exact_match"]) & (qa["f1"] <= qa["f1_hi"])).all()
     questions = (finished_run / "results/qa/tiny/tiny-decoder/tiny-encoder/test.jsonl").read_text()
@@ -441,7 +444,7 @@ def test_changing_a_stage_hyperparameter_reruns_that_stage_onward(finished_run):
         "train": 2 + len(AT_K16),  # cpt at k = 4 and 8, and what starts from cpt at k = 4
         "eval_refrag": 2,
         "eval_selective": 1,
-        "eval_qa": 3,  # cpt at k = 4 and 8 (no SFT), sft at k = 4
+        "eval_qa": 4,  # cpt at k = 4 and 8 (no SFT), sft and policy at k = 4
         "qa_table": 1,
         "eval_rag": 1,  # it reads the sft checkpoint at k = 4
         "rag_table": 1,

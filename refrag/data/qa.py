@@ -53,7 +53,8 @@ INSTRUCTION = (
 )
 
 
-VARIANTS = ("no_context", "full_context", "refrag")
+# refrag_rl: refrag with the chunk policy expanding a fraction p of the chunks to tokens
+VARIANTS = ("no_context", "full_context", "refrag", "refrag_rl")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 
@@ -283,14 +284,14 @@ def read_qa_set(path: str | os.PathLike) -> list[QAExample]:
 
 # -- answering with a model ----------------------------------------------------------------
 def question_prompt(example: QAExample, variant: str) -> str:
-    """The user message for one question: the passage (none, as text, or in a ``<doc>``),
-    then the instruction and the question."""
+    """The user message for one question: the passage (none, as text, or in a ``<doc>`` for
+    ``refrag`` and ``refrag_rl``), then the instruction and the question."""
     ask = f"{INSTRUCTION.format(blank=BLANK)}\n{example.question}"
     if variant == "no_context":
         return ask
     if variant == "full_context":
         return f"{example.passage}\n\n{ask}"
-    if variant == "refrag":
+    if variant in ("refrag", "refrag_rl"):
         return f"{doc_tag(example.passage, example.passage_id)}\n{ask}"
     raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
 

@@ -5,8 +5,10 @@ removed, whitespace collapsed); exact match is 1 when the normalized strings are
 is the bag-of-tokens overlap. :func:`answer_questions` generates an answer greedily for each
 question of a QA set (:mod:`refrag.data.qa`; read from the generation by
 :func:`cloze_answer`), with the passage read as nothing (``no_context``), as decoder tokens
-(``full_context``) or as chunk embeddings in a ``<doc>`` (``refrag``), through the decoder's
-chat template as ``refrag chat`` renders it.
+(``full_context``), as chunk embeddings in a ``<doc>`` (``refrag``) or as chunk embeddings
+with the top fraction ``p`` of the chunks by the model's chunk policy read as tokens
+(``refrag_rl``, :func:`refrag.eval.selective.policy_batch`), through the decoder's chat
+template as ``refrag chat`` renders it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import collections
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from refrag.data.qa import (
     read_qa_set,
 )
 from refrag.eval.choice import cached_candidate_scores, choice_result
+from refrag.eval.selective import policy_batch
 from refrag.eval.statistics import bootstrap_ratio
 from refrag.eval.tables import QA_COLUMNS, ordered, write_rows
 from refrag.io.integrity import verify_folder
@@ -63,12 +66,13 @@ def f1_score(prediction: str, answer: str) -> float:
 
 
 METRICS = {"exact_match": "exact_match", "f1": "f1", "choice_accuracy": "choice_correct"}
-REFERENCE = ("no_context", None, False)  # the gains' reference row: the base decoder, no passage
+# the gains' reference row (variant, k, sft, p): the base decoder, no passage
+REFERENCE = ("no_context", None, False, None)
 
 
 def qa_table(rows: list[dict], *, samples: int = 1000, seed: int = 0, level: float = 0.95):
     """Per-question rows (:func:`evaluate_qa`) → one row per decoder, encoder, eval set,
-    variant, k and SFT: ``exact_match``, ``f1`` (open answers) and ``choice_accuracy``
+    variant, k, SFT and p (``refrag_rl``'s fraction; empty for the others): ``exact_match``, ``f1`` (open answers) and ``choice_accuracy``
     (multiple choice, over the questions with candidates), means over questions, each with
     ``*_lo``/``*_hi``, a ``level`` percentile interval by bootstrap over documents (the rows
     of a decoder, encoder and eval set resampled together, so their differences are paired);
@@ -79,10 +83,12 @@ def qa_table(rows: list[dict], *, samples: int = 1000, seed: int = 0, level: flo
     frame = pd.DataFrame(rows)
     if "choice_correct" not in frame:
         frame["choice_correct"] = np.nan
+    if "p" not in frame:
+        frame["p"] = np.nan
     frame["document"] = frame["passage_id"].str.rsplit("#", n=1).str[0]
     frame["row"] = [
-        (v, None if pd.isna(k) else int(k), bool(sft))
-        for v, k, sft in zip(frame["variant"], frame["k"], frame["sft"])
+        (v, None if pd.isna(k) else int(k), bool(sft), None if pd.isna(p) else float(p))
+        for v, k, sft, p in zip(frame["variant"], frame["k"], frame["sft"], frame["p"])
     ]
     frame["choice_asked"] = frame["choice_correct"].notna().astype(float)
     frame["choice_correct"] = frame["choice_correct"].fillna(0.0)
@@ -132,13 +138,15 @@ def qa_table(rows: list[dict], *, samples: int = 1000, seed: int = 0, level: flo
                     "choice_gain_hi": pd.Series(hi, count.index),
                 }
         for row in counts.index:
-            variant, k, sft = row
+            variant, k, sft, p = row
             values = {name: v if np.isscalar(v) else v[row] for name, v in result.items()}
-            out.append(dict(zip(group, key)) | {"variant": variant, "k": k, "sft": sft} | values)
+            labels = {"variant": variant, "k": k, "sft": sft, "p": p}
+            out.append(dict(zip(group, key)) | labels | values)
     table = pd.DataFrame(out)
     table["k"] = table["k"].astype("Int64")
+    table["p"] = table["p"].astype(float)
     table["order"] = table["variant"].map({v: i for i, v in enumerate(VARIANTS)})
-    table = table.sort_values([*group, "sft", "order", "k"]).drop(columns="order")
+    table = table.sort_values([*group, "sft", "order", "k", "p"]).drop(columns="order")
     return ordered(table, QA_COLUMNS).reset_index(drop=True)
 
 
@@ -166,22 +174,30 @@ def answer_questions(
     examples: list[QAExample],
     variant: str,
     *,
+    p: float | None = None,
     max_new_tokens: int = 24,
     batch_size: int = 8,
 ) -> list[dict]:
     """Generate a short answer greedily for each example and score it; score its candidate
     answers (:mod:`refrag.eval.choice`) from the same reading of the prompt.
 
-    ``model`` is a ``RefragModel`` (every variant) or a plain causal LM (``no_context`` and
-    ``full_context``). Returns one dict per example: its fields, ``prediction``,
-    ``exact_match`` and ``f1``, and where it has candidates ``choice_scores``, ``choice`` and
-    ``choice_correct``.
+    ``model`` is a ``RefragModel`` (every variant; ``refrag_rl``: one with a chunk policy,
+    expanding the fraction ``p``) or a plain causal LM (``no_context`` and ``full_context``).
+    Returns one dict per example: its fields, ``p``, ``prediction``, ``exact_match`` and
+    ``f1``, where it has candidates ``choice_scores``, ``choice`` and ``choice_correct``, and
+    for ``refrag_rl`` the decoder ``positions`` the passage took.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
     is_refrag = hasattr(model, "embed_inputs")
-    if variant == "refrag" and not is_refrag:
-        raise ValueError("the refrag variant needs a RefragModel")
+    if variant in ("refrag", "refrag_rl") and not is_refrag:
+        raise ValueError(f"the {variant} variant needs a RefragModel")
+    if variant == "refrag_rl" and p is None:
+        raise ValueError("the refrag_rl variant needs p, the fraction of chunks to expand")
+    if variant == "refrag_rl" and getattr(model, "policy", None) is None:
+        raise ValueError("refrag_rl needs a model with a chunk policy (of the policy stage)")
+    if variant != "refrag_rl":
+        p = None
     tok = template_tokenizer(tok)
     device = next(model.parameters()).device
     kwargs = {
@@ -193,7 +209,8 @@ def answer_questions(
         "output_logits": True,
     }
     rows = []
-    for i in tqdm(range(0, len(examples), batch_size), desc=variant, mininterval=5):
+    desc = variant if p is None else f"{variant} p={p:g}"
+    for i in tqdm(range(0, len(examples), batch_size), desc=desc, mininterval=5):
         part = examples[i : i + batch_size]
         texts = [
             render_chat(
@@ -201,7 +218,11 @@ def answer_questions(
             )
             for e in part
         ]
-        batch = tok(texts, padding_side="left")
+        positions: list[int | None] = [None] * len(part)
+        if variant == "refrag_rl":
+            batch, positions = policy_batch(model, tok, texts, p, padding_side="left")
+        else:
+            batch = tok(texts, padding_side="left")
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         length = inputs["input_ids"].shape[1]
         if is_refrag:
@@ -222,17 +243,19 @@ def answer_questions(
             cache,
             out.logits[0],
         )
-        for example, ids, choices in zip(part, new.tolist(), scores):
+        for example, ids, choices, used in zip(part, new.tolist(), scores, positions):
             prediction = cloze_answer(tok.decode(ids, skip_special_tokens=True), example.question)
             rows.append(
                 asdict(example)
                 | {
                     "variant": variant,
+                    "p": p,
                     "prediction": prediction,
                     "exact_match": exact_match(prediction, example.answer),
                     "f1": f1_score(prediction, example.answer),
                 }
                 | choice_result(example, choices)
+                | ({} if used is None else {"positions": used})
             )
     return rows
 
@@ -241,7 +264,8 @@ def evaluate_qa(
     *,
     qa_set: str | os.PathLike,
     out: str | os.PathLike,
-    variants: Iterable[str] = VARIANTS,
+    variants: Iterable[str] = ("no_context", "full_context", "refrag"),
+    fractions: Sequence[float] = (),
     checkpoint: str | os.PathLike | None = None,
     encoder: str | os.PathLike | None = None,
     decoder: str | os.PathLike | None = None,
@@ -253,9 +277,12 @@ def evaluate_qa(
     """Answer the questions of ``qa_set`` (:func:`write_qa_set`) with a REFRAG
     ``checkpoint`` (``k`` read from it; ``sft``: the caller says whether its stage fine-tuned
     it for QA), or with the base ``decoder`` (``encoder`` only supplies the tokenizer pair; no
-    SFT), reading
-    the passage as each of ``variants``. Writes and returns one row per question and variant
-    (:func:`answer_questions`, with ``labels``)."""
+    SFT), reading the passage as each of ``variants`` (``refrag_rl``: at each p of
+    ``fractions``, with a policy stage's checkpoint). Writes and returns one row per question,
+    variant and p (:func:`answer_questions`, with ``labels``)."""
+    variants = list(variants)
+    if "refrag_rl" in variants and not fractions:
+        raise ValueError("the refrag_rl variant needs fractions (the p values to expand)")
     examples = read_qa_set(qa_set)
     if checkpoint is not None:
         verify_folder(checkpoint)
@@ -271,16 +298,27 @@ def evaluate_qa(
         run = {"k": None, "stage": None, "sft": False}
     model.to(pick_device()).eval()
     rows = []
-    for variant in variants:
+    readings = [
+        (variant, p)
+        for variant in variants
+        for p in (fractions if variant == "refrag_rl" else [None])
+    ]
+    for variant, p in readings:
         answered = answer_questions(
-            model, tok, examples, variant, max_new_tokens=max_new_tokens, batch_size=batch_size
+            model,
+            tok,
+            examples,
+            variant,
+            p=p,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
         )
         rows += [row | run | (labels or {}) for row in answered]
         mean = sum(r["exact_match"] for r in answered) / max(len(answered), 1)
         picks = [r["choice_correct"] for r in answered if "choice_correct" in r]
         accuracy = sum(picks) / max(len(picks), 1)
         print(
-            f"{variant} {run}: exact match {mean:.3f} over {len(answered)} questions, "
+            f"{variant}{'' if p is None else f' p={p:g}'} {run}: exact match {mean:.3f} over {len(answered)} questions, "
             f"multiple-choice accuracy {accuracy:.3f} over {len(picks)}"
         )
     write_rows(rows, out)

@@ -256,7 +256,7 @@ def rag_table(result: dict, *, samples: int = 1000, seed: int = 0) -> pd.DataFra
     run = result["run"]
     table["k"] = run["k"]
     table["stage"] = run["stage"]
-    table = table.drop(columns="sft")
+    table = table.drop(columns=["sft", "p"])  # RAG asks no refrag_rl
     table["ttft_ms"] = [ttft[v, n]["ttft_ms"] for v, n in zip(table["variant"], table["n"])]
     table["positions"] = [ttft[v, n]["positions"] for v, n in zip(table["variant"], table["n"])]
     table["device"] = run["device"]

@@ -45,11 +45,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import BatchEncoding
 
 from refrag.data.mixed import (
     chunk_spans,
     context_positions,
+    document_positions,
     expand_count,
+    expanded_parts,
     mixed_parts,
     random_selection,
 )
@@ -137,6 +140,44 @@ def top_selection(scores: torch.Tensor, m: int) -> list[int]:
     """The ``m`` highest-scoring chunks (ties: the earlier one), sorted."""
     order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
     return sorted(order[:m])
+
+
+@torch.no_grad()
+def policy_batch(
+    model, tok: RefragTokenizer, texts: Sequence[str], p: float, *, padding_side: str = "left"
+) -> tuple[BatchEncoding, list[int]]:
+    """``tok(texts)`` with the top ``⌊p·L⌋`` chunks of each ``<doc>`` (L chunks) by the
+    model's policy read as decoder tokens (:func:`~refrag.data.mixed.expanded_parts`), and
+    ``chunk_embeds`` of the compressed chunks (the encoder is not rerun); with the decoder
+    positions each text's documents take."""
+    policy = getattr(model, "policy", None)
+    if policy is None:
+        raise ValueError("refrag_rl needs a policy (a model trained by the policy stage)")
+    docs = [
+        [seg.tokens for seg in tok.parse_and_tokenize(text) if seg.type == "encoder"]
+        for text in texts
+    ]
+    rows = tok.pad([tok.encode_parts([("chunks", d) for d in text_docs]) for text_docs in docs])
+    device = next(model.parameters()).device
+    embeds = model.encode_chunks(
+        rows["chunk_input_ids"].to(device), rows["chunk_attention_mask"].to(device)
+    )
+    encoded, kept, positions, at = [], [], [], 0
+    for text, text_docs in zip(texts, docs):
+        selections = []
+        for ids in text_docs:
+            n = -(-len(ids) // tok.compression)
+            doc = embeds[at : at + n]
+            at += n
+            chosen = top_selection(policy(doc[None])[0], expand_count(n, p)) if n else []
+            selections.append(chosen)
+            kept.append(doc[[i for i in range(n) if i not in set(chosen)]])
+        parts = expanded_parts(tok, text, selections)
+        encoded.append(tok.encode_parts(parts))
+        positions.append(document_positions(parts, tok.compression))
+    batch = tok.pad(encoded, padding_side=padding_side)
+    batch["chunk_embeds"] = torch.cat(kept) if kept else embeds[:0]
+    return batch, positions
 
 
 # -- evaluation ---------------------------------------------------------------------------------

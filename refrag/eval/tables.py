@@ -38,9 +38,11 @@ PERPLEXITY_COLUMNS = {
     "n_documents": "documents the windows come from",
 }
 QA_COLUMNS = {
-    "variant": "how the passage was read: no_context, full_context (tokens), refrag (chunks)",
+    "variant": "how the passage was read: no_context, full_context (tokens), refrag (chunks), "
+    "refrag_rl (chunks, a fraction p of them read as tokens, chosen by the policy)",
     "k": "compression of the REFRAG checkpoint (empty for the base decoder)",
     "sft": "whether the checkpoint was fine-tuned for QA",
+    "p": "refrag_rl: the fraction of the passage's chunks read as tokens",
     "eval_set": "the split the questions come from",
     "exact_match": "share of answers equal to the gold answer after SQuAD normalization",
     "exact_match_lo": "lower end of the 95% interval (bootstrap over documents)",

@@ -177,8 +177,10 @@ QA_CAPTION = (
     "Cloze questions on held-out passages (a sentence of the passage with a name or number "
     "blanked; the answer is in the passage), answered greedily; exact_match and f1 as in SQuAD "
     "v1.1. no_context: the question alone; full_context: the passage as tokens; refrag: the "
-    "passage as chunk embeddings (k encoder tokens each). sft False: the base decoder "
-    "(baselines) or the cpt checkpoint (refrag); sft True: the sft checkpoint. [*_lo, *_hi]: "
+    "passage as chunk embeddings (k encoder tokens each); refrag_rl: the policy stage's "
+    "model with a fraction p of the chunks, chosen by its policy, read as tokens. sft False: "
+    "the base decoder (baselines), the cpt checkpoint (refrag) or the policy checkpoint "
+    "(refrag_rl); sft True: the sft checkpoint. [*_lo, *_hi]: "
     "95% bootstrap interval over documents; every row answers the same questions (checked)."
 )
 
@@ -230,11 +232,12 @@ def headline(table: pd.DataFrame, qa: pd.DataFrame | None, ttft: pd.DataFrame | 
             for _, r in rows.sort_values("k", na_position="first", kind="stable").iterrows():
                 if r["variant"] == "no_context":
                     continue
-                name = (
-                    "the passage as tokens"
-                    if r["variant"] == "full_context"
-                    else f"REFRAG k={int(r['k'])}"
-                )
+                if r["variant"] == "full_context":
+                    name = "the passage as tokens"
+                elif r["variant"] == "refrag_rl":
+                    name = f"the policy (k={int(r['k'])}, p={r['p']:g})"
+                else:
+                    name = f"REFRAG k={int(r['k'])}"
                 gain = with_interval(r["choice_gain"], r["choice_gain_lo"], r["choice_gain_hi"])
                 gains.append(f"{name} gains {gain}")
             if gains:

@@ -110,10 +110,20 @@ QA_STAGE = stage_with_role(
 SELECTIVE_STAGE = stage_with_role("selective")  # its checkpoints hold the chunk policy
 
 
+def qa_variants(stage):
+    """How a stage's checkpoint reads the QA passages: all three ways after the QA stage, the
+    policy expanding a fraction p of the chunks (refrag_rl) for the selective stage, else as
+    chunk embeddings."""
+    if stage == QA_STAGE:
+        return ["no_context", "full_context", "refrag"]
+    return ["refrag_rl"] if stage == SELECTIVE_STAGE else ["refrag"]
+
+
 def qa_outputs():
     """Every QA JSON the QA table is made of: the base decoder's baselines (without SFT),
-    REFRAG from the stage the QA stage starts from at every k that trains it, and all three
-    variants after the QA stage (at eval.qa.k)."""
+    REFRAG from the stage the QA stage starts from at every k that trains it, all three
+    variants after the QA stage (at eval.qa.k), and the selective stage's policy (refrag_rl,
+    without SFT) at eval.selective.k, for the decoder/encoder pairs QA evaluates."""
     before, qa = qa_stages()
     pairs = {(d, e) for d, e, _ in qa_keys()}
     files = []
@@ -130,6 +140,13 @@ def qa_outputs():
                 for stage in (before, qa)
                 if (decoder, encoder) in pairs and stage in trained
             ]
+        files += [
+            QA_EVAL.format(
+                decoder=decoder, encoder=encoder, k=k, stage=SELECTIVE_STAGE, **where
+            )
+            for decoder, encoder, k in selective_keys()
+            if (decoder, encoder) in pairs
+        ]
     return files
 
 

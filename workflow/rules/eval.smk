@@ -150,7 +150,9 @@ rule eval_qa_baselines:
 
 rule eval_qa:
     """QA by a REFRAG checkpoint: before the QA stage (cpt, no SFT) the passage as chunk
-    embeddings; after it (sft) also no context and the passage as tokens, fine-tuned."""
+    embeddings; after it (sft) also no context and the passage as tokens, fine-tuned; the
+    selective stage's (policy, no SFT) with a fraction p of the chunks read as tokens.
+    """
     input:
         qa_set=QA_SET,
         checkpoint=CHECKPOINT,
@@ -163,10 +165,9 @@ rule eval_qa:
         CONDA_ENV
     threads: 1
     params:
-        variants=lambda wc: (
-            ["refrag"]
-            if wc.stage != QA_STAGE
-            else ["no_context", "full_context", "refrag"]
+        variants=lambda wc: qa_variants(wc.stage),
+        fractions=lambda wc: (
+            config["eval"]["selective"]["p"] if wc.stage == SELECTIVE_STAGE else []
         ),
         sft=lambda wc: wc.stage == QA_STAGE,
         max_new_tokens=config["eval"]["qa"]["max_new_tokens"],

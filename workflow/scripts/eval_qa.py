@@ -14,6 +14,7 @@ with log_to(snakemake.log[0]), one_line_errors(rules):
         qa_set=snakemake.input.qa_set,
         out=snakemake.output[0],
         variants=snakemake.params.variants,
+        fractions=snakemake.params.get("fractions", []),
         checkpoint=snakemake.input.get("checkpoint"),
         encoder=snakemake.input.get("encoder"),
         decoder=snakemake.input.get("decoder"),
