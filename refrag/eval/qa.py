@@ -72,7 +72,8 @@ REFERENCE = ("no_context", None, False, None)
 
 def qa_table(rows: list[dict], *, samples: int = 1000, seed: int = 0, level: float = 0.95):
     """Per-question rows (:func:`evaluate_qa`) → one row per decoder, encoder, eval set,
-    variant, k, SFT and p (``refrag_rl``'s fraction; empty for the others): ``exact_match``, ``f1`` (open answers) and ``choice_accuracy``
+    variant, k, SFT and p (``refrag_rl``'s fraction; empty for the others): ``exact_match``,
+    ``f1`` (open answers) and ``choice_accuracy``
     (multiple choice, over the questions with candidates), means over questions, each with
     ``*_lo``/``*_hi``, a ``level`` percentile interval by bootstrap over documents (the rows
     of a decoder, encoder and eval set resampled together, so their differences are paired);
@@ -317,8 +318,9 @@ def evaluate_qa(
         mean = sum(r["exact_match"] for r in answered) / max(len(answered), 1)
         picks = [r["choice_correct"] for r in answered if "choice_correct" in r]
         accuracy = sum(picks) / max(len(picks), 1)
+        reading = variant if p is None else f"{variant} p={p:g}"
         print(
-            f"{variant}{'' if p is None else f' p={p:g}'} {run}: exact match {mean:.3f} over {len(answered)} questions, "
+            f"{reading} {run}: exact match {mean:.3f} over {len(answered)} questions, "
             f"multiple-choice accuracy {accuracy:.3f} over {len(picks)}"
         )
     write_rows(rows, out)
