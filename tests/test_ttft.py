@@ -210,6 +210,8 @@ def test_a_row_is_noisy_when_its_repeats_spread_cached_beats_recomputed_or_the_l
     )
     assert slow == ["cached (5256 ms) slower than recomputed (1288 ms)"]
     assert ttft.noise_reasons(noise_row(load_avg=7.9), 0.3, 2) == ["load average 7.9 on 2 cores"]
+    # the benchmark's own two threads on a quiet 2-core machine: not noise
+    assert ttft.noise_reasons(noise_row(load_avg=2.3), 0.3, 2) == []
     assert ttft.spread([90.0, 100.0, 130.0]) == pytest.approx(0.4)
 
 
