@@ -19,7 +19,13 @@ import pandas as pd
 from transformers import AutoModelForCausalLM
 
 from refrag.data.shards import read_shards
-from refrag.eval.scoring import BASELINES, context_benefit_retained, result_row, score_windows
+from refrag.eval.scoring import (
+    BASELINES,
+    context_benefit_retained,
+    result_row,
+    score_windows,
+    window_parts,
+)
 from refrag.eval.statistics import bootstrap_ratio, document_sums
 from refrag.eval.tables import PERPLEXITY_COLUMNS, ordered, write_rows
 from refrag.io.integrity import verify_folder
@@ -60,15 +66,28 @@ def evaluate_windows(
         )
         runs = [(variant, None, None) for variant in baselines]
     model.to(device).eval()
-    rows = []
+    rows, scored = [], {}
     for variant, k, stage in runs:
-        records = score_windows(model, tok, windows, variant, batch_size)
+        same = next((v for v in scored if same_sequences(windows, tok, v, variant)), None)
+        if same is None:
+            records = score_windows(model, tok, windows, variant, batch_size)
+        else:  # the same token sequences give the same scores
+            records = scored[same]
+            print(f"{variant}: every window's sequence equals {same}'s; its scores reused")
+        scored[variant] = records
         rows.append(
             result_row(records, windows, variant=variant, k=k, stage=stage, **(labels or {}))
         )
         print({key: v for key, v in rows[-1].items() if key != "windows"})
     write_rows(rows, out)
     return rows
+
+
+def same_sequences(windows: list[dict], tok: RefragTokenizer, a: str, b: str) -> bool:
+    """Whether variants ``a`` and ``b`` read every window as the same parts (e.g. the
+    ceiling row ``full_context_encoder_text`` with an encoder sharing the decoder's
+    tokenizer: the context unchanged)."""
+    return all(window_parts(w, a, tok) == window_parts(w, b, tok) for w in windows)
 
 
 GROUP = ["decoder", "encoder", "eval_set"]
