@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from refrag.data.shards import read_shards
-from refrag.eval.perplexity import perplexity_table
+from refrag.eval.perplexity import perplexity_table, same_sequences
 from refrag.eval.scoring import (
     VARIANTS,
     context_benefit_retained,
@@ -190,6 +190,14 @@ def test_encoder_text_is_the_context_when_the_encoder_shares_the_decoders_tokeni
     row = read_shards(shards).to_dict("records")[0]
     row["context_encoder_ids"] = list(row["context_ids"])
     assert encoder_text_ids(row, tok) == list(row["context_ids"])
+    # so evaluate_windows reuses full_context's scores for it; not with the uncased encoder
+    assert same_sequences([row], tok, "full_context", "full_context_encoder_text")
+    assert not same_sequences([row], tok, "no_context", "full_context_encoder_text")
+
+
+def test_the_uncased_encoders_ceiling_row_is_scored_on_its_own(shards, refrag_tokenizer):
+    rows = read_shards(shards).to_dict("records")
+    assert not same_sequences(rows, refrag_tokenizer, "full_context", "full_context_encoder_text")
 
 
 @pytest.mark.parametrize("variant", ["full_context_encoder_text", "refrag"])
