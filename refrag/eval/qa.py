@@ -113,8 +113,8 @@ def qa_table(rows: list[dict], *, samples: int = 1000, seed: int = 0, level: flo
         counts = doc_sums("asked")
         choice_counts = doc_sums("choice_asked").reindex(counts.index)
         result = {
-            "n_questions": counts.sum(1).astype(int),
-            "n_choice_questions": choice_counts.sum(1).astype(int),
+            "n_questions": counts.sum(axis=1).astype(int),
+            "n_choice_questions": choice_counts.sum(axis=1).astype(int),
             "n_documents": len(docs),
         }
         for metric, column in METRICS.items():
@@ -124,7 +124,7 @@ def qa_table(rows: list[dict], *, samples: int = 1000, seed: int = 0, level: flo
                 draws = bootstrap_ratio(sums.to_numpy(), count.to_numpy(), samples, seed)
                 lo, hi = np.nanquantile(draws, tails, 0)
                 result |= {
-                    metric: sums.sum(1) / count.sum(1),
+                    metric: sums.sum(axis=1) / count.sum(axis=1),
                     f"{metric}_lo": pd.Series(lo, count.index),
                     f"{metric}_hi": pd.Series(hi, count.index),
                 }
