@@ -4,8 +4,9 @@
     PYTHONPATH=. python benchmarks/gpu_check.py --smoke --out smoke.json  # CPU, tiny, 2 gloo ranks
 
 Needs torch, transformers and accelerate only: no download (random weights of the default
-model shapes, SmolLM2-135M + all-MiniLM-L6-v2, and of a LLaMA-2-7B-shaped decoder with a
-RoBERTa-large-shaped encoder), no data (fixed-shape synthetic cpt batches: s = 256 context
+model shapes, SmolLM2-135M with its own embeddings and first 4 layers as the chunk encoder
+(mean-pooled rows of k tokens, as ``config/config.yaml``'s default), and of a LLaMA-2-7B-shaped
+decoder with a RoBERTa-large-shaped encoder), no data (fixed-shape synthetic cpt batches: s = 256 context
 tokens at k = 16, o = 64 targets, ready as tensors). It starts torchrun itself, one phase per
 torchrun (``--nproc_per_node=1`` on a GPU):
 
@@ -52,6 +53,7 @@ from transformers import BertConfig, LlamaConfig, TrainerCallback, TrainingArgum
 
 sys.path.insert(0, str(ROOT))
 from refrag.modeling import RefragConfig, RefragModel  # noqa: E402
+from refrag.modeling.modeling_refrag import default_pooling  # noqa: E402
 from refrag.train.launch import Parallel  # noqa: E402
 from refrag.train.memory import Shapes, Workload, estimate_peak  # noqa: E402
 from refrag.train.resume import check_checkpoint_files  # noqa: E402
@@ -63,12 +65,18 @@ from refrag.train.trainers import RefragTrainer  # noqa: E402
 K, CONTEXT, TARGET = 16, 256, 64
 
 
+def row_width(config: RefragConfig) -> int:
+    """Encoder tokens per chunk row: k, plus [CLS] and [SEP] for a BERT-style encoder (a
+    decoder's lower layers add none, as the SmolLM2 tokenizer adds no BOS)."""
+    return K + 2 if config.encoder.model_type in ("bert", "roberta") else K
+
+
 def cpt_sample_flops(model: RefragModel, train_decoder: bool = True) -> float:
     """Training FLOPs of one synthetic cpt sample (its chunk rows and decoder positions)."""
     return sample_flops(
         encoder_params=model.encoder.num_parameters(),
         decoder_params=model.decoder.num_parameters(),
-        encoder_tokens=(CONTEXT // K) * (K + 2),
+        encoder_tokens=(CONTEXT // K) * row_width(model.config),
         decoder_tokens=1 + CONTEXT // K + TARGET,
         train_encoder=True,
         train_projector=True,
@@ -78,8 +86,8 @@ def cpt_sample_flops(model: RefragModel, train_decoder: bool = True) -> float:
 
 # -- shapes ----------------------------------------------------------------------------------
 def pair(kind: str) -> RefragConfig:
-    """``default``: SmolLM2-135M + all-MiniLM-L6-v2 shapes; ``7b``: LLaMA-2-7B + RoBERTa-large;
-    ``tiny``: a few layers (--smoke)."""
+    """``default``: SmolLM2-135M with its first 4 layers as the encoder (the main job's pair);
+    ``7b``: LLaMA-2-7B + RoBERTa-large; ``tiny``: a few layers (--smoke)."""
     if kind == "7b":
         decoder = LlamaConfig(
             vocab_size=32000,
@@ -114,39 +122,34 @@ def pair(kind: str) -> RefragConfig:
             num_attention_heads=2,
             intermediate_size=64,
         )
-    else:
-        decoder = LlamaConfig(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            max_position_embeddings=8192,
-            tie_word_embeddings=True,
-        )
-        encoder = BertConfig(
-            vocab_size=30522,
-            hidden_size=384,
-            num_hidden_layers=6,
-            num_attention_heads=12,
-            intermediate_size=1536,
-        )
+    else:  # SmolLM2-135M; the encoder: its embeddings and first 4 layers (a LlamaModel)
+        smollm2 = {
+            "vocab_size": 49152,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "max_position_embeddings": 8192,
+        }
+        decoder = LlamaConfig(**smollm2, num_hidden_layers=30, tie_word_embeddings=True)
+        encoder = LlamaConfig(**smollm2, num_hidden_layers=4)
     for sub in (decoder, encoder):
         sub._attn_implementation = "sdpa"
-    return RefragConfig(encoder=encoder, decoder=decoder, compression=K)
+    return RefragConfig(
+        encoder=encoder, decoder=decoder, compression=K, chunk_pooling=default_pooling(encoder)
+    )
 
 
 class Windows(torch.utils.data.Dataset):
     """Fixed-shape cpt samples, ready as tensors: BOS, s/k chunk positions, o labelled tokens;
-    s/k chunk rows of k + 2 encoder tokens."""
+    s/k chunk rows of :func:`row_width` encoder tokens."""
 
     def __init__(self, n: int, config: RefragConfig, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         chunks, positions = CONTEXT // K, 1 + CONTEXT // K + TARGET
         dec_vocab, enc_vocab = config.decoder.vocab_size, config.encoder.vocab_size
         self.ids = torch.randint(3, dec_vocab, (n, positions), generator=g)
-        self.chunk_ids = torch.randint(3, enc_vocab, (n, chunks, K + 2), generator=g)
+        self.chunk_ids = torch.randint(3, enc_vocab, (n, chunks, row_width(config)), generator=g)
         self.chunk_mask = torch.zeros(positions, dtype=torch.bool)
         self.chunk_mask[1 : 1 + chunks] = True
 
@@ -239,7 +242,7 @@ class StepClock(TrainerCallback):
 
 def estimate(model: RefragModel, stage: str, hp: StageConfig, parallel: Parallel) -> dict:
     chunks = CONTEXT // K
-    work = Workload(1 + chunks + TARGET, TARGET, chunks, K + 2)
+    work = Workload(1 + chunks + TARGET, TARGET, chunks, row_width(model.config))
     est = estimate_peak(
         stage,
         hp,
@@ -329,7 +332,7 @@ def phase(args) -> dict:
     seconds = clock.seconds()
     if seconds and clock.steps:
         samples = clock.steps * batch * world / seconds
-        chunk_tokens = (CONTEXT // K) * (K + 2)
+        chunk_tokens = (CONTEXT // K) * row_width(model.config)
         flops = cpt_sample_flops(model, train_decoder=trains_decoder)
         peak = peak_flops()
         out |= {

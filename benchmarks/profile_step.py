@@ -1,13 +1,19 @@
 """Where a cpt training step's time goes: the project's Trainer path against a plain loop.
 
     PYTHONPATH=. python benchmarks/profile_step.py --out profile_step.json          # one GPU, < 5 min
+    PYTHONPATH=. python benchmarks/profile_step.py --ragged --out profile_ragged.json  # real-shard shapes
     PYTHONPATH=. python benchmarks/profile_step.py --smoke --out profile_smoke.json  # CPU
 
-The cpt stage at batch 32 on the default shapes (SmolLM2-135M decoder, 30 layers; all-MiniLM-L6-v2
-encoder, 6 layers; random weights, no download): s = 256 context tokens at k = 16 (16 chunk rows
-of 18 encoder tokens), 64 labelled targets, fixed-shape synthetic batches (those of
-benchmarks/gpu_check.py). ``--smoke`` keeps the layer counts, sequence lengths and batch but makes
-every hidden size tiny, so that on a CPU the host's per-op overhead is what shows.
+The cpt stage at batch 32 on the main job's shapes (SmolLM2-135M decoder, 30 layers; its
+embeddings and first 4 layers as the chunk encoder, mean-pooled; random weights, no download):
+s = 256 context tokens at k = 16 (16 chunk rows of 16 encoder tokens), 64 labelled targets,
+fixed-shape synthetic batches (those of benchmarks/gpu_check.py). ``--ragged`` cuts each sample
+to between half and all of its chunks and targets (:class:`RaggedWindows`), so that, as with
+the real shards, the decoder length, the chunk-row count and the padding mask change every
+step: against the fixed run it shows what shape changes and masked attention cost the host
+(the top host and device ops name the attention backend that ran). ``--smoke`` keeps the layer
+counts, sequence lengths and batch but makes every hidden size tiny, so that on a CPU the
+host's per-op overhead is what shows.
 
 Each mode runs in its own process (a fresh accelerate state; all but ``plain`` as one torchrun
 rank would: RANK/WORLD_SIZE/LOCAL_RANK set, world 1):
@@ -52,17 +58,18 @@ import transformers
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from torch.autograd import DeviceType
-from transformers import BertConfig, LlamaConfig, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import K, Windows, collate, cpt_sample_flops  # noqa: E402
+from gpu_check import CONTEXT, TARGET, K, Windows, collate, cpt_sample_flops, row_width  # noqa: E402
+from gpu_check import pair as gpu_check_pair  # noqa: E402
 
 from refrag.modeling import RefragConfig, RefragModel  # noqa: E402
 from refrag.train.launch import Parallel  # noqa: E402
 from refrag.train.sharding import shard_model, trainer_fsdp_args  # noqa: E402
-from refrag.train.throughput import peak_flops, ran_strategy  # noqa: E402
+from refrag.train.throughput import peak_flops, ran_strategy, sample_flops  # noqa: E402
 from refrag.train.trainers import RefragTrainer  # noqa: E402
 
 MODES = ("plain", "plain-ddp", "trainer-ddp", "plain-fsdp", "trainer-fsdp")
@@ -84,27 +91,94 @@ def say(*parts) -> None:
 
 # -- shapes and batches ------------------------------------------------------------------------
 def pair(smoke: bool) -> RefragConfig:
-    """The default pair's shapes; ``smoke``: the same layer counts and heads, tiny widths."""
-    decoder = LlamaConfig(
-        vocab_size=2048 if smoke else 49152,
-        hidden_size=72 if smoke else 576,
-        intermediate_size=128 if smoke else 1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-    )
-    encoder = BertConfig(
-        vocab_size=2048 if smoke else 30522,
-        hidden_size=48 if smoke else 384,
-        num_hidden_layers=6,
-        num_attention_heads=12,
-        intermediate_size=96 if smoke else 1536,
-    )
-    for sub in (decoder, encoder):
-        sub._attn_implementation = "sdpa"
-    return RefragConfig(encoder=encoder, decoder=decoder, compression=K)
+    """The main job's pair (:func:`gpu_check.pair`): SmolLM2-135M's shapes, its embeddings and
+    first 4 layers as the encoder; ``smoke``: the same layer counts and heads, tiny widths."""
+    config = gpu_check_pair("default")
+    if smoke:
+        for sub, (vocab, hidden, intermediate) in (
+            (config.decoder, (2048, 72, 128)),
+            (config.encoder, (2048, 72, 128)),
+        ):
+            sub.vocab_size, sub.hidden_size, sub.intermediate_size = vocab, hidden, intermediate
+            sub.head_dim = hidden // sub.num_attention_heads
+    return config
+
+
+class RaggedWindows(torch.utils.data.Dataset):
+    """:class:`gpu_check.Windows` cut to lengths that vary as the real shards' do (windows at
+    a document's end): sample i keeps the first c of its s/k chunks (c uniform in s/2k … s/k)
+    and the first t of its o targets (t uniform in o/2 … o). Batched by :func:`ragged_collate`,
+    the decoder length, the chunk-row count and the padding mask change from step to step."""
+
+    def __init__(self, n: int, config: RefragConfig, seed: int = 0):
+        full, g = Windows(n, config, seed), torch.Generator().manual_seed(seed + 1)
+        chunks = CONTEXT // K
+        self.samples = []
+        for i in range(n):
+            c = int(torch.randint(chunks // 2, chunks + 1, (1,), generator=g))
+            t = int(torch.randint(TARGET // 2, TARGET + 1, (1,), generator=g))
+            ids = full.ids[i]
+            self.samples.append(
+                {
+                    "input_ids": torch.cat([ids[: 1 + c], ids[1 + chunks : 1 + chunks + t]]),
+                    "chunk_ids": full.chunk_ids[i, :c],
+                }
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.samples[i]
+
+    def sample_flops(self, model: RefragModel) -> float:
+        """Training FLOPs of the mean sample (padding not counted: MFU counts useful work)."""
+        rows = sum(len(r["chunk_ids"]) for r in self.samples) / len(self)
+        positions = sum(len(r["input_ids"]) for r in self.samples) / len(self)
+        return sample_flops(
+            encoder_params=model.encoder.num_parameters(),
+            decoder_params=model.decoder.num_parameters(),
+            encoder_tokens=rows * row_width(model.config),
+            decoder_tokens=positions,
+            train_encoder=True,
+            train_projector=True,
+            train_decoder=True,
+        )
+
+
+def ragged_collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right-padded, as the stages' collator pads: BOS, the sample's chunk positions, its
+    labelled targets, then padding (masked out, unlabelled)."""
+    length = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask, chunk_mask = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    labels = torch.full_like(ids, -100)
+    for b, r in enumerate(rows):
+        n, c = len(r["input_ids"]), len(r["chunk_ids"])
+        ids[b, :n], mask[b, :n] = r["input_ids"], 1
+        chunk_mask[b, 1 : 1 + c] = True
+        labels[b, 1 + c : n] = r["input_ids"][1 + c :]
+    chunk_ids = torch.cat([r["chunk_ids"] for r in rows])
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "chunk_mask": chunk_mask,
+        "labels": labels,
+        "chunk_input_ids": chunk_ids,
+        "chunk_attention_mask": torch.ones_like(chunk_ids),
+    }
+
+
+def samples(args, n: int, config: RefragConfig):
+    """The mode's dataset and collator: fixed shapes, or ``--ragged``."""
+    if args.ragged:
+        return RaggedWindows(n, config), ragged_collate
+    return Windows(n, config), collate
+
+
+def mean_sample_flops(data, model: RefragModel) -> float:
+    """Training FLOPs of the dataset's mean sample."""
+    return data.sample_flops(model) if isinstance(data, RaggedWindows) else cpt_sample_flops(model)
 
 
 def regions() -> None:
@@ -295,9 +369,14 @@ def build(args, device: str) -> RefragModel:
 
 def run_plain(args, model: RefragModel, device: str) -> dict:
     cuda = device.startswith("cuda")
-    data = Windows(args.batch * 4, model.config)
+    # ragged: a new batch every step, as the Trainer's would be; fixed: 4 batches in turn
+    count = args.warmup + args.steps + args.profile_steps + 1 if args.ragged else 4
+    data, collate_fn = samples(args, args.batch * count, model.config)
     batches = [
-        {k: v.to(device) for k, v in collate([data[j] for j in range(i, i + args.batch)]).items()}
+        {
+            k: v.to(device)
+            for k, v in collate_fn([data[j] for j in range(i, i + args.batch)]).items()
+        }
         for i in range(0, len(data), args.batch)
     ]
     wrapped, autocast = model, contextlib.nullcontext()
@@ -341,9 +420,11 @@ def run_plain(args, model: RefragModel, device: str) -> dict:
             step(i)
             prof.step()
     sync()
-    return {"timed_steps": args.steps, "seconds": seconds} | {
-        "profile": summarize_profile(prof, args.profile_steps, cuda, trace_path(args))
-    }
+    return {
+        "timed_steps": args.steps,
+        "seconds": seconds,
+        "sample_flops": mean_sample_flops(data, model),
+    } | {"profile": summarize_profile(prof, args.profile_steps, cuda, trace_path(args))}
 
 
 class Clock(TrainerCallback):
@@ -408,11 +489,12 @@ def run_trainer(args, model: RefragModel, mode: str, work: str) -> dict:
         **trainer_fsdp_args(parallel, model),
     )
     clock = Clock(args.warmup, args.steps, args.profile_steps, cuda)
+    data, collate_fn = samples(args, total * args.batch, model.config)
     trainer = RefragTrainer(
         model=model,
         args=trainer_args,
-        train_dataset=Windows(total * args.batch, model.config),
-        data_collator=collate,
+        train_dataset=data,
+        data_collator=collate_fn,
         callbacks=[clock],
         sequential=True,
     )
@@ -429,6 +511,7 @@ def run_trainer(args, model: RefragModel, mode: str, work: str) -> dict:
         "optim": str(trainer_args.optim),
         "timed_steps": args.steps,
         "seconds": clock.seconds,
+        "sample_flops": mean_sample_flops(data, model),
         "profile": summarize_profile(clock.prof, args.profile_steps, cuda, trace_path(args)),
     }
 
@@ -446,7 +529,7 @@ def worker(args) -> dict:
         else:
             result = run_trainer(args, model, args.mode, work)
     samples = args.steps * args.batch / result["seconds"]
-    flops = cpt_sample_flops(model)
+    flops = result["sample_flops"]
     peak = peak_flops() if cuda else None
     busy = result["profile"].get("device_busy_ms_per_step")
     result |= {
@@ -476,6 +559,7 @@ def spawn(args, mode: str, work: str) -> dict:
     command += ["--batch", str(args.batch), "--steps", str(args.steps)]
     command += ["--warmup", str(args.warmup), "--profile-steps", str(args.profile_steps)]
     command += ["--smoke"] if args.smoke else []
+    command += ["--ragged"] if args.ragged else []
     command += ["--trace", args.trace] if args.trace else []
     env = os.environ | {"PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if mode != "plain":  # one torchrun rank of a world of one
@@ -632,6 +716,11 @@ def main() -> None:
     parser.add_argument(
         "--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES)
     )
+    parser.add_argument(
+        "--ragged",
+        action="store_true",
+        help="batches whose lengths and padding change every step, as the real shards'",
+    )
     parser.add_argument("--batch", type=int, default=None, help="default 32; smoke 4")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 3)")
     parser.add_argument("--warmup", type=int, default=None, help="default 5; smoke 2")
@@ -658,11 +747,13 @@ def main() -> None:
         "transformers": transformers.__version__,
         "card": torch.cuda.get_device_name(0) if cuda else "cpu",
         "smoke": args.smoke,
+        "ragged": args.ragged,
         "batch": args.batch,
         "modes": {},
     }
     say(
         f"profile_step: {out['card']}, torch {out['torch']}, transformers {out['transformers']}, batch {args.batch}"
+        + (", ragged batches" if args.ragged else ", fixed-shape batches")
     )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="profile_step-") as work:
