@@ -71,13 +71,19 @@ def row_width(config: RefragConfig) -> int:
     return K + 2 if config.encoder.model_type in ("bert", "roberta") else K
 
 
-def cpt_sample_flops(model: RefragModel, train_decoder: bool = True) -> float:
-    """Training FLOPs of one synthetic cpt sample (its chunk rows and decoder positions)."""
+def cpt_sample_flops(
+    model: RefragModel,
+    train_decoder: bool = True,
+    chunk_rows: float = CONTEXT // K,
+    positions: float = 1 + CONTEXT // K + TARGET,
+) -> float:
+    """Training FLOPs of one cpt sample of ``chunk_rows`` chunk rows and ``positions`` decoder
+    positions (by default a synthetic sample's: s/k rows, BOS + s/k + o positions)."""
     return sample_flops(
         encoder_params=model.encoder.num_parameters(),
         decoder_params=model.decoder.num_parameters(),
-        encoder_tokens=(CONTEXT // K) * row_width(model.config),
-        decoder_tokens=1 + CONTEXT // K + TARGET,
+        encoder_tokens=chunk_rows * row_width(model.config),
+        decoder_tokens=positions,
         train_encoder=True,
         train_projector=True,
         train_decoder=train_decoder,
@@ -158,6 +164,10 @@ class Windows(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.ids[i], "chunk_ids": self.chunk_ids[i]}
+
+    def sample_flops(self, model: RefragModel) -> float:
+        """Training FLOPs of a sample (all are the same size)."""
+        return cpt_sample_flops(model)
 
 
 def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

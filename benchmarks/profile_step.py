@@ -63,13 +63,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import CONTEXT, TARGET, K, Windows, collate, cpt_sample_flops, row_width  # noqa: E402
+from gpu_check import CONTEXT, TARGET, K, Windows, collate, cpt_sample_flops  # noqa: E402
 from gpu_check import pair as gpu_check_pair  # noqa: E402
 
 from refrag.modeling import RefragConfig, RefragModel  # noqa: E402
 from refrag.train.launch import Parallel  # noqa: E402
 from refrag.train.sharding import shard_model, trainer_fsdp_args  # noqa: E402
-from refrag.train.throughput import peak_flops, ran_strategy, sample_flops  # noqa: E402
+from refrag.train.throughput import peak_flops, ran_strategy  # noqa: E402
 from refrag.train.trainers import RefragTrainer  # noqa: E402
 
 MODES = ("plain", "plain-ddp", "trainer-ddp", "plain-fsdp", "trainer-fsdp")
@@ -95,12 +95,9 @@ def pair(smoke: bool) -> RefragConfig:
     first 4 layers as the encoder; ``smoke``: the same layer counts and heads, tiny widths."""
     config = gpu_check_pair("default")
     if smoke:
-        for sub, (vocab, hidden, intermediate) in (
-            (config.decoder, (2048, 72, 128)),
-            (config.encoder, (2048, 72, 128)),
-        ):
-            sub.vocab_size, sub.hidden_size, sub.intermediate_size = vocab, hidden, intermediate
-            sub.head_dim = hidden // sub.num_attention_heads
+        for sub in (config.decoder, config.encoder):
+            sub.vocab_size, sub.hidden_size, sub.intermediate_size = 2048, 72, 128
+            sub.head_dim = sub.hidden_size // sub.num_attention_heads
     return config
 
 
@@ -133,16 +130,10 @@ class RaggedWindows(torch.utils.data.Dataset):
 
     def sample_flops(self, model: RefragModel) -> float:
         """Training FLOPs of the mean sample (padding not counted: MFU counts useful work)."""
-        rows = sum(len(r["chunk_ids"]) for r in self.samples) / len(self)
-        positions = sum(len(r["input_ids"]) for r in self.samples) / len(self)
-        return sample_flops(
-            encoder_params=model.encoder.num_parameters(),
-            decoder_params=model.decoder.num_parameters(),
-            encoder_tokens=rows * row_width(model.config),
-            decoder_tokens=positions,
-            train_encoder=True,
-            train_projector=True,
-            train_decoder=True,
+        return cpt_sample_flops(
+            model,
+            chunk_rows=sum(len(r["chunk_ids"]) for r in self.samples) / len(self),
+            positions=sum(len(r["input_ids"]) for r in self.samples) / len(self),
         )
 
 
@@ -174,11 +165,6 @@ def samples(args, n: int, config: RefragConfig):
     if args.ragged:
         return RaggedWindows(n, config), ragged_collate
     return Windows(n, config), collate
-
-
-def mean_sample_flops(data, model: RefragModel) -> float:
-    """Training FLOPs of the dataset's mean sample."""
-    return data.sample_flops(model) if isinstance(data, RaggedWindows) else cpt_sample_flops(model)
 
 
 def regions() -> None:
@@ -423,7 +409,7 @@ def run_plain(args, model: RefragModel, device: str) -> dict:
     return {
         "timed_steps": args.steps,
         "seconds": seconds,
-        "sample_flops": mean_sample_flops(data, model),
+        "sample_flops": data.sample_flops(model),
     } | {"profile": summarize_profile(prof, args.profile_steps, cuda, trace_path(args))}
 
 
@@ -511,7 +497,7 @@ def run_trainer(args, model: RefragModel, mode: str, work: str) -> dict:
         "optim": str(trainer_args.optim),
         "timed_steps": args.steps,
         "seconds": clock.seconds,
-        "sample_flops": mean_sample_flops(data, model),
+        "sample_flops": data.sample_flops(model),
         "profile": summarize_profile(clock.prof, args.profile_steps, cuda, trace_path(args)),
     }
 
