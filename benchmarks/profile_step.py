@@ -15,17 +15,22 @@ step: against the fixed run it shows what shape changes and masked attention cos
 counts, sequence lengths and batch but makes every hidden size tiny, so that on a CPU the
 host's per-op overhead is what shows.
 
-Each mode runs in its own process (a fresh accelerate state; all but ``plain`` as one torchrun
-rank would: RANK/WORLD_SIZE/LOCAL_RANK set, world 1):
+Each mode runs in its own process (a fresh accelerate state; all but ``plain`` and
+``plain-compile`` as one torchrun rank would: RANK/WORLD_SIZE/LOCAL_RANK set, world 1):
 
 - ``plain``: forward with labels, backward, fused AdamW step, zero_grad; bf16 autocast on CUDA;
   the batches already on the device;
+- ``plain-compile``: the same loop on ``torch.compile(model)`` (one graph per forward and
+  backward: :class:`RefragModel`'s training forward reads nothing from the device); the
+  compile falls in the warmup steps;
 - ``plain-ddp`` / ``plain-fsdp``: the same loop on the model wrapped in DDP, or sharded with
   :func:`refrag.train.sharding.shard_model` (FSDP2, bf16 parameters, fp32 masters; no autocast):
   what the wrapper alone costs;
 - ``trainer-ddp``: :class:`RefragTrainer` with the TrainingArguments keys that
   :func:`refrag.train.runner.train_stage` sets (cosine schedule, logging every 5 steps, grad-norm
   clipping, bf16, 4 pinned dataloader workers, non-blocking copies, no FSDP): DDP on one GPU;
+- ``trainer-compile``: ``trainer-ddp`` with ``parallel.compile`` (the Trainer's
+  ``torch_compile``), as a run with ``parallel: {compile: true}`` trains;
 - ``trainer-fsdp``: the same with :func:`refrag.train.sharding.trainer_fsdp_args` (FSDP2), as
   gpu_check runs it (CUDA only: accelerate shards only on accelerators).
 
@@ -72,7 +77,16 @@ from refrag.train.sharding import shard_model, trainer_fsdp_args  # noqa: E402
 from refrag.train.throughput import peak_flops, ran_strategy  # noqa: E402
 from refrag.train.trainers import RefragTrainer  # noqa: E402
 
-MODES = ("plain", "plain-ddp", "trainer-ddp", "plain-fsdp", "trainer-fsdp")
+MODES = (
+    "plain",
+    "plain-compile",
+    "plain-ddp",
+    "trainer-ddp",
+    "trainer-compile",
+    "plain-fsdp",
+    "trainer-fsdp",
+)
+ONE_PROCESS = ("plain", "plain-compile")  # no process group
 SYNC_OPS = (
     "cudaStreamSynchronize",
     "cudaDeviceSynchronize",
@@ -368,9 +382,11 @@ def run_plain(args, model: RefragModel, device: str) -> dict:
     wrapped, autocast = model, contextlib.nullcontext()
     if cuda and args.mode != "plain-fsdp":
         autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    if args.mode != "plain":  # a world of one, as under torchrun
+    if args.mode not in ONE_PROCESS:  # a world of one, as under torchrun
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    if args.mode == "plain-ddp":
+    if args.mode == "plain-compile":
+        wrapped = torch.compile(model)
+    elif args.mode == "plain-ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[0] if cuda else None, find_unused_parameters=False
         )
@@ -444,7 +460,9 @@ class Clock(TrainerCallback):
 def run_trainer(args, model: RefragModel, mode: str, work: str) -> dict:
     cuda = torch.cuda.is_available()
     parallel = Parallel(
-        gpus_per_node=1 if cuda else 0, strategy="fsdp" if mode == "trainer-fsdp" else "ddp"
+        gpus_per_node=1 if cuda else 0,
+        strategy="fsdp" if mode == "trainer-fsdp" else "ddp",
+        compile=mode == "trainer-compile",
     )
     total = args.warmup + args.steps + args.profile_steps + 1
     trainer_args = TrainingArguments(  # the keys refrag.train.runner.train_stage sets
@@ -472,6 +490,7 @@ def run_trainer(args, model: RefragModel, mode: str, work: str) -> dict:
         **({"accelerator_config": {"non_blocking": True}} if cuda else {}),
         seed=0,
         disable_tqdm=True,
+        torch_compile=parallel.compile,
         **trainer_fsdp_args(parallel, model),
     )
     clock = Clock(args.warmup, args.steps, args.profile_steps, cuda)
@@ -548,7 +567,7 @@ def spawn(args, mode: str, work: str) -> dict:
     command += ["--ragged"] if args.ragged else []
     command += ["--trace", args.trace] if args.trace else []
     env = os.environ | {"PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    if mode != "plain":  # one torchrun rank of a world of one
+    if mode not in ONE_PROCESS:  # one torchrun rank of a world of one
         env |= {
             "RANK": "0",
             "LOCAL_RANK": "0",
@@ -557,13 +576,14 @@ def spawn(args, mode: str, work: str) -> dict:
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(free_port()),
         }
+    timeout = args.compile_timeout if "compile" in mode else args.timeout
     started = time.perf_counter()
     try:
         run = subprocess.run(
-            command, env=env, timeout=args.timeout, text=True, stdout=None, stderr=subprocess.PIPE
+            command, env=env, timeout=timeout, text=True, stdout=None, stderr=subprocess.PIPE
         )
     except subprocess.TimeoutExpired:
-        return {"mode": mode, "error": f"timed out after {args.timeout} s"}
+        return {"mode": mode, "error": f"timed out after {timeout} s"}
     if run.returncode != 0 or not out.exists():
         tail = run.stderr.strip().splitlines()[-20:]
         say("\n".join(tail))
@@ -711,7 +731,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 3)")
     parser.add_argument("--warmup", type=int, default=None, help="default 5; smoke 2")
     parser.add_argument("--profile-steps", type=int, default=3)
-    parser.add_argument("--timeout", type=int, default=110, help="seconds per mode")
+    parser.add_argument("--timeout", type=int, default=110, help="seconds per eager mode")
+    parser.add_argument(
+        "--compile-timeout", type=int, default=330, help="seconds per compiled mode"
+    )
     parser.add_argument("--trace", help="a folder for each mode's Chrome trace (large)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

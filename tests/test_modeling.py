@@ -2,10 +2,12 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModel
 
 from refrag.modeling import RefragConfig, RefragModel, attn_implementations
-from refrag.modeling.modeling_refrag import pool_chunks
+from refrag.modeling.modeling_refrag import place_chunks, pool_chunks
 from refrag.modeling.tokenization import IGNORE_INDEX
 
 from .attention_spy import eager_attention_calls
@@ -35,6 +37,37 @@ def test_chunk_embeddings_land_at_chunk_positions(tiny_model, refrag_tokenizer):
     assert torch.equal(embeds[batch["chunk_mask"]], chunks)
     tokens = tiny_model.get_input_embeddings()(batch["input_ids"])
     assert torch.equal(embeds[~batch["chunk_mask"]], tokens[~batch["chunk_mask"]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(0, 9), st.integers(0, 2**31 - 1), st.floats(0.0, 1.0))
+def test_placing_chunks_is_masked_scatter_forward_and_backward(batch, length, seed, density):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, length, generator=g) < density
+    embeds = torch.randn(batch, length, 3, generator=g, requires_grad=True)
+    chunks = torch.randn(int(mask.sum()), 3, generator=g, requires_grad=True)
+    ours = place_chunks(embeds, mask, chunks)
+    theirs = embeds.masked_scatter(mask.unsqueeze(-1), chunks)
+    assert torch.equal(ours, theirs)
+    upstream = torch.randn(ours.shape, generator=g)
+    grads = [
+        torch.autograd.grad(out, (embeds, chunks), upstream, materialize_grads=True)
+        for out in (ours, theirs)
+    ]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_the_training_forward_compiles_as_one_graph(tiny_model, refrag_tokenizer):
+    """No read from the device in a labelled forward under torch.compile: one graph, no
+    break (each break is a sync and a host round trip on a GPU), and the eager loss."""
+    batch = dict(refrag_tokenizer(TEXTS))
+    explained = torch._dynamo.explain(tiny_model)(**batch)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), [
+        b.reason for b in explained.break_reasons
+    ]
+    compiled = torch.compile(tiny_model, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(**batch).loss, tiny_model(**batch).loss)
 
 
 def test_encoder_runs_once_over_all_rows(tiny_model, refrag_tokenizer, monkeypatch):

@@ -290,6 +290,22 @@ def test_the_log_records_the_strategy_the_trainer_ran_and_the_throughput(base, s
     assert log["throughput"]["mfu"] is None  # no GPU peak to divide by
 
 
+@pytest.mark.slow
+def test_a_compiled_stage_trains_as_the_eager_one(base, shards, tmp_path):
+    """parallel.compile: the Trainer runs the torch.compile'd model (read from the trainer)
+    and logs the eager run's losses."""
+    hp = {"steps": 2, "batch_size": 2, "logging_steps": 1, "seed": 3}
+    logs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"cpt{compiled}"
+        kwargs = {"data": shards, "out": out, "compression": 4, "hp": hp}
+        train_stage("cpt", **base, **kwargs, parallel={"compile": compiled})
+        logs[compiled] = json.loads((out / "training_log.json").read_text())
+        assert logs[compiled]["parallel"]["compiled"] is compiled
+    eager, compiled = ([e["loss"] for e in logs[c]["log_history"] if "loss" in e] for c in logs)
+    assert eager == pytest.approx(compiled, rel=1e-3)
+
+
 def test_fsdp_without_a_gpu_is_refused_in_one_line(base, shards, tmp_path):
     with pytest.raises(ParallelError, match="strategy fsdp needs GPUs"):
         train_stage(

@@ -3,8 +3,8 @@
 Each row of ``k`` context tokens is encoded once; its pooled state (the first position's, or
 the mean or last of its tokens: ``config.chunk_pooling``) is projected into the decoder's
 token-embedding space and takes the place of the ``k`` tokens in the
-decoder's input. Forward is one encoder pass over all chunk rows of the batch, one
-``masked_scatter`` into the decoder's input embeddings, and one decoder pass.
+decoder's input. Forward is one encoder pass over all chunk rows of the batch, one placement
+(:func:`place_chunks`) into the decoder's input embeddings, and one decoder pass.
 """
 
 from __future__ import annotations
@@ -63,6 +63,19 @@ def pool_chunks(states: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch
     return states[torch.arange(states.shape[0], device=states.device), last]
 
 
+def place_chunks(
+    embeds: torch.Tensor, chunk_mask: torch.Tensor, chunks: torch.Tensor
+) -> torch.Tensor:
+    """``embeds`` ``(B, L, H)`` with the rows of ``chunks`` ``(N, H)`` at the True positions of
+    ``chunk_mask`` ``(B, L)``, in row-major order (``masked_scatter``'s result). A gather and a
+    ``where``: no read from the device forward or backward (``masked_scatter``'s backward
+    reads the mask's count), so a compiled step stays one graph."""
+    if chunks.shape[0] == 0:
+        return embeds
+    order = (chunk_mask.reshape(-1).cumsum(0) - 1).clamp(min=0).reshape(chunk_mask.shape)
+    return torch.where(chunk_mask.unsqueeze(-1), chunks[order], embeds)
+
+
 @dataclass
 class ChunkEmbeddingOutput(ModelOutput):
     """``forward(..., chunk_embeds_only=True)``: projected chunk embeddings ``(N, hidden)`` and
@@ -92,6 +105,8 @@ def labelled_tail(labels: torch.Tensor) -> int:
     length = labels.shape[1]
     if length == 0:
         return 0
+    if torch.compiler.is_compiling():  # no read from the device inside a compiled graph
+        return length
     labelled = (labels != IGNORE_INDEX).any(0)
     # one read from the device (a GPU sync per forward), not two
     first = int(torch.where(labelled.any(), labelled.int().argmax(), length - 1))
@@ -234,11 +249,11 @@ class RefragModel(PreTrainedModel):
                 chunk_embeds = self.chunk_cache.encode(self, chunk_input_ids, chunk_attention_mask)
             else:
                 chunk_embeds = self.encode_chunks(chunk_input_ids, chunk_attention_mask)
-        if chunk_embeds.shape[0] != int(chunk_mask.sum()):
-            raise ValueError(
+        if not torch.compiler.is_compiling() and chunk_embeds.shape[0] != int(chunk_mask.sum()):
+            raise ValueError(  # one read from the device; a compiled graph trusts the collator
                 f"{chunk_embeds.shape[0]} chunk embeddings for {int(chunk_mask.sum())} chunk positions"
             )
-        return embeds.masked_scatter(chunk_mask.unsqueeze(-1), chunk_embeds.to(embeds.dtype))
+        return place_chunks(embeds, chunk_mask, chunk_embeds.to(embeds.dtype))
 
     def forward(
         self,

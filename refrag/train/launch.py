@@ -2,9 +2,10 @@
 command line that launches any training job.
 
 :class:`Parallel` is the block (``nodes``, ``gpus_per_node``, ``strategy``,
-``activation_checkpointing``, ``mixed_precision``, ``gpu_memory_gib``, ``multinode``); a run's
-settings are the config's top-level ``parallel``, then the run's ``gpus`` (shorthand for
-``gpus_per_node``), then the run's own ``parallel`` (:func:`run_parallel`).
+``activation_checkpointing``, ``mixed_precision``, ``gpu_memory_gib``, ``multinode``,
+``compile``); a run's settings are the config's top-level ``parallel``, then the run's
+``gpus`` (shorthand for ``gpus_per_node``), then the run's own ``parallel``
+(:func:`run_parallel`).
 
 :func:`launch_command` is what every training rule puts before ``-m refrag.cli train``:
 
@@ -41,6 +42,7 @@ class Parallel:
     mixed_precision: Literal["bf16", "no"] = "bf16"  # bf16 only where the card supports it
     gpu_memory_gib: float = 80.0
     multinode: Literal["slurm", "aws-batch"] = "slurm"
+    compile: bool = False  # torch.compile the model (GPUs: fewer launches per step)
 
     @property
     def gpus(self) -> int:

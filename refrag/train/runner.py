@@ -151,6 +151,7 @@ def train_stage(
         **({"accelerator_config": {"non_blocking": True}} if cuda else {}),
         seed=hp.seed,
         disable_tqdm=False,
+        torch_compile=parallel.compile,
         **trainer_fsdp_args(parallel, model),
     )
     callbacks = [SealCheckpoints(), *callbacks]

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from accelerate.utils import is_compiled_module
 
 # dense bf16 tensor-core peak per card, TFLOP/s (vendor data sheets; SXM parts)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -72,7 +73,8 @@ def tokens_per_sample(examples: Iterable[Any], limit: int = 256) -> tuple[float,
 
 def ran_strategy(trainer: Any) -> dict[str, Any]:
     """How the trainer actually ran: accelerate's distributed type (FSDP, MULTI_GPU,
-    MULTI_CPU (DDP over gloo), NO), the processes and the mixed precision."""
+    MULTI_CPU (DDP over gloo), NO), the processes, the mixed precision, activation
+    checkpointing and whether the model it trained was ``torch.compile``'d."""
     accelerator = trainer.accelerator
     kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
     strategy = {"FSDP": "fsdp", "MULTI_GPU": "ddp", "MULTI_CPU": "ddp", "NO": "single"}
@@ -85,6 +87,7 @@ def ran_strategy(trainer: Any) -> dict[str, Any]:
             trainer.args.gradient_checkpointing
             or (trainer.args.fsdp_config or {}).get("activation_checkpointing")
         ),
+        "compiled": is_compiled_module(trainer.model_wrapped),
     }
     if kind == "FSDP":
         ran["fsdp_version"] = getattr(accelerator.state.fsdp_plugin, "fsdp_version", None)
