@@ -14,6 +14,7 @@ rule tokenize:
         "logs/tokenize/{corpus}/{decoder}/{encoder}/{split}.log",
     wildcard_constraints:
         split="|".join(EVAL_SPLITS if STREAMED else SPLITS),  # streamed: train by shard
+    priority: 10  # the training chain starts here
     conda:
         CONDA_ENV
     params:
@@ -91,6 +92,7 @@ rule align_pairs:
         "results/alignment/{corpus}/{decoder}/{encoder}/train.parquet",
     log:
         "logs/align_pairs/{corpus}/{decoder}/{encoder}.log",
+    priority: 10  # every align job waits on it
     conda:
         CONDA_ENV
     script:

@@ -91,6 +91,7 @@ rule eval_selective:
         "results/eval/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}-selective.json",
     log:
         "logs/eval_selective/{corpus}/{decoder}/{encoder}/{eval_set}/k{k}.log",
+    priority: 5  # the last of the longest chain (cpt, mixed, policy, this)
     conda:
         CONDA_ENV
     threads: 1
@@ -137,6 +138,7 @@ rule eval_qa_baselines:
         QA_BASELINES,
     log:
         "logs/eval_qa/{corpus}/{decoder}/{encoder}/{eval_set}/baselines.log",
+    priority: 1  # long, and nothing waits on it: before the short evaluations, after training
     conda:
         CONDA_ENV
     threads: 1

@@ -28,6 +28,7 @@ rule bench_ttft:
         "results/bench/{decoder}/{encoder}/ttft.json",
     log:
         "logs/bench_ttft/{decoder}/{encoder}.log",
+    priority: 20  # the one job on every core: it starts whenever every core is free at once
     conda:
         CONDA_ENV
     threads: whole_machine  # nothing runs beside a timing
