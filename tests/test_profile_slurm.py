@@ -240,7 +240,10 @@ def test_a_two_node_training_job_asks_sbatch_for_2_nodes_16_gpus_and_one_agent_p
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "sbatch").write_text(FAKE_SBATCH)
-    (fake / "sbatch").chmod(0o755)
+    # no accounting: the plugin's account guess (sacct) finds none, with or without Slurm here
+    (fake / "sacct").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("sbatch", "sacct"):
+        (fake / tool).chmod(0o755)
     record = tmp_path / "sbatch.txt"
     env = os.environ | {
         "PATH": f"{fake}:{os.environ['PATH']}",
