@@ -218,6 +218,11 @@ echo "recorded by the test" >&2
 exit 1
 """
 
+# no accounting: the plugin's account guess finds none, with or without Slurm installed here
+FAKE_SACCT = """#!/bin/sh
+exit 0
+"""
+
 
 @pytest.mark.slow
 def test_a_two_node_training_job_asks_sbatch_for_2_nodes_16_gpus_and_one_agent_per_node(
@@ -239,11 +244,9 @@ def test_a_two_node_training_job_asks_sbatch_for_2_nodes_16_gpus_and_one_agent_p
     pairs.write_bytes(b"")
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "sbatch").write_text(FAKE_SBATCH)
-    # no accounting: the plugin's account guess (sacct) finds none, with or without Slurm here
-    (fake / "sacct").write_text("#!/bin/sh\nexit 0\n")
-    for tool in ("sbatch", "sacct"):
-        (fake / tool).chmod(0o755)
+    for name, text in (("sbatch", FAKE_SBATCH), ("sacct", FAKE_SACCT)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
     record = tmp_path / "sbatch.txt"
     env = os.environ | {
         "PATH": f"{fake}:{os.environ['PATH']}",
